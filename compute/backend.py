@@ -1,0 +1,204 @@
+"""The backend interface shared by NumPy (reference) and OpenCL, and the allocation ledger.
+
+Every buffer a backend holds is described by a `BufferSpec` (owner, kind, tag, device,
+bytes). The planner produces BufferSpecs; `Backend.allocate` takes one, allocates exactly
+`spec.nbytes`, and records it in the `Ledger`. That is how "fit equals load" is checked:
+the ledger's entries for a pair are compared with the plan's, item by item.
+
+The forward pass (compute/llama.py) is written once against the op methods below. Arrays
+are backend-specific (numpy.ndarray, or the OpenCL backend's device array); the graph only
+slices their leading (row) dimension with `a[:n]` and passes them back to the backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+OWNERS = ("target", "draft")
+KINDS = ("weights", "kv_cache", "outputs", "compute")
+KV_TYPES = {"f32": 4, "f16": 2}
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """One planned (or allocated) buffer."""
+
+    owner: str  # "target" | "draft"
+    kind: str  # "weights" | "kv_cache" | "outputs" | "compute"
+    tag: str  # tensor name for weights; "k", "v", "logits", "scratch" otherwise
+    device: str  # "device" (the backend's memory) or "host"
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What a backend's device offers: name, total and free bytes, and whether a separate host memory exists."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    has_host: bool
+
+
+class AllocationError(MemoryError):
+    """A backend could not allocate a planned buffer."""
+
+
+class Ledger:
+    """Every live allocation of a backend: (pair name, BufferSpec) -> count. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: dict[int, tuple[str, BufferSpec]] = {}
+        self._next = 0
+
+    def record(self, pair: str, spec: BufferSpec) -> int:
+        with self._lock:
+            self._next += 1
+            self._live[self._next] = (pair, spec)
+            return self._next
+
+    def release(self, handle: int) -> None:
+        with self._lock:
+            del self._live[handle]
+
+    def entries(self, pair: str | None = None) -> list[BufferSpec]:
+        """Live allocations (of one pair, or all), in allocation order."""
+        with self._lock:
+            return [s for p, s in self._live.values() if pair is None or p == pair]
+
+    def snapshot(self) -> tuple[tuple[str, BufferSpec], ...]:
+        """An immutable picture of the ledger, for before/after comparisons."""
+        with self._lock:
+            return tuple(sorted(self._live.values(), key=repr))
+
+    def total_bytes(self, device: str | None = None) -> int:
+        with self._lock:
+            return sum(s.nbytes for _, s in self._live.values() if device is None or s.device == device)
+
+
+@dataclass
+class Allocation:
+    """A live buffer: the spec it was made from, its ledger handle and the backend array(s)."""
+
+    spec: BufferSpec
+    handle: int
+    array: Any
+
+
+class Backend(ABC):
+    """What the planner, the loader and the llama graph need from a compute backend."""
+
+    name: str = "abstract"
+
+    def __init__(self, ledger: Ledger | None = None):
+        self.ledger = ledger or Ledger()
+        self.fault_hook = None  # tests: callable(spec) raising to inject a failure before an allocation
+
+    # ---- sizes: the planner calls these; the loader never recomputes a size ----
+    @abstractmethod
+    def weight_nbytes(self, ggml_type, shape: tuple[int, ...]) -> int:
+        """Bytes this backend holds for a weight tensor stored in the file as `ggml_type`."""
+
+    @abstractmethod
+    def scratch_row_multiple(self) -> int:
+        """Compute scratch is sized for n_batch rounded up to this many rows."""
+
+    @abstractmethod
+    def device_memory(self) -> DeviceMemory:
+        """The device's memory, for Fit's budget."""
+
+    # ---- allocation: exactly a planned spec, through the ledger ----
+    def allocate(self, pair: str, spec: BufferSpec, layout: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Allocation:
+        """Allocate `spec.nbytes` bytes (as the named arrays of `layout` when given) and record it."""
+        if self.fault_hook is not None:
+            self.fault_hook(spec)
+        array = self._allocate(spec, layout)
+        return Allocation(spec, self.ledger.record(pair, spec), array)
+
+    def release(self, alloc: Allocation) -> None:
+        self._release(alloc.array)
+        self.ledger.release(alloc.handle)
+
+    @abstractmethod
+    def _allocate(self, spec: BufferSpec, layout):
+        """Backend storage for a spec: one byte buffer, or a dict of named arrays carved from it."""
+
+    def _release(self, array) -> None:  # noqa: B027 - numpy frees by reference counting
+        pass
+
+    @abstractmethod
+    def load_weight(self, alloc: Allocation, ggml_type, shape: tuple[int, ...], raw: np.ndarray) -> Any:
+        """Fill a weights allocation from the file's bytes (`shape` numpy order: (out, in) for
+        matrices); returns the backend's weight handle. A matrix handle serves both `matmul`
+        (as x @ W^T of the file's rows) and, for token_embd, `embed` (row lookup)."""
+
+    # ---- ops used by the llama graph; `out` arrays are scratch views ----
+    @abstractmethod
+    def embed(self, table, ids: np.ndarray, out) -> None:
+        """out[i] = row ids[i] of the embedding table. out: (n, n_embd)."""
+
+    @abstractmethod
+    def rms_norm(self, x, w, eps: float, out) -> None:
+        """out = x / sqrt(mean(x^2) + eps) * w, per row."""
+
+    @abstractmethod
+    def matmul(self, x, w, out, bias=None, pad=None) -> None:
+        """out (n, N) = x (n, K) @ W^T [+ bias] for W the file's (N, K) matrix; a row's result never
+        depends on n. `pad` is the context's (pad_in, pad_out) scratch for backends that tile rows."""
+
+    @abstractmethod
+    def rope(self, x, cos: np.ndarray, sin: np.ndarray, n_heads: int, head_dim: int, rope_dim: int,
+             neox: bool) -> None:
+        """Rotate x (n, n_heads*head_dim) in place; cos, sin (n, rope_dim/2) are host tables per row.
+
+        neox=False rotates adjacent pairs (2i, 2i+1) as llama.cpp's "normal" RoPE (GGUF llama
+        q/k are permuted for it); neox=True rotates (i, i + rope_dim/2)."""
+
+    @abstractmethod
+    def kv_store(self, k_cache, v_cache, layer: int, slots: np.ndarray, positions: np.ndarray, k, v) -> None:
+        """Write k, v rows (n, n_embd_kv) into the caches at (layer, slot, position)."""
+
+    @abstractmethod
+    def attention(self, k_cache, v_cache, layer: int, q, slots: np.ndarray, positions: np.ndarray,
+                  n_head: int, n_head_kv: int, head_dim: int, out) -> None:
+        """Causal GQA attention of each row of q (n, n_head*head_dim) over its slot's cells 0..position.
+
+        The batch's own k, v rows are already stored, so a row sees earlier rows of its slot."""
+
+    @abstractmethod
+    def swiglu(self, gate, up, out) -> None:
+        """out = silu(gate) * up."""
+
+    @abstractmethod
+    def add(self, a, b, out) -> None:
+        """out = a + b."""
+
+    @abstractmethod
+    def gather_rows(self, x, rows: np.ndarray, out) -> None:
+        """out[i] = x[rows[i]]."""
+
+    @abstractmethod
+    def to_host(self, x, n: int) -> np.ndarray:
+        """The first n rows of x as a float32 numpy array (a synchronisation point)."""
+
+    @abstractmethod
+    def kv_read(self, k_cache, v_cache, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V (n, n_embd_kv) float32 of a slot's first n cells (tests and rollback checks)."""
+
+
+def release_all(backend: Backend, allocs: Iterable[Allocation]) -> None:
+    """Release allocations in reverse order, even if one release raises."""
+    errors = []
+    for a in reversed(list(allocs)):
+        try:
+            backend.release(a)
+        except Exception as e:  # keep releasing the rest
+            errors.append(e)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,167 @@
+"""The llama-family forward pass, written once against the Backend interface.
+
+A context holds a KV cache of `n_slots` sequences (slots) of `n_ctx_slot` cells each, an
+outputs buffer of `n_outputs_max` logits rows and a compute scratch sized for `n_batch`
+rows. `LlamaContext.decode(batch)` runs one forward pass over a batch of tokens from any
+slots and returns the logits of the rows the batch asked for. The sizes of all three come
+from the layout functions below, which the planner uses too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compute.backend import KV_TYPES, Allocation, Backend
+from compute.gguf_model import HParams
+
+Layout = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
+DTYPE_SIZES = {"f32": 4, "f16": 2}
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def layout_nbytes(layout: Layout) -> int:
+    """Bytes of a layout: each array's element count times its element size."""
+    return sum(int(np.prod(shape)) * DTYPE_SIZES[dt] for shape, dt in layout.values())
+
+
+def kv_layout(hp: HParams, n_slots: int, n_ctx_slot: int, kv_type: str) -> Layout:
+    """One of the K or V caches: (n_layer, n_slots, n_ctx_slot, n_embd_kv)."""
+    assert kv_type in KV_TYPES
+    return {"cache": ((hp.n_layer, n_slots, n_ctx_slot, hp.n_embd_kv), kv_type)}
+
+
+def outputs_layout(hp: HParams, n_outputs_max: int) -> Layout:
+    """The logits rows a decode call can return: (n_outputs_max, n_vocab) f32."""
+    return {"logits": ((n_outputs_max, hp.n_vocab), "f32")}
+
+
+def scratch_layout(hp: HParams, n_batch: int, n_outputs_max: int, row_multiple: int) -> Layout:
+    """Activations of one forward pass over up to n_batch tokens (rows rounded up to row_multiple)."""
+    r = _round_up(n_batch, row_multiple)
+    ro = _round_up(n_outputs_max, row_multiple)
+    lay: Layout = {
+        "x": ((r, hp.n_embd), "f32"),  # residual stream
+        "xn": ((r, hp.n_embd), "f32"),  # normalised input of attention / ffn
+        "q": ((r, hp.n_embd_q), "f32"),
+        "k": ((r, hp.n_embd_kv), "f32"),
+        "v": ((r, hp.n_embd_kv), "f32"),
+        "attn": ((r, hp.n_embd_q), "f32"),  # attention output before attn_output
+        "o": ((r, hp.n_embd), "f32"),  # attn_output / ffn_down result
+        "gate": ((r, hp.n_ff), "f32"),
+        "up": ((r, hp.n_ff), "f32"),
+        "sel": ((ro, hp.n_embd), "f32"),  # rows whose logits are wanted
+        "seln": ((ro, hp.n_embd), "f32"),
+    }
+    if row_multiple > 1:  # the tile a padded matmul computes when a batch is not a multiple
+        lay["pad_in"] = ((row_multiple, max(hp.n_embd, hp.n_ff, hp.n_embd_q)), "f32")
+        lay["pad_out"] = ((row_multiple, max(hp.n_ff, hp.n_vocab, hp.n_embd_q)), "f32")
+    return lay
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokens of one forward pass. All arrays have one entry per row except `outputs`."""
+
+    tokens: np.ndarray  # (n,) int32 token ids
+    positions: np.ndarray  # (n,) int32 position of each token in its slot
+    slots: np.ndarray  # (n,) int32 slot (sequence) of each token
+    outputs: np.ndarray  # (n_out,) int32 rows whose logits are returned, in this order
+
+    @staticmethod
+    def make(tokens, positions, slots, outputs) -> "Batch":
+        as32 = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.int32).reshape(-1))  # noqa: E731
+        return Batch(as32(tokens), as32(positions), as32(slots), as32(outputs))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class LlamaWeights:
+    """Backend weight handles by GGUF tensor name (attribute names are the GGUF names)."""
+
+    def __init__(self, hp: HParams, handles: dict):
+        self.hp = hp
+        self.t = handles
+
+    def head(self):
+        return self.t["token_embd.weight"] if self.hp.tied_output else self.t["output.weight"]
+
+
+def rope_tables(hp: HParams, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n, rope_dim/2) float32 for each row's position; computed on the host for every backend."""
+    i = np.arange(0, hp.rope_dim, 2, dtype=np.float64)
+    inv_freq = (hp.rope_base ** (-i / hp.rope_dim)).astype(np.float32)
+    theta = (positions.astype(np.float32) / np.float32(hp.rope_scale))[:, None] * inv_freq[None, :]
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+class LlamaContext:
+    """A model's per-context state (KV cache, outputs, scratch) and the forward pass over it."""
+
+    def __init__(self, backend: Backend, weights: LlamaWeights, k: Allocation, v: Allocation,
+                 outputs: Allocation, scratch: Allocation, n_slots: int, n_ctx_slot: int, n_batch: int,
+                 n_outputs_max: int):
+        self.backend = backend
+        self.w = weights
+        self.hp = weights.hp
+        self.k, self.v = k.array["cache"], v.array["cache"]
+        self.logits = outputs.array["logits"]
+        self.s = scratch.array
+        self.pad = (self.s["pad_in"], self.s["pad_out"]) if "pad_in" in self.s else None
+        self.n_slots, self.n_ctx_slot = n_slots, n_ctx_slot
+        self.n_batch, self.n_outputs_max = n_batch, n_outputs_max
+
+    def check(self, batch: Batch) -> None:
+        """Internal invariants of a batch; the scheduler never builds one that fails these."""
+        n = len(batch)
+        assert 0 < n <= self.n_batch, f"batch of {n} rows, n_batch {self.n_batch}"
+        assert len(batch.outputs) <= self.n_outputs_max, f"{len(batch.outputs)} outputs > {self.n_outputs_max}"
+        assert batch.slots.min() >= 0 and batch.slots.max() < self.n_slots
+        assert batch.positions.min() >= 0 and batch.positions.max() < self.n_ctx_slot
+
+    def decode(self, batch: Batch) -> np.ndarray:
+        """Run the model over the batch; return logits (n_out, n_vocab) of `batch.outputs` rows."""
+        self.check(batch)
+        be, hp, t, s = self.backend, self.hp, self.w.t, self.s
+        n = len(batch)
+        x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]
+        attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]
+        cos, sin = rope_tables(hp, batch.positions)
+        be.embed(t["token_embd.weight"], batch.tokens, x)
+        for i in range(hp.n_layer):
+            p = f"blk.{i}."
+            be.rms_norm(x, t[p + "attn_norm.weight"], hp.rms_eps, xn)
+            be.matmul(xn, t[p + "attn_q.weight"], q, t.get(p + "attn_q.bias"), pad=self.pad)
+            be.matmul(xn, t[p + "attn_k.weight"], k, t.get(p + "attn_k.bias"), pad=self.pad)
+            be.matmul(xn, t[p + "attn_v.weight"], v, t.get(p + "attn_v.bias"), pad=self.pad)
+            be.rope(q, cos, sin, hp.n_head, hp.head_dim, hp.rope_dim, hp.rope_neox)
+            be.rope(k, cos, sin, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox)
+            be.kv_store(self.k, self.v, i, batch.slots, batch.positions, k, v)
+            be.attention(self.k, self.v, i, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
+                         hp.head_dim, attn)
+            be.matmul(attn, t[p + "attn_output.weight"], o, pad=self.pad)
+            be.add(x, o, x)
+            be.rms_norm(x, t[p + "ffn_norm.weight"], hp.rms_eps, xn)
+            be.matmul(xn, t[p + "ffn_gate.weight"], gate, pad=self.pad)
+            be.matmul(xn, t[p + "ffn_up.weight"], up, pad=self.pad)
+            be.swiglu(gate, up, gate)
+            be.matmul(gate, t[p + "ffn_down.weight"], o, pad=self.pad)
+            be.add(x, o, x)
+        n_out = len(batch.outputs)
+        if n_out == 0:
+            return np.zeros((0, hp.n_vocab), np.float32)
+        sel, seln = s["sel"][:n_out], s["seln"][:n_out]
+        be.gather_rows(x, batch.outputs, sel)
+        be.rms_norm(sel, t["output_norm.weight"], hp.rms_eps, seln)
+        logits = self.logits[:n_out]
+        be.matmul(seln, self.w.head(), logits, pad=self.pad)
+        return be.to_host(logits, n_out)
+
+    def read_kv(self, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """K, V (n, n_embd_kv) float32 of a slot's first n cells."""
+        return self.backend.kv_read(self.k, self.v, layer, slot, n)

@@ -1,0 +1,159 @@
+"""The NumPy reference backend: weights dequantised to float32, one BLAS call shape per matrix.
+
+Batch invariance: OpenBLAS picks a different kernel for a one-row product (gemv) than for a
+many-row one (gemm), and the two round differently. So every matrix product is computed in
+tiles of exactly `row_tile` rows (a short last tile is padded into scratch): for one weight
+matrix there is only one call shape, and a row's logits never depend on how many other rows
+share its batch. `row_tile=1` means one gemv per row. The default is measured, see
+docs/batch-invariance.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.quants import dequantize
+
+NP_DTYPES = {"f32": np.float32, "f16": np.float16}
+DEFAULT_ROW_TILE = 1
+
+
+def _host_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's memory, from /proc/meminfo."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                info[k] = int(v.split()[0]) * 1024
+    except OSError:
+        return 8 << 30, 4 << 30
+    return info.get("MemTotal", 8 << 30), info.get("MemAvailable", info.get("MemFree", 4 << 30))
+
+
+class NumpyBackend(Backend):
+    """Reference backend on the host CPU; the "device" is host memory."""
+
+    name = "numpy"
+
+    def __init__(self, ledger: Ledger | None = None, n_threads: int | None = None, row_tile: int = DEFAULT_ROW_TILE):
+        super().__init__(ledger)
+        self.row_tile = row_tile
+        self.n_threads = n_threads
+        if n_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(n_threads)  # process-wide, once: per-call limits cost more than a decode op
+
+    # ---- sizes ----
+    def weight_nbytes(self, ggml_type, shape):
+        return math.prod(shape) * 4  # dequantised to float32
+
+    def scratch_row_multiple(self) -> int:
+        return self.row_tile
+
+    def device_memory(self) -> DeviceMemory:
+        total, free = _host_memory()
+        return DeviceMemory(name=f"host CPU ({os.cpu_count()} cores, NumPy)", total_bytes=total,
+                            free_bytes=free, has_host=False)
+
+    # ---- allocation ----
+    def _allocate(self, spec: BufferSpec, layout):
+        raw = np.zeros(spec.nbytes, dtype=np.uint8)  # zeros: pages are touched now, not mid-decode
+        if layout is None:
+            return raw
+        arrays, off = {}, 0
+        for name, (shape, dt) in layout.items():
+            dtype = np.dtype(NP_DTYPES[dt])
+            n = math.prod(shape) * dtype.itemsize
+            arrays[name] = raw[off:off + n].view(dtype).reshape(shape)
+            off += n
+        assert off == spec.nbytes, f"layout of {off} bytes for a spec of {spec.nbytes}"
+        return arrays
+
+    def load_weight(self, alloc: Allocation, ggml_type, shape, raw):
+        w = dequantize(raw, ggml_type, shape)
+        if w.ndim == 2:  # (out, in) in the file -> (in, out): x @ W is the fast BLAS layout
+            w = w.T
+        dst = alloc.array.view(np.float32).reshape(w.shape)
+        np.copyto(dst, w)
+        return dst
+
+    # ---- ops ----
+    def embed(self, table, ids, out):
+        np.copyto(out, table[:, ids].T)  # table is (n_embd, n_vocab)
+
+    def rms_norm(self, x, w, eps, out):
+        ms = np.mean(np.square(x), axis=-1, keepdims=True)
+        np.multiply(x, 1.0 / np.sqrt(ms + np.float32(eps)), out=out)
+        np.multiply(out, w, out=out)
+
+    def matmul(self, x, w, out, bias=None, pad=None):
+        n, t = x.shape[0], self.row_tile
+        if t == 1:
+            for i in range(n):
+                np.dot(x[i], w, out=out[i])
+        else:
+            full = n - n % t
+            for a in range(0, full, t):
+                np.matmul(x[a:a + t], w, out=out[a:a + t])
+            if full < n:
+                r = n - full
+                pin, pout = pad[0][:, :x.shape[1]], pad[1][:, :w.shape[1]]
+                pin[:r] = x[full:]
+                np.matmul(pin, w, out=pout)
+                out[full:] = pout[:r]
+        if bias is not None:
+            out += bias
+
+    def rope(self, x, cos, sin, n_heads, head_dim, rope_dim, neox):
+        n = x.shape[0]
+        h = x.reshape(n, n_heads, head_dim)
+        c, s = cos[:, None, :], sin[:, None, :]
+        if neox:
+            half = rope_dim // 2
+            a, b = h[..., :half].copy(), h[..., half:rope_dim].copy()
+            h[..., :half] = a * c - b * s
+            h[..., half:rope_dim] = a * s + b * c
+        else:
+            a, b = h[..., 0:rope_dim:2].copy(), h[..., 1:rope_dim:2].copy()
+            h[..., 0:rope_dim:2] = a * c - b * s
+            h[..., 1:rope_dim:2] = a * s + b * c
+
+    def kv_store(self, k_cache, v_cache, layer, slots, positions, k, v):
+        k_cache[layer, slots, positions] = k
+        v_cache[layer, slots, positions] = v
+
+    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out):
+        g = n_head // n_head_kv
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        for i in range(q.shape[0]):  # one row at a time: a row's result cannot depend on the batch
+            L = int(positions[i]) + 1
+            K = k_cache[layer, slots[i], :L].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            V = v_cache[layer, slots[i], :L].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            qh = q[i].reshape(n_head_kv, g, head_dim)
+            sc = np.matmul(qh, K.transpose(1, 2, 0)) * scale  # (n_head_kv, g, L)
+            sc -= sc.max(axis=-1, keepdims=True)
+            np.exp(sc, out=sc)
+            sc /= sc.sum(axis=-1, keepdims=True)
+            out[i] = np.matmul(sc, V.transpose(1, 0, 2)).reshape(-1)  # (n_head_kv, g, head_dim)
+
+    def swiglu(self, gate, up, out):
+        # silu(g) = g * sigmoid(g) = g / (1 + exp(-g))
+        np.multiply(gate, up / (1.0 + np.exp(-gate)), out=out)
+
+    def add(self, a, b, out):
+        np.add(a, b, out=out)
+
+    def gather_rows(self, x, rows, out):
+        np.take(x, rows, axis=0, out=out)
+
+    def to_host(self, x, n):
+        return np.array(x[:n], dtype=np.float32, copy=True)
+
+    def kv_read(self, k_cache, v_cache, layer, slot, n):
+        return (k_cache[layer, slot, :n].astype(np.float32), v_cache[layer, slot, :n].astype(np.float32))

@@ -1,0 +1,1 @@
+"""specserve service layer: gRPC servicers, params, scheduler, speculative decoding, tokenizer."""

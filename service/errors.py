@@ -1,0 +1,37 @@
+"""Errors a user can cause, each carrying the gRPC status it maps to (converted at the servicer edge)."""
+
+from __future__ import annotations
+
+
+class SpecserveError(Exception):
+    """Base class: `code` is a grpc.StatusCode name; the message says what to do."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(SpecserveError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(SpecserveError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(SpecserveError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(SpecserveError):
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, deficit_bytes: int = 0):
+        super().__init__(message)
+        self.deficit_bytes = deficit_bytes
+
+
+class Unavailable(SpecserveError):
+    code = "UNAVAILABLE"
+
+
+class PermissionDenied(SpecserveError):
+    code = "PERMISSION_DENIED"

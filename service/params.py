@@ -1,0 +1,114 @@
+"""Parameters: frozen dataclasses, and the one pure derivation of target and draft context params.
+
+Nothing writes into a params object after it is made. `derive_pair_params` is the only place
+where the draft's parameters come from (llama.cpp #25056: a draft fit with one
+`n_outputs_max` and loaded with another). Fit and Load both reach it through the factory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from service.errors import InvalidArgument
+
+DRAFTER_TYPES = ("none", "draft", "ngram")
+KV_TYPES = ("f32", "f16")
+
+DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """One context's parameters. In a request, 0 means "server default"; derived params have no zeros."""
+
+    n_ctx: int = 0  # KV cells in total, shared equally by the slots (each gets n_ctx // n_parallel)
+    n_parallel: int = 1  # slots: sequences decoded together
+    n_batch: int = 0  # most tokens in one forward pass (prefill chunk, verify batch, all slots)
+    n_outputs_max: int = 0  # most logits rows one forward pass returns; 0 = derive
+    kv_type: str = "f16"  # "f32" | "f16"
+    n_gpu_layers: int = -1  # layers whose weights live in device memory; -1 = all
+    n_ctx_min: int = 0  # Fit never shrinks n_ctx below this (0: one cell per slot... see fit)
+
+    @property
+    def n_ctx_slot(self) -> int:
+        return self.n_ctx // self.n_parallel
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How a pair drafts. `type` "none" turns speculation off."""
+
+    type: str = "ngram"  # "none" | "draft" (a draft model) | "ngram" (prompt lookup)
+    n_max: int = 8  # most tokens drafted per step
+    n_min: int = 1  # fewer proposals than this: decode normally this step
+    p_min: float = 0.5  # draft model: stop drafting when its top probability is below this
+    ngram_min: int = 1  # shortest suffix the n-gram drafter matches
+    ngram_max: int = 4  # longest suffix the n-gram drafter matches
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none" and self.n_max > 0
+
+
+def validate_speculative(spec: SpeculativeConfig) -> SpeculativeConfig:
+    """Refuse a malformed config with InvalidArgument (limits that depend on a plan are checked elsewhere)."""
+    if spec.type not in DRAFTER_TYPES:
+        raise InvalidArgument(f"speculative type {spec.type!r}: use one of {', '.join(DRAFTER_TYPES)}")
+    if spec.n_max < 0 or spec.n_min < 0:
+        raise InvalidArgument("speculative n_max and n_min must be >= 0")
+    if spec.n_min > spec.n_max:
+        raise InvalidArgument(f"speculative n_min ({spec.n_min}) must be <= n_max ({spec.n_max})")
+    if not 0.0 <= spec.p_min <= 1.0:
+        raise InvalidArgument(f"speculative p_min ({spec.p_min}) must be within [0, 1]")
+    if spec.ngram_min < 1 or spec.ngram_max < spec.ngram_min:
+        raise InvalidArgument(
+            f"speculative ngram sizes need 1 <= ngram_min <= ngram_max (got {spec.ngram_min}, {spec.ngram_max})")
+    return spec
+
+
+@dataclass(frozen=True)
+class PairParams:
+    """Everything derived for a pair: the target's and the draft's context params (draft None without one)."""
+
+    target: ContextParams
+    draft: ContextParams | None
+    speculative: SpeculativeConfig
+
+
+def fill_defaults(base: ContextParams, n_ctx_train: int) -> ContextParams:
+    """Replace request zeros with server defaults and validate; the result has no zeros."""
+    if base.n_parallel < 1:
+        raise InvalidArgument(f"n_parallel must be >= 1 (got {base.n_parallel})")
+    if base.kv_type not in KV_TYPES:
+        raise InvalidArgument(f"kv_type {base.kv_type!r}: use one of {', '.join(KV_TYPES)}")
+    for name in ("n_ctx", "n_batch", "n_outputs_max", "n_ctx_min"):
+        if getattr(base, name) < 0:
+            raise InvalidArgument(f"{name} must be >= 0 (0 = server default)")
+    n_ctx = base.n_ctx or min(DEFAULT_N_CTX * base.n_parallel, max(n_ctx_train, 1) * base.n_parallel)
+    n_ctx_slot = n_ctx // base.n_parallel
+    if n_ctx_slot < 1:
+        raise InvalidArgument(f"n_ctx {n_ctx} gives no cell to each of {base.n_parallel} slots")
+    n_batch = base.n_batch or DEFAULT_N_BATCH
+    return replace(base, n_ctx=n_ctx_slot * base.n_parallel, n_batch=n_batch)
+
+
+def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_model: bool) -> PairParams:
+    """THE derivation of both contexts' params from the base params and the speculative config.
+
+    target n_outputs_max = n_parallel * (n_max + 1) when speculation is on (a verify batch
+    returns logits for [last, d1..dk] of every slot), else n_parallel. The draft decodes one
+    token per slot per step: n_outputs_max = n_parallel. Both are capped by n_batch. The
+    draft shares n_ctx, n_parallel, n_batch and kv_type with the target (it holds the same
+    sequences). An explicit base n_outputs_max raises the target's (never the draft's).
+    """
+    validate_speculative(spec)
+    if spec.type == "draft" and not has_draft_model:
+        raise InvalidArgument("speculative type 'draft' needs a draft model (draft_path)")
+    n_out = base.n_parallel * (spec.n_max + 1) if spec.enabled else base.n_parallel
+    n_out = max(n_out, base.n_outputs_max)
+    target = replace(base, n_outputs_max=min(n_out, base.n_batch))
+    draft = None
+    if has_draft_model:
+        draft = replace(base, n_outputs_max=min(base.n_parallel, base.n_batch))
+    return PairParams(target=target, draft=draft, speculative=spec)

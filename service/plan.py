@@ -1,0 +1,85 @@
+"""The memory plan: a pure function of GGUF metadata, derived params and the backend's sizes.
+
+`plan_pair` lists every buffer the pair will own (weights tensor by tensor, K and V caches,
+logits outputs, compute scratch) with the layout the loader will carve it into. The loader
+allocates exactly these items; it never computes a size of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compute.backend import Backend, BufferSpec
+from compute.gguf_model import ModelFile
+from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout, scratch_layout
+from service.params import ContextParams, PairParams
+
+
+@dataclass(frozen=True)
+class PlannedBuffer:
+    """A buffer to allocate: its spec (what the ledger will record) and its array layout."""
+
+    spec: BufferSpec
+    layout: tuple | None  # ((name, (shape, dtype)), ...) for kv/outputs/compute; None for weights
+
+    def layout_dict(self) -> Layout | None:
+        return dict(self.layout) if self.layout is not None else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pair's itemised memory plan and the params it was made from."""
+
+    buffers: tuple[PlannedBuffer, ...]
+    params: PairParams
+    budget_bytes: int  # device bytes available to this pair when it was planned (0: unknown)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.spec.nbytes for b in self.buffers)
+
+    def device_bytes(self, device: str = "device") -> int:
+        return sum(b.spec.nbytes for b in self.buffers if b.spec.device == device)
+
+    def specs(self, owner: str | None = None) -> list[BufferSpec]:
+        return [b.spec for b in self.buffers if owner is None or b.spec.owner == owner]
+
+    def summary(self) -> dict[tuple[str, str], int]:
+        """Bytes by (owner, kind)."""
+        out: dict[tuple[str, str], int] = {}
+        for b in self.buffers:
+            key = (b.spec.owner, b.spec.kind)
+            out[key] = out.get(key, 0) + b.spec.nbytes
+        return out
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+
+def _context_buffers(owner: str, mf: ModelFile, cp: ContextParams, backend: Backend) -> list[PlannedBuffer]:
+    hp = mf.hparams
+    out: list[PlannedBuffer] = []
+    n_dev = hp.n_layer if cp.n_gpu_layers < 0 else min(cp.n_gpu_layers, hp.n_layer)
+    for name, t in mf.tensors.items():
+        layer = _layer_of(name)
+        device = "host" if layer is not None and layer >= n_dev else "device"
+        out.append(PlannedBuffer(BufferSpec(owner, "weights", name, device, backend.weight_nbytes(t.ggml_type, t.shape)), None))
+    kv_dev = "device" if n_dev == hp.n_layer else "host"
+    for tag in ("k", "v"):
+        lay = kv_layout(hp, cp.n_parallel, cp.n_ctx_slot, cp.kv_type)
+        out.append(PlannedBuffer(BufferSpec(owner, "kv_cache", tag, kv_dev, layout_nbytes(lay)), tuple(lay.items())))
+    lay = outputs_layout(hp, cp.n_outputs_max)
+    out.append(PlannedBuffer(BufferSpec(owner, "outputs", "logits", "device", layout_nbytes(lay)), tuple(lay.items())))
+    lay = scratch_layout(hp, cp.n_batch, cp.n_outputs_max, backend.scratch_row_multiple())
+    out.append(PlannedBuffer(BufferSpec(owner, "compute", "scratch", "device", layout_nbytes(lay)), tuple(lay.items())))
+    return out
+
+
+def plan_pair(target: ModelFile, draft: ModelFile | None, params: PairParams, backend: Backend,
+              budget_bytes: int = 0) -> Plan:
+    """Every buffer of a pair, target first, then draft. Pure: reads metadata only."""
+    buffers = _context_buffers("target", target, params.target, backend)
+    if draft is not None and params.draft is not None:
+        buffers += _context_buffers("draft", draft, params.draft, backend)
+    return Plan(tuple(buffers), params, budget_bytes)
