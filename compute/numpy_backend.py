@@ -1,11 +1,14 @@
 """The NumPy reference backend: weights dequantised to float32, one BLAS call shape per matrix.
 
 Batch invariance: OpenBLAS picks a different kernel for a one-row product (gemv) than for a
-many-row one (gemm), and the two round differently. So every matrix product is computed in
-tiles of exactly `row_tile` rows (a short last tile is padded into scratch): for one weight
-matrix there is only one call shape, and a row's logits never depend on how many other rows
-share its batch. `row_tile=1` means one gemv per row. The default is measured, see
-docs/batch-invariance.md.
+many-row one (gemm), and the two round differently. `row_tile` chooses:
+  0  one BLAS call per matmul: fastest, NOT batch invariant (a verify row may differ from the
+     same token decoded alone in the last bits);
+  1  one gemv per row: invariant by construction, but batches cost as much as their rows;
+  T  tiles of exactly T rows (a short last tile is padded into scratch): one gemm call shape
+     per weight matrix, invariant as long as OpenBLAS's result for a row does not depend on
+     the row's place in the tile (a test checks it).
+The default and the measured cost of each are in docs/batch-invariance.md.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledge
 from compute.quants import dequantize
 
 NP_DTYPES = {"f32": np.float32, "f16": np.float16}
-DEFAULT_ROW_TILE = 1
+DEFAULT_ROW_TILE = 0  # fast, not batch invariant; see docs/batch-invariance.md
 
 
 def _host_memory() -> tuple[int, int]:
@@ -54,7 +57,7 @@ class NumpyBackend(Backend):
         return math.prod(shape) * 4  # dequantised to float32
 
     def scratch_row_multiple(self) -> int:
-        return self.row_tile
+        return max(self.row_tile, 1)
 
     def device_memory(self) -> DeviceMemory:
         total, free = _host_memory()
@@ -94,7 +97,9 @@ class NumpyBackend(Backend):
 
     def matmul(self, x, w, out, bias=None, pad=None):
         n, t = x.shape[0], self.row_tile
-        if t == 1:
+        if t == 0:  # not batch invariant: one BLAS call for the whole batch
+            np.matmul(x, w, out=out)
+        elif t == 1:
             for i in range(n):
                 np.dot(x[i], w, out=out[i])
         else:

@@ -1,0 +1,276 @@
+"""Fit equals Load, atomic Load, budgets (DESIGN.md invariants 1-3 and 7)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compute.backend import AllocationError
+from compute.llama import Batch
+from compute.numpy_backend import NumpyBackend
+from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from service.factory import PairFactory, PairRequest
+from service.params import ContextParams, SpeculativeConfig, derive_pair_params
+from tests.models import packaged_model_path
+from tests.tiny_gguf import tiny_vocab, write_tiny_llama
+
+BACKENDS = ["numpy"]
+try:  # the OpenCL backend joins every property test when PyOpenCL finds a device
+    from compute.opencl.backend import OpenCLBackend, list_devices
+
+    if list_devices():
+        BACKENDS.append("opencl")
+except Exception:  # noqa: BLE001 - no OpenCL runtime: numpy only
+    pass
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return packaged_model_path()
+
+
+def make_backend(name: str):
+    return NumpyBackend(n_threads=1) if name == "numpy" else OpenCLBackend()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "target": write_tiny_llama(d / "target.gguf", n_layer=2, seed=1),
+        "draft": write_tiny_llama(d / "draft.gguf", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=64, seed=2),
+        "other_vocab": write_tiny_llama(d / "other.gguf", n_layer=1, seed=3, extra_tokens=5),
+        "q4": write_tiny_llama(d / "q4.gguf", n_layer=1, seed=4, matrix_type=__import__("gguf").GGMLQuantizationType.Q4_1,
+                               tied=False),
+        "dir": str(d),
+    }
+
+
+def sorted_specs(specs):
+    return sorted(specs, key=repr)
+
+
+params_st = st.builds(
+    ContextParams,
+    n_ctx=st.integers(1, 300),
+    n_parallel=st.integers(1, 4),
+    n_batch=st.integers(1, 64),
+    kv_type=st.sampled_from(["f32", "f16"]),
+)
+spec_st = st.builds(SpeculativeConfig, type=st.sampled_from(["none", "ngram", "draft"]), n_max=st.integers(0, 8),
+                    n_min=st.just(0))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(base=params_st, spec=spec_st, with_draft=st.booleans())
+def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_draft):
+    """After Load the ledger holds exactly the plan's buffers, byte for byte; Unload empties it."""
+    if base.n_ctx < base.n_parallel:
+        base = replace(base, n_ctx=base.n_parallel)
+    if spec.type == "draft" and not with_draft:
+        spec = replace(spec, type="ngram")
+    be = make_backend(backend_name)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    req = PairRequest(target_path=tiny["target"], draft_path=tiny["draft"] if with_draft else "", params=base,
+                      speculative=spec)
+    fit = f.fit(req)
+    assert fit.fits and not fit.adjustments
+    pair = f.load(req)
+    assert sorted_specs(be.ledger.entries("default")) == sorted_specs(fit.plan.specs())
+    assert sorted_specs(pair.allocated()) == sorted_specs(fit.plan.specs())
+    # the contexts are shaped by the plan's params, the draft's included
+    p = fit.plan.params
+    assert pair.target.context.n_outputs_max == p.target.n_outputs_max
+    if with_draft:
+        assert pair.draft.context.n_outputs_max == p.draft.n_outputs_max == min(base.n_parallel, p.draft.n_batch)
+    pair.release()
+    assert be.ledger.entries() == []
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_ledger_equals_plan_on_the_real_model(real_model, backend_name):
+    be = make_backend(backend_name)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    for base, spec, draft in [
+        (ContextParams(n_ctx=256, n_parallel=2, n_batch=32, kv_type="f16"), SpeculativeConfig("ngram", n_max=4), ""),
+        (ContextParams(n_ctx=96, n_parallel=3, n_batch=7, kv_type="f32"), SpeculativeConfig("draft", n_max=8), real_model),
+    ]:
+        req = PairRequest(target_path=real_model, draft_path=draft, params=base, speculative=spec)
+        fit = f.fit(req)
+        pair = f.load(req)
+        assert sorted_specs(be.ledger.entries()) == sorted_specs(fit.plan.specs())
+        pair.release()
+        assert be.ledger.entries() == []
+
+
+def test_derivation_of_outputs():
+    base = ContextParams(n_ctx=1024, n_parallel=4, n_batch=512)
+    p = derive_pair_params(base, SpeculativeConfig("draft", n_max=8), has_draft_model=True)
+    assert p.target.n_outputs_max == 4 * 9
+    assert p.draft.n_outputs_max == 4  # the #25056 lesson: the draft decodes one token per slot per step
+    assert p.draft.n_ctx == p.target.n_ctx and p.draft.n_batch == p.target.n_batch
+    off = derive_pair_params(base, SpeculativeConfig("none", n_max=8), has_draft_model=False)
+    assert off.target.n_outputs_max == 4 and off.draft is None
+    capped = derive_pair_params(replace(base, n_batch=16), SpeculativeConfig("ngram", n_max=8), False)
+    assert capped.target.n_outputs_max == 16
+
+
+def _generate_logits(pair, tokens=(5, 6, 7, 8)):
+    ctx = pair.target.context
+    n = len(tokens)
+    return ctx.decode(Batch.make(tokens, range(n), [0] * n, [n - 1]))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_fault_at_every_allocation_leaves_nothing_behind(tiny):
+    """Fail the k-th allocation of a Load for every k: the ledger returns to its exact previous state
+    and a pair loaded before keeps generating the same logits."""
+    be = NumpyBackend(n_threads=1)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    first = f.load(PairRequest(name="first", target_path=tiny["target"], speculative=SpeculativeConfig("none")))
+    before_logits = _generate_logits(first)
+    before = be.ledger.snapshot()
+    req = PairRequest(name="second", target_path=tiny["target"], draft_path=tiny["draft"],
+                      speculative=SpeculativeConfig("draft", n_max=4))
+    n_allocs = len(f.fit(req).plan.buffers)
+    assert n_allocs > 10
+    for k in range(n_allocs):
+        calls = {"n": 0}
+
+        def hook(spec, k=k):
+            calls["n"] += 1
+            if calls["n"] == k + 1:
+                raise AllocationError(f"injected failure at allocation {k} ({spec.owner} {spec.kind} {spec.tag})")
+
+        be.fault_hook = hook
+        with pytest.raises(AllocationError):
+            f.load(req)
+        be.fault_hook = None
+        assert be.ledger.snapshot() == before, f"leak after a failure at allocation {k}"
+    np.testing.assert_array_equal(_generate_logits(first), before_logits)
+    second = f.load(req)  # and with no fault it loads
+    assert len(second.allocated()) == n_allocs
+    second.release()
+    assert be.ledger.snapshot() == before
+
+
+def test_draft_init_failure_releases_draft_model_and_context(tiny):
+    be = NumpyBackend(n_threads=1)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    before = be.ledger.snapshot()
+
+    def fail():
+        assert any(s.owner == "draft" and s.kind == "weights" for s in be.ledger.entries())
+        assert any(s.owner == "draft" and s.kind == "kv_cache" for s in be.ledger.entries())
+        raise Boom("speculative init failed")
+
+    f.draft_init_hook = fail
+    with pytest.raises(Boom):
+        f.load(PairRequest(target_path=tiny["target"], draft_path=tiny["draft"],
+                           speculative=SpeculativeConfig("draft", n_max=4)))
+    assert be.ledger.snapshot() == before
+
+
+def test_bad_draft_files_fail_before_allocating(tiny, tmp_path):
+    be = NumpyBackend(n_threads=1)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    with pytest.raises(InvalidArgument, match="vocabulary"):
+        f.load(PairRequest(target_path=tiny["target"], draft_path=tiny["other_vocab"]))
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(InvalidArgument, match="GGUF"):
+        f.load(PairRequest(target_path=tiny["target"], draft_path=str(corrupt)))
+    with pytest.raises(NotFound):
+        f.load(PairRequest(target_path=tiny["target"], draft_path=str(tmp_path / "missing.gguf")))
+    assert be.ledger.entries() == []
+
+
+def test_same_token_texts_required(tiny, tmp_path):
+    toks, types, merges = tiny_vocab()
+    swapped = list(toks)
+    swapped[10], swapped[11] = swapped[11], swapped[10]
+    other = write_tiny_llama(tmp_path / "swapped.gguf", vocab=(swapped, types, merges), n_layer=1)
+    f = PairFactory(NumpyBackend(n_threads=1), device_memory_bytes=1 << 34)
+    with pytest.raises(InvalidArgument, match="token texts"):
+        f.fit(PairRequest(target_path=tiny["target"], draft_path=other))
+
+
+def test_models_dir_refuses_outside_paths(tiny, tmp_path):
+    f = PairFactory(NumpyBackend(n_threads=1), models_dir=tiny["dir"], device_memory_bytes=1 << 34)
+    outside = write_tiny_llama(tmp_path / "outside.gguf", n_layer=1)
+    with pytest.raises(PermissionDenied):
+        f.fit(PairRequest(target_path=outside))
+    with pytest.raises(PermissionDenied):
+        f.fit(PairRequest(target_path="../" + os.path.basename(os.path.dirname(outside)) + "/outside.gguf"))
+    assert f.fit(PairRequest(target_path="target.gguf")).fits  # relative to the models dir
+
+
+def _budget_for(f, req, n_ctx):
+    """The budget at which a plan with this n_ctx exactly fits (the margin added back)."""
+    from service.factory import MARGIN_FRACTION
+
+    plan = f.fit(replace(req, params=replace(req.params, n_ctx=n_ctx), budget_bytes=1 << 40)).plan
+    return int(plan.device_bytes() / (1 - MARGIN_FRACTION)) + 2
+
+
+def test_budget_fits_unchanged(tiny):
+    f = PairFactory(NumpyBackend(n_threads=1))
+    req = PairRequest(target_path=tiny["target"], params=ContextParams(n_ctx=256, n_parallel=2))
+    fit = f.fit(replace(req, budget_bytes=_budget_for(f, req, 256)))
+    assert fit.fits and fit.adjustments == () and fit.plan.params.target.n_ctx == 256
+
+
+def test_budget_forces_smaller_context(tiny):
+    f = PairFactory(NumpyBackend(n_threads=1))
+    req = PairRequest(target_path=tiny["target"], params=ContextParams(n_ctx=256, n_parallel=2))
+    fit = f.fit(replace(req, budget_bytes=_budget_for(f, req, 100)))
+    assert fit.fits
+    assert fit.plan.params.target.n_ctx == 100
+    assert any("n_ctx reduced from 256 to 100" in a for a in fit.adjustments)
+    # Load takes exactly what that adjusted Fit planned
+    be = f.backend
+    pair = f.load(replace(req, budget_bytes=_budget_for(f, req, 100)))
+    assert sorted_specs(be.ledger.entries()) == sorted_specs(fit.plan.specs())
+    pair.release()
+
+
+def test_budget_cannot_fit_reports_deficit(tiny):
+    f = PairFactory(NumpyBackend(n_threads=1))
+    req = PairRequest(target_path=tiny["target"], params=ContextParams(n_ctx=256, n_parallel=2, n_ctx_min=200))
+    budget = _budget_for(f, req, 100)  # fits n_ctx 100, but the floor is 200
+    fit = f.fit(replace(req, budget_bytes=budget))
+    assert not fit.fits
+    assert fit.max_n_ctx == 100
+    at_floor = f.fit(replace(req, budget_bytes=1 << 40, params=replace(req.params, n_ctx=200))).plan.device_bytes()
+    assert fit.deficit_bytes == at_floor - fit.available_bytes > 0
+    err = fit.error()
+    assert isinstance(err, ResourceExhausted) and str(fit.deficit_bytes) in str(err) and "100" in str(err)
+    with pytest.raises(ResourceExhausted):
+        f.load(replace(req, budget_bytes=budget))
+    assert f.backend.ledger.entries() == []
+    weights_only = f.fit(replace(req, budget_bytes=1000))
+    assert not weights_only.fits and weights_only.max_n_ctx == 0
+
+
+def test_loaded_pairs_count_against_the_budget(tiny):
+    f = PairFactory(NumpyBackend(n_threads=1))
+    req = PairRequest(name="a", target_path=tiny["target"], params=ContextParams(n_ctx=64))
+    one = f.fit(replace(req, budget_bytes=1 << 40)).plan.device_bytes()
+    budget = int(2.5 * one / 0.98)
+    a = f.load(replace(req, budget_bytes=budget))
+    b = f.load(replace(req, name="b", budget_bytes=budget))
+    third = f.fit(replace(req, name="c", budget_bytes=budget))
+    assert third.available_bytes == int(budget * 0.98) - 2 * one
+    assert not third.fits or third.adjustments  # only half a pair is left
+    a.release()
+    b.release()
+    assert f.backend.ledger.entries() == []
