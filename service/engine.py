@@ -276,29 +276,16 @@ class Engine:
         if not busy:
             return
         drafts = self._draft(busy)
-        rows_left, outs_left = self.n_batch, self.n_outputs_max
+        work = self._choose_work(busy, drafts)
         tokens, positions, slots, outputs = [], [], [], []
         plan: list[tuple[Slot, int, list[int], list[int]]] = []  # slot, n fed pending, drafts, output rows
-        # decoding slots first (latency), then prefill chunks with the rows left
-        for s in sorted(busy, key=lambda s: len(s.tokens) - s.n_past):
-            pending = s.tokens[s.n_past:]
-            if rows_left == 0:
-                break
-            m = min(len(pending), rows_left)
-            complete = m == len(pending)
-            d = drafts.get(s.idx)
-            dt = d.tokens if (d and complete) else []
-            dt = dt[:max(0, min(rows_left - m, outs_left - 1))]
-            if complete and outs_left == 0:
-                continue
+        for s, m, complete, dt in work:
             base = len(tokens)
-            tokens += pending[:m] + dt
+            tokens += s.tokens[s.n_past:s.n_past + m] + dt
             positions += list(range(s.n_past, s.n_past + m + len(dt)))
             slots += [s.idx] * (m + len(dt))
             rows = list(range(base + m - 1, base + m + len(dt))) if complete else []
             outputs += rows
-            rows_left -= m + len(dt)
-            outs_left -= len(rows)
             plan.append((s, m, dt, rows))
         if not tokens:
             return
@@ -328,6 +315,39 @@ class Engine:
             self._append(s, new)
         if self.metrics is not None:
             self.metrics.on_step(n_drafts, n_draft_tokens, n_accepted)
+
+    def _choose_work(self, busy: list[Slot], drafts: dict) -> list[tuple[Slot, int, bool, list[int]]]:
+        """Each slot's rows this step: (slot, pending tokens fed, whether that completes them, drafts),
+        within n_batch rows and n_outputs_max outputs; decoding slots first (latency), then prefill."""
+        rows_left, outs_left = self.n_batch, self.n_outputs_max
+        work = []
+        for s in sorted(busy, key=lambda s: len(s.tokens) - s.n_past):
+            pending = len(s.tokens) - s.n_past
+            m = min(pending, rows_left)
+            complete = m == pending
+            if m == 0 or (complete and outs_left == 0):
+                continue
+            d = drafts.get(s.idx)
+            dt = (d.tokens if (d and complete) else [])[:max(0, min(rows_left - m, outs_left - 1))]
+            rows_left -= m + len(dt)
+            outs_left -= (1 + len(dt)) if complete else 0
+            work.append((s, m, complete, dt))
+        return self._trim_to_tiles(work)
+
+    def _trim_to_tiles(self, work):
+        """A backend that computes rows in tiles of T pays for whole tiles: drop the drafts that would
+        spill into a mostly empty extra tile (the last drafts are the least likely to be accepted)."""
+        t = self.target.backend.scratch_row_multiple()
+        total = sum(m + len(dt) for _, m, _, dt in work)
+        excess = total % t if t > 1 and total > t else 0
+        if excess == 0 or sum(len(dt) for *_, dt in work) < excess:
+            return work
+        out = []
+        for s, m, complete, dt in reversed(work):
+            cut = min(excess, len(dt))
+            excess -= cut
+            out.append((s, m, complete, dt[:len(dt) - cut]))
+        return out[::-1]
 
     # ---- drafting ----
     def _spec_of(self, s: Slot) -> SpeculativeConfig:

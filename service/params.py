@@ -43,7 +43,7 @@ class SpeculativeConfig:
     n_max: int = 8  # most tokens drafted per step
     n_min: int = 1  # fewer proposals than this: decode normally this step
     p_min: float = 0.5  # draft model: stop drafting when its top probability is below this
-    ngram_min: int = 1  # shortest suffix the n-gram drafter matches
+    ngram_min: int = 2  # shortest suffix the n-gram drafter matches (1 proposes often and is mostly rejected)
     ngram_max: int = 4  # longest suffix the n-gram drafter matches
 
     @property
