@@ -35,3 +35,9 @@ class Unavailable(SpecserveError):
 
 class PermissionDenied(SpecserveError):
     code = "PERMISSION_DENIED"
+
+
+class AlreadyExists(SpecserveError):
+    """A pair of that name is loaded or loading."""
+
+    code = "ALREADY_EXISTS"

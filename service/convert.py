@@ -1,0 +1,237 @@
+"""Protobuf <-> service dataclasses, at the edge: the only module besides the servicers that sees `pb`.
+
+`*_from_pb` functions validate what a client sent and raise errors.InvalidArgument naming the
+field; `*_to_pb` functions build responses. Request zeros and unset fields take the base values
+the caller passes (the server's flags, or a pair's live config).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+from compute.backend import BufferSpec
+from service.errors import InvalidArgument
+from service.factory import FitResult, PairRequest
+from service.params import ContextParams, SpeculativeConfig, validate_speculative
+from service.pb.specserve.v1 import specserve_pb2 as pb
+from service.plan import Plan
+from service.requests import GenRequest, GenResult, SamplingParams
+
+DEFAULT_PAIR = "default"
+PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_STOP_STRINGS = 16
+
+DRAFTER_FROM_PB = {pb.DRAFTER_TYPE_NONE: "none", pb.DRAFTER_TYPE_DRAFT_MODEL: "draft",
+                   pb.DRAFTER_TYPE_NGRAM: "ngram"}
+DRAFTER_TO_PB = {v: k for k, v in DRAFTER_FROM_PB.items()}
+KV_FROM_PB = {pb.KV_TYPE_F32: "f32", pb.KV_TYPE_F16: "f16"}
+KV_TO_PB = {v: k for k, v in KV_FROM_PB.items()}
+FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                "cancelled": pb.FINISH_REASON_CANCELLED}
+STATE_TO_PB = {"loading": pb.PAIR_STATE_LOADING, "ready": pb.PAIR_STATE_READY, "draining": pb.PAIR_STATE_DRAINING}
+
+
+# ---- names ----
+
+def pair_name(name: str) -> str:
+    """A request's pair name: empty -> "default"; anything but [A-Za-z0-9._-]{1,64} is refused."""
+    name = name or DEFAULT_PAIR
+    if not PAIR_NAME.fullmatch(name):
+        raise InvalidArgument(f"pair name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+# ---- speculative config ----
+
+def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> SpeculativeConfig:
+    """`base` with the fields `msg` sets replaced, validated. Setting only n_max lowers n_min to fit under it."""
+    changes: dict = {}
+    if msg.type != pb.DRAFTER_TYPE_UNSPECIFIED:
+        if msg.type not in DRAFTER_FROM_PB:
+            raise InvalidArgument(f"speculative.type {msg.type} is not a DrafterType")
+        changes["type"] = DRAFTER_FROM_PB[msg.type]
+    for name in ("n_max", "n_min", "ngram_min", "ngram_max"):
+        if msg.HasField(name):
+            changes[name] = getattr(msg, name)
+    if msg.HasField("p_min"):
+        if not math.isfinite(msg.p_min):
+            raise InvalidArgument("speculative.p_min must be a number within [0, 1]")
+        changes["p_min"] = round(msg.p_min, 6)  # float32 on the wire: 0.3 arrives as 0.30000001
+    if "n_max" in changes and "n_min" not in changes:
+        changes["n_min"] = min(base.n_min, changes["n_max"])
+    return validate_speculative(replace(base, **changes))
+
+
+def speculative_to_pb(cfg: SpeculativeConfig) -> pb.SpeculativeConfig:
+    return pb.SpeculativeConfig(type=DRAFTER_TO_PB[cfg.type], n_max=cfg.n_max, n_min=cfg.n_min, p_min=cfg.p_min,
+                                ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max)
+
+
+# ---- pairs, params, plans ----
+
+def context_params_from_pb(msg: pb.ContextParams, base: ContextParams) -> ContextParams:
+    """`base` with every non-zero (or set) field of `msg`; range checks happen in params.fill_defaults."""
+    changes: dict = {}
+    for name in ("n_ctx", "n_parallel", "n_batch", "n_outputs_max", "n_ctx_min"):
+        if getattr(msg, name):
+            changes[name] = getattr(msg, name)
+    if msg.kv_type != pb.KV_TYPE_UNSPECIFIED:
+        if msg.kv_type not in KV_FROM_PB:
+            raise InvalidArgument(f"params.kv_type {msg.kv_type} is not a KvType")
+        changes["kv_type"] = KV_FROM_PB[msg.kv_type]
+    if msg.HasField("n_gpu_layers"):
+        if msg.n_gpu_layers < -1:
+            raise InvalidArgument(f"params.n_gpu_layers must be >= -1 (-1 = all layers), got {msg.n_gpu_layers}")
+        changes["n_gpu_layers"] = msg.n_gpu_layers
+    return replace(base, **changes)
+
+
+def context_params_to_pb(cp: ContextParams) -> pb.ContextParams:
+    return pb.ContextParams(n_ctx=cp.n_ctx, n_parallel=cp.n_parallel, n_batch=cp.n_batch,
+                            n_outputs_max=cp.n_outputs_max, kv_type=KV_TO_PB[cp.kv_type],
+                            n_gpu_layers=cp.n_gpu_layers, n_ctx_min=cp.n_ctx_min)
+
+
+def pair_request_from_pb(spec: pb.PairSpec, base_params: ContextParams, base_spec: SpeculativeConfig,
+                         default_target: str = "") -> PairRequest:
+    """A Fit/Load PairSpec as a PairRequest; empty fields take the server's defaults."""
+    base = base_spec
+    if spec.draft_path and not spec.speculative.type:
+        base = replace(base_spec, type="draft")
+    elif base_spec.type == "draft" and not spec.draft_path:
+        base = replace(base_spec, type="ngram")
+    return PairRequest(
+        name=pair_name(spec.name),
+        target_path=spec.target_path or default_target,
+        draft_path=spec.draft_path,
+        params=context_params_from_pb(spec.params, base_params),
+        speculative=speculative_from_pb(spec.speculative, base),
+        budget_bytes=spec.memory_budget_bytes,
+    )
+
+
+def buffer_to_pb(spec: BufferSpec) -> pb.Buffer:
+    return pb.Buffer(owner=spec.owner, kind=spec.kind, device=spec.device, bytes=spec.nbytes, tag=spec.tag)
+
+
+def plan_to_pb(plan: Plan) -> pb.Plan:
+    params = plan.params
+    return pb.Plan(
+        buffers=[buffer_to_pb(b.spec) for b in plan.buffers],
+        total_bytes=plan.total_bytes,
+        budget_bytes=max(plan.budget_bytes, 0),
+        target=context_params_to_pb(params.target),
+        draft=context_params_to_pb(params.draft) if params.draft is not None else None,
+        device_bytes=plan.device_bytes("device"),
+        host_bytes=plan.device_bytes("host"),
+        speculative=speculative_to_pb(params.speculative),
+    )
+
+
+def fit_to_pb(result: FitResult) -> pb.FitResponse:
+    return pb.FitResponse(fits=result.fits, plan=plan_to_pb(result.plan), adjustments=list(result.adjustments),
+                          available_bytes=max(result.available_bytes, 0), deficit_bytes=max(result.deficit_bytes, 0),
+                          max_n_ctx=result.max_n_ctx)
+
+
+# ---- generation ----
+
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    """Sampling params: unset fields keep llama.cpp's defaults (temperature 0.8); 0 temperature = greedy."""
+    d = SamplingParams()
+
+    def get(name, ok, rule):
+        if not msg.HasField(name):
+            return getattr(d, name)
+        v = getattr(msg, name)
+        if isinstance(v, float):
+            v = round(v, 6)  # float32 on the wire
+            if not math.isfinite(v):
+                raise InvalidArgument(f"sampling.{name} must be a finite number")
+        if not ok(v):
+            raise InvalidArgument(f"sampling.{name} {v}: {rule}")
+        return v
+
+    return SamplingParams(
+        temperature=get("temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+        top_k=get("top_k", lambda v: True, ""),
+        top_p=get("top_p", lambda v: 0 < v <= 1, "must be within (0, 1] (1 = off)"),
+        min_p=get("min_p", lambda v: 0 <= v <= 1, "must be within [0, 1] (0 = off)"),
+        repeat_penalty=get("repeat_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
+        repeat_last_n=get("repeat_last_n", lambda v: True, ""),
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+
+def prompt_ids_from_pb(msg, tokenizer) -> list[int]:
+    """The prompt's token ids: text with BOS added, chat messages through the template, or ids as given."""
+    which = msg.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("no prompt: set one of prompt, messages or tokens")
+    if which == "prompt":
+        ids = tokenizer.encode(msg.prompt, add_special=True, parse_special=True)
+    elif which == "messages":
+        messages = msg.messages.messages
+        if not messages:
+            raise InvalidArgument("messages.messages is empty: give at least one message")
+        for i, m in enumerate(messages):
+            if not m.role:
+                raise InvalidArgument(f"messages.messages[{i}].role is empty (use system, user or assistant)")
+        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        ids = tokenizer.encode(text, add_special=False, parse_special=True)  # the template holds BOS if any
+    else:
+        ids = check_token_ids(msg.tokens.ids, tokenizer.vocab_size, "tokens.ids")
+    if not ids:
+        raise InvalidArgument(f"the prompt ({which}) has no tokens")
+    return ids
+
+
+def check_token_ids(ids, vocab_size: int, field: str) -> list[int]:
+    """Token ids, each below the vocabulary size."""
+    ids = list(ids)
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise InvalidArgument(f"{field}: id {bad[0]} is not below the vocabulary size {vocab_size}")
+    return ids
+
+
+def gen_request_from_pb(msg, tokenizer, live_spec: SpeculativeConfig, default_max_tokens: int,
+                        request_id: str) -> GenRequest:
+    """A GenerateRequest or GenerateStreamRequest (same fields) as a GenRequest."""
+    prompt = prompt_ids_from_pb(msg, tokenizer)
+    stop = tuple(msg.stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
+    if any(not s for s in stop):
+        raise InvalidArgument("stop: a stop string is empty")
+    override = speculative_from_pb(msg.speculative, live_spec) if msg.HasField("speculative") else None
+    return GenRequest(prompt=tuple(prompt), max_tokens=msg.max_tokens or default_max_tokens,
+                      sampling=sampling_from_pb(msg.sampling), stop=stop, speculative=override,
+                      request_id=request_id)
+
+
+def _summary(result: GenResult, ttft: float) -> dict:
+    rate = result.accepted / result.drafted if result.drafted else 0.0
+    tps = result.completion_tokens / result.decode_seconds if result.decode_seconds > 0 else 0.0
+    return dict(
+        finish_reason=FINISH_TO_PB.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        speculative_stats=pb.SpeculativeStats(drafted=result.drafted, accepted=result.accepted,
+                                              acceptance_rate=rate),
+        timings=pb.Timings(queue_seconds=result.queue_seconds, prefill_seconds=result.prefill_seconds,
+                           decode_seconds=result.decode_seconds, tokens_per_second=tps,
+                           time_to_first_token_seconds=ttft),
+    )
+
+
+def result_to_pb(result: GenResult, request_id: str, ttft: float) -> pb.GenerateResponse:
+    return pb.GenerateResponse(text=result.text, tokens=list(result.tokens), request_id=request_id,
+                               **_summary(result, ttft))
+
+
+def final_stream_to_pb(result: GenResult, sent_text: str, request_id: str, ttft: float) -> pb.GenerateStreamResponse:
+    """The last stream message: any text not yet sent (held back by the engine), then the summary."""
+    rest = result.text[len(sent_text):] if result.text.startswith(sent_text) else ""
+    return pb.GenerateStreamResponse(text=rest, request_id=request_id, **_summary(result, ttft))

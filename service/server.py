@@ -1,0 +1,341 @@
+"""The gRPC server: servicers + standard health + reflection + one interceptor, and its lifecycle.
+
+    server = SpecServer(config); port = server.start()   # binds (port 0: any free port), loads the startup pair
+    server.wait_ready(timeout)                            # until the startup pair serves
+    server.drain_and_stop(grace)                          # SIGTERM: NOT_SERVING, finish in-flight, release
+
+Health (`grpc.health.v1`, service "" and each specserve service): NOT_SERVING until a pair is
+ready and while draining. The interceptor gives every RPC a request id (from the `x-request-id`
+header, else a new one; sent back as trailing metadata), maps service.errors to status codes,
+turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
+records the request in the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.errors import ResourceExhausted, SpecserveError
+from service.factory import PairFactory, PairRequest
+from service.logging_setup import new_request_id, request_id_var
+from service.metrics import Metrics, start_metrics_server
+from service.params import ContextParams, SpeculativeConfig
+from service.pb.specserve.v1 import specserve_pb2 as pb
+from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
+from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry
+from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
+
+log = logging.getLogger("specserve.server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ModelService", "GenerationService"))
+REQUEST_ID_HEADER = "x-request-id"
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `specserve serve` configures."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (tests)
+    backend: str = "numpy"  # "numpy" | "opencl"
+    device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
+    device_memory_bytes: int = 0  # 0: the device's free memory
+    threads: int = 0  # NumPy BLAS threads; 0 = the library's default
+    models_dir: str = ""  # Load and Fit accept only files inside it
+    startup: PairRequest | None = None  # loaded at start (None: start empty, pairs come by Load)
+    params: ContextParams = field(default_factory=ContextParams)  # defaults for request zeros
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    default_target: str = ""  # the model a PairSpec without target_path means
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    queue_max: int = 64
+    max_workers: int = 64  # gRPC handler threads; also the most concurrent RPCs (more get RESOURCE_EXHAUSTED)
+    max_message_bytes: int = 16 * MiB
+    keepalive_time_ms: int = 60_000  # server pings an idle connection this often
+    keepalive_timeout_ms: int = 20_000  # and closes it when a ping is not answered in this time
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
+    metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
+
+
+def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Explicit message-size and keepalive settings (both directions the same size)."""
+    return [
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", cfg.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
+    ]
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Request ids, status codes from service.errors, INTERNAL for the unexpected, request metrics and logs."""
+
+    def __init__(self, metrics: Metrics | None):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        header_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
+        quiet = not method.startswith("/specserve.")  # health checks and reflection: debug level
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, header_id, quiet),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method, header_id, quiet),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return handler  # no client-streaming RPCs here
+
+    def _begin(self, context, header_id: str):
+        rid = header_id or new_request_id()
+        token = request_id_var.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        return token
+
+    def _fail(self, exc: BaseException, context, method: str):
+        """Abort the RPC with the status `exc` stands for (context.abort raises)."""
+        if isinstance(exc, SpecserveError):
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+            if isinstance(exc, ResourceExhausted) and exc.deficit_bytes:
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id_var.get()),
+                                               ("specserve-deficit-bytes", str(exc.deficit_bytes))))
+            context.abort(code, str(exc))
+        if _aborted(context):  # the handler aborted itself: keep its status
+            raise exc
+        log.error("unexpected error in %s", method, exc_info=exc, extra={"kv": {"method": method}})
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()}); see server log")
+
+    def _done(self, method: str, context, t0: float, quiet: bool, code: str | None = None) -> None:
+        code = code or _final_code(context)
+        ms = (time.monotonic() - t0) * 1000
+        if self.metrics is not None and not quiet:
+            self.metrics.on_request(method, code, ms / 1000)
+        level = logging.DEBUG if quiet else logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
+        log.log(level, "rpc", extra={"kv": {"method": method, "code": code, "ms": round(ms, 1)}})
+
+    def _unary(self, behavior, method, header_id, quiet):
+        def wrapper(request, context):
+            t0, token = time.monotonic(), self._begin(context, header_id)
+            code = None
+            try:
+                return behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+                code = _code_of(exc, context)
+                self._fail(exc, context, method)
+            finally:
+                self._done(method, context, t0, quiet, code)
+                request_id_var.reset(token)
+        return wrapper
+
+    def _stream(self, behavior, method, header_id, quiet):
+        def wrapper(request, context):
+            t0, token = time.monotonic(), self._begin(context, header_id)
+            code = None
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:  # the client went away mid-stream
+                code = "CANCELLED"
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                code = _code_of(exc, context)
+                self._fail(exc, context, method)
+            finally:
+                self._done(method, context, t0, quiet, code)
+                try:
+                    request_id_var.reset(token)
+                except ValueError:  # the generator was closed from another context
+                    pass
+        return wrapper
+
+
+def _aborted(context) -> bool:
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _code_of(exc: BaseException, context) -> str:
+    if isinstance(exc, SpecserveError):
+        return exc.code
+    if _aborted(context):
+        return context.code().name
+    return "INTERNAL"
+
+
+def _final_code(context) -> str:
+    if context.is_active():
+        return "OK"
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+class _MethodAwarePool:
+    """The default descriptor pool, but `FindFileContainingSymbol` also resolves method names.
+
+    grpc-python's reflection asks the pool for "pkg.Service.Method" (ghz and `grpcurl describe`
+    do), which upb's pool does not resolve (grpc/grpc#34743); look the service up instead.
+    """
+
+    def __init__(self, pool=None):
+        from google.protobuf import descriptor_pool
+
+        self._pool = pool or descriptor_pool.Default()
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 - the pool's API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                desc = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in desc.methods_by_name:
+                raise
+            return desc.file
+
+
+def make_backend(name: str, device: str = "", threads: int = 0):
+    """The compute backend named on the command line."""
+    if name == "numpy":
+        from compute.numpy_backend import NumpyBackend
+
+        return NumpyBackend(n_threads=threads or None)
+    if name == "opencl":
+        try:
+            from compute.opencl.backend import OpenCLBackend
+        except ImportError as e:
+            raise SystemExit(f"--backend opencl: the OpenCL backend cannot be imported ({e}); "
+                             "install pyopencl (pip install 'specserve[opencl]')") from e
+        try:
+            return OpenCLBackend(device=device or None)
+        except (RuntimeError, ValueError) as e:  # no device, or no device matches --device
+            raise SystemExit(f"--backend opencl: {e}") from e
+    raise SystemExit(f"--backend {name!r}: use numpy or opencl")
+
+
+class SpecServer:
+    """One specserve gRPC server: its backend, factory, registry, metrics and grpc.Server."""
+
+    def __init__(self, config: ServerConfig, backend=None):
+        self.config = config
+        self._draining = False
+        self.metrics = Metrics()
+        self.backend = backend or make_backend(config.backend, config.device, config.threads)
+        self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)
+        defaults = Defaults(params=config.params, speculative=config.speculative,
+                            target_path=config.default_target, max_tokens=config.max_tokens,
+                            drain_timeout=config.drain_timeout)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                                             thread_name_prefix="rpc"),
+                                  interceptors=[ErrorInterceptor(self.metrics)], options=grpc_options(config),
+                                  maximum_concurrent_rpcs=config.max_workers)
+        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, defaults), self.server)
+        pb_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.registry, defaults, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=_MethodAwarePool())
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_http = None
+        self._startup_error: BaseException | None = None
+        self._startup_done = threading.Event()
+        self._stopped = threading.Event()
+        self._update_health()
+
+    # ---- health ----
+    def _update_health(self) -> None:
+        """SERVING while a pair is ready and the server is not draining; NOT_SERVING otherwise."""
+        if self._draining:
+            return  # enter_graceful_shutdown() has set NOT_SERVING for good
+        serving = self.registry.any_ready()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    # ---- lifecycle ----
+    def start(self) -> int:
+        """Bind, start serving RPCs, start loading the startup pair in the background; returns the port."""
+        address = f"{self.config.host}:{self.config.port}"
+        if ":" in self.config.host and not self.config.host.startswith("["):
+            address = f"[{self.config.host}]:{self.config.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise SystemExit(f"cannot bind {address}")
+        self.server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = start_metrics_server(self.config.metrics_port, self.metrics,
+                                                                         addr=self.config.host)
+        log.info("listening", extra={"kv": {"address": f"{self.config.host}:{self.port}",
+                                            "backend": self.backend.name, "models_dir": self.factory.models_dir,
+                                            "metrics_port": self.metrics_port or None, "pid": os.getpid()}})
+        if self.config.startup is not None:
+            threading.Thread(target=self._load_startup, name="startup-load", daemon=True).start()
+        else:
+            self._startup_done.set()
+        return self.port
+
+    def _load_startup(self) -> None:
+        req = self.config.startup
+        try:
+            self.registry.load(req)
+        except BaseException as e:  # noqa: BLE001 - reported by wait_ready and the log
+            self._startup_error = e
+            log.error("loading the startup pair failed: %s", e, exc_info=not isinstance(e, SpecserveError),
+                      extra={"kv": {"pair": req.name}})
+        finally:
+            self._startup_done.set()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the startup pair is loaded; raise its error if the load failed."""
+        if not self._startup_done.wait(timeout):
+            raise TimeoutError(f"the startup pair did not load within {timeout} s")
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def drain_and_stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new work, let in-flight RPCs finish (up to `grace` s), release."""
+        grace = self.config.drain_timeout if grace is None else grace
+        if self._draining:
+            self._stopped.wait()
+            return
+        self._draining = True
+        log.info("draining", extra={"kv": {"grace_s": grace}})
+        self.health.enter_graceful_shutdown()
+        self.registry.begin_drain()
+        self.server.stop(grace).wait()
+        self.registry.shutdown(drain_timeout=0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+        self._stopped.set()
+
+    def stop(self) -> None:
+        """Immediate stop (tests): cancel everything in flight, release all pairs."""
+        self.drain_and_stop(grace=0)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
