@@ -88,7 +88,7 @@ def _add_pair_flags(p: argparse.ArgumentParser, serve: bool) -> None:
     s.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None,
                    help="draft model: stop drafting below this top probability (default 0.5)")
     s.add_argument("--spec-ngram-min", dest="ngram_min", type=int, default=None,
-                   help="n-gram drafter: shortest suffix matched (default 1)")
+                   help="n-gram drafter: shortest suffix matched (default 2)")
     s.add_argument("--spec-ngram-max", dest="ngram_max", type=int, default=None,
                    help="n-gram drafter: longest suffix matched (default 4)")
 
@@ -362,6 +362,58 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Generate in this process, without a server: load the pair, stream the text, print stats."""
+    from dataclasses import replace
+
+    from service.engine import Engine
+    from service.factory import PairFactory, PairRequest
+    from service.params import ContextParams, SpeculativeConfig, validate_speculative
+    from service.requests import GenRequest, SamplingParams
+    from service.server import make_backend
+    from service.tokenizer import Tokenizer
+
+    model = os.path.abspath(args.model or find_packaged_model())
+    spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
+    spec = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
+    params = ContextParams(n_ctx=args.ctx_size, n_parallel=1, n_batch=args.batch_size, kv_type=args.kv_type or "f16")
+    factory = PairFactory(make_backend(args.backend, args.device, args.threads),
+                          device_memory_bytes=args.device_memory)
+    pair = factory.load(PairRequest(target_path=model, params=params, speculative=spec,
+                                    draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
+    tok = Tokenizer.from_gguf(pair.target.file.reader)
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if args.chat or args.system:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = tok.encode(tok.apply_chat_template(msgs + [{"role": "user", "content": prompt}]), add_special=False)
+    else:
+        ids = tok.encode(prompt, add_special=True)
+    defaults = SamplingParams()
+    sampling = SamplingParams(**{name: getattr(args, flag) if getattr(args, flag) is not None else getattr(defaults, name)
+                                 for flag, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                                                    ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty"),
+                                                    ("seed", "seed"))})
+    engine = Engine(pair, tok, spec).start()
+    try:
+        stream = engine.submit(GenRequest(tuple(ids), max_tokens=args.max_tokens or 128, sampling=sampling,
+                                          stop=tuple(args.stop)))
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        res = stream.result()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    finally:
+        engine.stop()
+        pair.release()
+    if args.stats:
+        print(f"[{res.finish_reason}] prompt {res.prompt_tokens} tok, completion {res.completion_tokens} tok, "
+              f"{res.completion_tokens / max(res.decode_seconds, 1e-9):.1f} tok/s decode, "
+              f"prefill {res.prefill_seconds * 1000:.0f} ms, drafted {res.drafted}, accepted {res.accepted}",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     _, gen = _stubs(args)
     resp = gen.Tokenize(_pb().TokenizeRequest(pair=args.pair, text=args.text, add_special=args.add_special,
@@ -489,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="use the unary Generate RPC")
     p.add_argument("--json", action="store_true", help="print the final response as JSON")
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
+
+    p = command("run", "generate in this process with a local model (no server)", cmd_run, client=False)
+    _add_pair_flags(p, serve=False)
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message (chat template)")
+    p.add_argument("--system", default="", help="system message (implies --chat)")
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128)
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
+    p.add_argument("--backend", choices=("numpy", "opencl"), default="numpy")
+    p.add_argument("--device", default="", help="OpenCL device (index or name substring)")
+    p.add_argument("--device-memory", type=parse_bytes, default=0, help="memory budget, e.g. 4G")
+    p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads for the NumPy backend")
 
     p = command("tokenize", "text to token ids", cmd_tokenize)
     p.add_argument("text")
