@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from service.errors import AlreadyExists, FailedPrecondition, NotFound, SpecserveError, Unavailable
+from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from service.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.params import SpeculativeConfig
 

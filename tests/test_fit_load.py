@@ -16,7 +16,6 @@ from compute.numpy_backend import NumpyBackend
 from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig, derive_pair_params
-from tests.models import packaged_model_path
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
 BACKENDS = ["numpy"]
@@ -27,11 +26,6 @@ try:  # the OpenCL backend joins every property test when PyOpenCL finds a devic
         BACKENDS.append("opencl")
 except Exception:  # noqa: BLE001 - no OpenCL runtime: numpy only
     pass
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    return packaged_model_path()
 
 
 def make_backend(name: str):

@@ -115,10 +115,3 @@ def test_missing_tensor_is_named(tmp_path):
     w.close()
     with pytest.raises(ModelFileError, match="tensor output_norm.weight is missing"):
         ModelFile(str(tmp_path / "m.gguf"))
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    from tests.models import packaged_model_path
-
-    return packaged_model_path()
