@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from service.errors import ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
+from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, trailers
 from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
@@ -37,7 +38,6 @@ from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, 
 log = logging.getLogger("specserve.server")
 
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ModelService", "GenerationService"))
-REQUEST_ID_HEADER = "x-request-id"
 MiB = 1 << 20
 
 
@@ -106,7 +106,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _begin(self, context, header_id: str):
         rid = header_id or new_request_id()
         token = request_id_var.set(rid)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        context.set_trailing_metadata(trailers(rid))
         return token
 
     def _fail(self, exc: BaseException, context, method: str):
@@ -114,8 +114,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if isinstance(exc, SpecserveError):
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
             if isinstance(exc, ResourceExhausted) and exc.deficit_bytes:
-                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id_var.get()),
-                                               ("specserve-deficit-bytes", str(exc.deficit_bytes))))
+                context.set_trailing_metadata(trailers(request_id_var.get(), (DEFICIT_HEADER, str(exc.deficit_bytes))))
             context.abort(code, str(exc))
         if _aborted(context):  # the handler aborted itself: keep its status
             raise exc
