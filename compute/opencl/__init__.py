@@ -1,0 +1,1 @@
+"""The OpenCL backend (PyOpenCL): `from compute.opencl.backend import OpenCLBackend, list_devices`."""

@@ -1,0 +1,595 @@
+"""The OpenCL backend: PyOpenCL kernels (one op per file in kernels/) on any OpenCL 1.2 device.
+
+Weights stay quantised in device memory for the types that have a kernel (Q4_0, Q4_1, Q8_0,
+Q4_K, Q5_K, Q6_K, F16, F32); the other types (Q5_0, Q5_1, Q2_K, Q3_K, BF16) and every 1-D
+tensor (norms, biases) are dequantised to float32 on load. `weight_nbytes` says which, so the
+plan is what `allocate` takes: one cl.Buffer of exactly `spec.nbytes` per spec; the named
+arrays of a layout are (buffer, element offset) views of it, and kernels take the offset as
+an argument (no sub-buffers, so no CL_DEVICE_MEM_BASE_ADDR_ALIGN padding exists).
+
+Synchronisation: one in-order queue; nothing in a forward pass waits for the device until
+`to_host` (or `argmax_rows`) reads the result back. Per-call host parameters (token ids,
+slots, positions, the RoPE cos/sin tables, gathered row indices) are uploaded with
+non-blocking writes into small backend-owned staging buffers (a few KB, sized by the largest
+batch seen; not part of the plan), and skipped when unchanged since the last upload.
+
+Batch invariance: every kernel computes a row's result with the same arithmetic whatever
+the number of rows; the matrix kernel has a mat-vec build (NR=1, used for one row) and a
+mat-mat build (NR=mat_rows rows per work-item) whose per-row operation order is identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyopencl as cl
+from gguf import GGMLQuantizationType as T
+
+from compute.backend import Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.quants import dequantize, tensor_nbytes
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+
+# ggml type -> the suffix of its mul_mv_<suffix>_f32.cl / get_rows_<suffix>.cl kernels
+KERNEL_TYPES = {
+    T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q8_0: "q8_0", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k",
+    T.F16: "f16", T.F32: "f32",
+}
+# Rows of x per work-item in the mat-mat build: a CPU keeps 2 x 8 16-wide accumulators in
+# its 32 vector registers; a GPU work-item holds them in scalar registers, so fewer.
+MAT_ROWS = {"cpu": 8, "gpu": 2}
+# Kernel tuning profiles (the constants live behind these #ifdefs in kernels/common.clh).
+TUNINGS = {
+    "cpu": ("-DDEV_CPU=1", "-DVENDOR_POCL=1"),
+    "nvidia": ("-DVENDOR_NVIDIA=1",),
+    "amd": ("-DVENDOR_AMD=1",),
+    "intel": ("-DVENDOR_INTEL=1",),
+    "generic": ("-DVENDOR_OTHER=1",),
+}
+_NP_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+# ---- devices ----
+def _all_devices() -> list[tuple[cl.Platform, cl.Device]]:
+    out = []
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # no ICD loader / no platform
+        return out
+    for p in platforms:
+        try:
+            out += [(p, d) for d in p.get_devices()]
+        except cl.Error:  # a platform without devices raises CL_DEVICE_NOT_FOUND
+            continue
+    return out
+
+
+def list_devices() -> list[str]:
+    """Every OpenCL device of every platform, as "index: platform / device"; the index is what
+    `OpenCLBackend(device=...)` takes."""
+    return [f"{i}: {p.name.strip()} / {d.name.strip()}" for i, (p, d) in enumerate(_all_devices())]
+
+
+def select_device(device: str | int | None = None) -> tuple[cl.Platform, cl.Device]:
+    """The device at an index of `list_devices()`, or the first whose platform or device name
+    contains `device` (case-insensitive); None: the first GPU, else the first device."""
+    devs = _all_devices()
+    if not devs:
+        raise RuntimeError("no OpenCL device found: install an OpenCL driver (e.g. pip install pocl-binary-distribution)")
+    if device is None:
+        gpus = [pd for pd in devs if pd[1].type & cl.device_type.GPU]
+        return (gpus or devs)[0]
+    if isinstance(device, (int, np.integer)) or (isinstance(device, str) and device.strip().isdigit()):
+        i = int(device)
+        if not 0 <= i < len(devs):
+            raise ValueError(f"OpenCL device index {i} out of range; devices: {list_devices()}")
+        return devs[i]
+    needle = device.lower()
+    for p, d in devs:
+        if needle in d.name.lower() or needle in p.name.lower() or needle in d.vendor.lower():
+            return p, d
+    raise ValueError(f"no OpenCL device matches {device!r}; devices: {list_devices()}")
+
+
+def _vendor_define(platform: cl.Platform, dev: cl.Device) -> str:
+    text = f"{platform.name} {platform.vendor} {dev.vendor}".lower()
+    for key, define in (("portable computing language", "VENDOR_POCL"), ("pocl", "VENDOR_POCL"),
+                        ("nvidia", "VENDOR_NVIDIA"), ("advanced micro devices", "VENDOR_AMD"), ("amd", "VENDOR_AMD"),
+                        ("intel", "VENDOR_INTEL"), ("apple", "VENDOR_APPLE")):
+        if key in text:
+            return define
+    return "VENDOR_OTHER"
+
+
+def kernel_source(name: str) -> str:
+    """A kernel file with its `#include "x.clh"` lines replaced by those files (kernels/ only)."""
+    seen: set[str] = set()
+
+    def expand(fname: str) -> str:
+        if fname in seen:  # include guards in the headers make a second copy harmless; skip it anyway
+            return ""
+        seen.add(fname)
+        text = (KERNEL_DIR / fname).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+# ---- arrays ----
+class CLArray:
+    """A device array: `shape` elements of `dtype` at element offset `off` of a cl.Buffer.
+
+    `a[:n]` views the first n rows (the only slicing the llama graph does)."""
+
+    __slots__ = ("buf", "off", "shape", "dtype")
+
+    def __init__(self, buf: cl.Buffer, off: int, shape: tuple[int, ...], dtype):
+        self.buf, self.off, self.shape, self.dtype = buf, int(off), tuple(shape), np.dtype(dtype)
+
+    def __getitem__(self, key) -> "CLArray":
+        if not (isinstance(key, slice) and key.start in (None, 0) and key.step in (None, 1)):
+            raise TypeError(f"CLArray supports a[:n] only, not {key!r}")
+        n = self.shape[0] if key.stop is None else min(max(int(key.stop), 0), self.shape[0])
+        return CLArray(self.buf, self.off, (n,) + self.shape[1:], self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"CLArray(shape={self.shape}, dtype={self.dtype}, off={self.off})"
+
+
+@dataclass(frozen=True)
+class CLWeight:
+    """A weight matrix in device memory as the file stores it: (rows, cols) of `ggml_type`."""
+
+    buf: cl.Buffer
+    ggml_type: T  # one of KERNEL_TYPES (F32 for the types dequantised on load)
+    shape: tuple[int, int]
+
+
+class _Staging:
+    """A small device buffer holding one kind of per-call host parameter."""
+
+    __slots__ = ("buf", "cap", "last")
+
+    def __init__(self):
+        self.buf, self.cap, self.last = None, 0, None
+
+
+def _same(a: CLArray, b: CLArray) -> bool:
+    """The same view: buffer, offset, shape."""
+    return a.buf is b.buf and a.off == b.off and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _overlaps(a: CLArray, b: CLArray) -> bool:
+    """Whether two views share any byte."""
+    if a.buf is not b.buf:
+        return False
+    a0, b0 = a.off * a.dtype.itemsize, b.off * b.dtype.itemsize
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def _same_host(a, b) -> bool:
+    return a is b or (np.shape(a) == np.shape(b) and np.array_equal(a, b))
+
+
+def _check_rows(ids, n_rows: int, what: str) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+        raise IndexError(f"{what} {int(ids.max()) if ids.max() >= n_rows else int(ids.min())} "
+                         f"out of range for {n_rows} rows")
+
+
+class OpenCLBackend(Backend):
+    """Compute on an OpenCL device through PyOpenCL; see the module docstring."""
+
+    name = "opencl"
+
+    def __init__(self, ledger: Ledger | None = None, device: str | int | None = None,
+                 mat_rows: int | None = None, tuning: str | None = None):
+        """device: an index of `list_devices()` or a name substring (None: the first GPU, else
+        the first device). mat_rows: rows per work-item of the mat-mat matmul (default MAT_ROWS
+        by device type). tuning: build the kernels with another vendor's profile (TUNINGS);
+        tests use it to run the GPU code paths (lanes splitting K, tree reductions) on PoCL."""
+        super().__init__(ledger)
+        self.platform, self.device = select_device(device)
+        self.is_cpu = bool(self.device.type & cl.device_type.CPU)
+        self.context = cl.Context([self.device])
+        self.queue = cl.CommandQueue(self.context)  # in-order
+        self.mat_rows = int(mat_rows or MAT_ROWS["cpu" if self.is_cpu else "gpu"])
+        if tuning is None:
+            defines = ["-DDEV_CPU=1"] if self.is_cpu else []
+            defines.append(f"-D{_vendor_define(self.platform, self.device)}=1")  # the kernels' #ifdef table
+        else:
+            defines = list(TUNINGS[tuning])
+        vendor = _vendor_define(self.platform, self.device)
+        self.tuning = tuning or ("cpu" if self.is_cpu else
+                                 {"VENDOR_NVIDIA": "nvidia", "VENDOR_AMD": "amd", "VENDOR_INTEL": "intel"}.get(vendor, "generic"))
+        self.build_options = ("-cl-std=CL1.2", *defines)
+        self._kernels: dict[tuple, tuple[cl.Kernel, tuple[int, int, int]]] = {}
+        self._programs: dict[tuple, cl.Program] = {}
+        self._staging: dict[str, _Staging] = {}
+        self._pending: list = []  # events of non-blocking uploads (they hold the host arrays)
+        self._typed: set = set()  # kernels whose scalar argument types are declared
+        self._deferred = None  # the first op of a fusable pattern, see "Fusion" below
+        self._lock = threading.RLock()
+
+    # ---- programs: built once per backend, cached by (file, build options) ----
+    def program(self, fname: str, options: tuple[str, ...] = ()) -> cl.Program:
+        key = (fname, options)
+        prg = self._programs.get(key)
+        if prg is None:
+            prg = cl.Program(self.context, kernel_source(fname)).build(options=list(self.build_options + options))
+            self._programs[key] = prg
+        return prg
+
+    def kernel(self, fname: str, **defines) -> tuple[cl.Kernel, tuple[int, int, int]]:
+        """The kernel named like its file, built with -D<k>=<v> for `defines`, and its required work-group size."""
+        key = (fname, *defines.items())
+        hit = self._kernels.get(key)
+        if hit is None:
+            with self._lock:
+                return self._build_kernel(key, fname, defines)
+        return hit
+
+    def _build_kernel(self, key, fname, defines):
+        hit = self._kernels.get(key)
+        if hit is None:
+            opts = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
+            k = cl.Kernel(self.program(fname, opts), fname[:-3])
+            lws = tuple(k.get_work_group_info(cl.kernel_work_group_info.COMPILE_WORK_GROUP_SIZE, self.device))
+            assert lws[0] > 0, f"{fname} must declare reqd_work_group_size"
+            limit = k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
+            if math.prod(lws) > limit:
+                raise RuntimeError(f"{fname}: work-group {lws} exceeds this device's {limit} for it; "
+                                   f"lower the {self.tuning!r} tuning in kernels/common.clh")
+            hit = self._kernels[key] = (k, lws)
+        return hit
+
+    def _enqueue(self, kl: tuple[cl.Kernel, tuple[int, int, int]], gsize: tuple[int, ...], args: tuple) -> None:
+        """Enqueue a kernel over `gsize` (rounded up to its work-group); no host wait. Scalar
+        arguments are Python ints (int) and floats (float)."""
+        k, lws = kl
+        lsize = lws[:len(gsize)]
+        gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
+        with self._lock:
+            if k not in self._typed:
+                # declared scalar types make set_args ~20x cheaper than numpy scalars one by one
+                k.set_scalar_arg_dtypes([np.float32 if isinstance(a, float) else np.int32 if isinstance(a, int)
+                                         else None for a in args])
+                self._typed.add(k)
+            k.set_args(*args)
+            cl.enqueue_nd_range_kernel(self.queue, k, gsize, lsize)
+
+    # ---- per-call host parameters ----
+    def _stage(self, key: str, arr, dtype) -> cl.Buffer:
+        """A device copy of a small host array (non-blocking; skipped when unchanged)."""
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        with self._lock:
+            st = self._staging.setdefault(key, _Staging())
+            raw = arr.tobytes()
+            if st.last == raw:  # same dtype by key, same bytes: same contents
+                return st.buf
+            if st.cap < arr.nbytes:
+                st.cap = max(arr.nbytes, 2 * st.cap, 256)
+                st.buf = cl.Buffer(self.context, cl.mem_flags.READ_ONLY, st.cap)  # the old one lives until its kernels ran
+            arr = np.frombuffer(raw, dtype=arr.dtype)  # ours: the caller may reuse its array
+            # The queue is in order: this write lands after every kernel that read the previous
+            # contents. The event keeps `arr` alive; it is dropped at the next sync point (a
+            # pyopencl event that owns a host buffer waits for completion when it is collected).
+            self._pending.append(cl.enqueue_copy(self.queue, st.buf, arr, is_blocking=False))
+            st.last = raw
+            return st.buf
+
+    def _synced(self) -> None:
+        """After a blocking read: every queued command has completed."""
+        self._pending.clear()
+
+    # ---- sizes ----
+    def weight_nbytes(self, ggml_type, shape):
+        if len(shape) >= 2 and ggml_type in KERNEL_TYPES:
+            return tensor_nbytes(ggml_type, tuple(shape))  # as stored in the file
+        return math.prod(shape) * 4  # dequantised to float32 on load
+
+    def scratch_row_multiple(self) -> int:
+        return 1  # kernels take any row count; no padded tiles
+
+    def device_memory(self) -> DeviceMemory:
+        d = self.device
+        total = int(d.global_mem_size)
+        free = total
+        try:  # cl_amd_device_attribute_query: [free KB, largest free block KB]
+            free = int(d.get_info(cl.device_info.GLOBAL_FREE_MEMORY_AMD)[0]) * 1024
+        except Exception:
+            pass
+        if self.is_cpu:
+            from compute.numpy_backend import _host_memory
+            free = min(total, _host_memory()[1])
+        name = f"{d.name.strip()} ({self.platform.name.strip()}, OpenCL)"
+        return DeviceMemory(name=name, total_bytes=total, free_bytes=free, has_host=not self.is_cpu)
+
+    # ---- allocation ----
+    def _allocate(self, spec: BufferSpec, layout):
+        buf = None
+        if spec.nbytes:
+            if spec.nbytes > self.device.max_mem_alloc_size:
+                raise AllocationError(
+                    f"{spec.owner} {spec.tag}: {spec.nbytes} bytes exceed this device's largest buffer "
+                    f"({self.device.max_mem_alloc_size} bytes); use a smaller n_ctx or n_parallel")
+            if spec.nbytes >= 2**31 * (4 if layout is None else 2):
+                raise AllocationError(  # kernels take element offsets as 32-bit ints
+                    f"{spec.owner} {spec.tag}: {spec.nbytes} bytes in one buffer is more than the OpenCL kernels "
+                    f"address; use a smaller n_ctx or n_parallel")
+            flags = cl.mem_flags.READ_WRITE
+            if spec.device == "host":
+                flags |= cl.mem_flags.ALLOC_HOST_PTR
+            try:
+                buf = cl.Buffer(self.context, flags, spec.nbytes)
+                if layout is not None:  # weights are written by load_weight; zero the rest now (pages touched at load)
+                    with self._lock:
+                        self._flush()
+                        cl.enqueue_fill_buffer(self.queue, buf, np.uint8(0), 0, spec.nbytes)
+                        self.queue.finish()  # load time, not decode: surfaces an allocation failure here
+                        self._synced()
+            except cl.Error as e:
+                raise AllocationError(f"{spec.owner} {spec.tag}: cannot allocate {spec.nbytes} bytes ({e})") from e
+        if layout is None:
+            return CLArray(buf, 0, (spec.nbytes,), np.uint8)
+        arrays, off = {}, 0
+        for name, (shape, dt) in layout.items():
+            dtype = _NP_DTYPES[dt]
+            assert off % dtype.itemsize == 0, f"{name} at byte {off} is not {dt}-aligned"
+            arrays[name] = CLArray(buf, off // dtype.itemsize, shape, dtype)
+            off += math.prod(shape) * dtype.itemsize
+        assert off == spec.nbytes, f"layout of {off} bytes for a spec of {spec.nbytes}"
+        return arrays
+
+    def _release(self, array) -> None:
+        with self._lock:
+            self._flush()  # a deferred op may use the buffer
+        bufs = {id(a.buf): a.buf for a in (array.values() if isinstance(array, dict) else [array])
+                if a.buf is not None}
+        for b in bufs.values():
+            b.release()  # OpenCL frees it once the commands that use it have finished
+
+    def load_weight(self, alloc: Allocation, ggml_type, shape, raw):
+        shape = tuple(shape)
+        if len(shape) >= 2 and ggml_type in KERNEL_TYPES:
+            data, kind = np.ascontiguousarray(raw).reshape(-1).view(np.uint8), ggml_type
+        else:
+            data, kind = np.ascontiguousarray(dequantize(raw, ggml_type, shape), dtype=np.float32), T.F32
+        assert data.nbytes == alloc.spec.nbytes, f"{alloc.spec.tag}: {data.nbytes} bytes for a spec of {alloc.spec.nbytes}"
+        buf = alloc.array.buf
+        with self._lock:
+            self._flush()
+            cl.enqueue_copy(self.queue, buf, data, is_blocking=True)
+        if len(shape) == 1:
+            return CLArray(buf, 0, shape, np.float32)
+        return CLWeight(buf, kind, (math.prod(shape[:-1]), shape[-1]))
+
+    # ---- ops ----
+    # Every op runs under the lock: an op that stages host parameters must enqueue its kernel
+    # before another thread's op overwrites the staging buffer (after the enqueue, the in-order
+    # queue keeps them apart), and the deferred op below is shared state.
+    #
+    # Fusion: three patterns of consecutive ops become one launch each (per layer 16 launches
+    # become 10; a PoCL launch costs ~20 us): matmuls of the same x (q, k, v; gate, up),
+    # rope(q) then rope(k), add(a, b, x) then rms_norm(x). The first op of a pattern is
+    # deferred; the next op either joins it or flushes it first, and every op that is not
+    # part of a pattern, every read-back and every release flushes. The fused kernels compute
+    # each element exactly as the separate ones do.
+
+    def _flush(self) -> None:
+        """Enqueue the deferred op, if any (call with the lock held)."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return
+        kind, item = d
+        if kind == "matmul":
+            self._launch_matmuls(item)
+        elif kind == "add":
+            self._launch_add(*item)
+        else:
+            self._launch_rope(item, None)
+
+    def embed(self, table: CLWeight, ids, out: CLArray) -> None:
+        n, K = out.shape
+        _check_rows(ids, table.shape[0], "token id")  # a device read out of bounds would not raise
+        with self._lock:
+            self._flush()
+            self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, self._stage("ids", ids, np.int32), out, K, n)
+
+    def gather_rows(self, x: CLArray, rows, out: CLArray) -> None:
+        n, K = out.shape
+        _check_rows(rows, x.shape[0], "row")
+        with self._lock:
+            self._flush()
+            self._get_rows("f32", x.buf, x.off, self._stage("rows", rows, np.int32), out, K, n)
+
+    def _get_rows(self, suffix, buf, w_off, ids_buf, out, K, n):
+        qk = {"f16": 16, "f32": 16, "q4_k": 256, "q5_k": 256, "q6_k": 256}.get(suffix, 32)
+        self._enqueue(self.kernel(f"get_rows_{suffix}.cl"), (K // qk + 1, n),
+                      (buf, w_off, ids_buf, out.buf, out.off, K, n))
+
+    def rms_norm(self, x: CLArray, w: CLArray, eps, out: CLArray) -> None:
+        n, E = x.shape
+        with self._lock:
+            d = self._deferred
+            if d is not None and d[0] == "add" and _same(d[1][2], x) and d[1][0].shape == x.shape \
+                    and not any(_overlaps(out, t) for t in d[1]):
+                self._deferred = None
+                a, b, _ = d[1]
+                kl = self.kernel("add_rms_norm_f32.cl")
+                self._enqueue(kl, (kl[1][0] * n,), (a.buf, a.off, b.buf, b.off, x.buf, x.off, w.buf, w.off,
+                                                    out.buf, out.off, E, float(eps), n))
+                return
+            self._flush()
+            kl = self.kernel("rms_norm_f32.cl")
+            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, w.buf, w.off, out.buf, out.off, E, float(eps), n))
+
+    def matmul(self, x: CLArray, w: CLWeight, out: CLArray, bias=None, pad=None) -> None:
+        n, K = x.shape
+        assert w.shape[1] == K and out.shape == (n, w.shape[0]), f"matmul {x.shape} @ {w.shape}^T -> {out.shape}"
+        with self._lock:
+            d = self._deferred
+            if d is not None and d[0] == "matmul":
+                group = d[1]
+                if (len(group) < 3 and _same(group[0][0], x) and group[0][1].ggml_type == w.ggml_type
+                        and not _overlaps(out, x) and not any(_overlaps(out, g[2]) for g in group)):
+                    group.append((x, w, out, bias))
+                    return
+            self._flush()
+            self._deferred = ("matmul", [(x, w, out, bias)])
+
+    def _launch_matmuls(self, group) -> None:
+        """out_s = x @ W_s^T (+ bias_s) for up to three (W_s, out_s, bias_s) of one x: one launch."""
+        x = group[0][0]
+        n, K = x.shape
+        nr = 1 if n == 1 else self.mat_rows  # mat-vec for one row, mat-mat tiles otherwise
+        segs = 1 if len(group) == 1 else 3
+        kl = self.kernel(f"mul_mv_{KERNEL_TYPES[group[0][1].ggml_type]}_f32.cl", NR=nr, SEGS=segs)
+        lx, outs = kl[1][0], kl[1][1]
+        args, rows = [x.buf, x.off, K, n], 0
+        for i in range(segs):
+            _, w, out, bias = group[min(i, len(group) - 1)]
+            N = w.shape[0] if i < len(group) else 0  # a padding segment is empty
+            b = bias if bias is not None else out
+            args += [w.buf, out.buf, out.off, b.buf, b.off, int(bias is not None), N]
+            rows += -(-N // outs) * outs
+        self._enqueue(kl, (lx, rows, -(-n // nr)), tuple(args))
+
+    def rope(self, x: CLArray, cos, sin, n_heads, head_dim, rope_dim, neox) -> None:
+        n = x.shape[0]
+        with self._lock:
+            d = self._deferred
+            if d is not None and d[0] == "rope":
+                px, cb, sb, ph, pd, prd, pneox, pcos, psin = d[1]
+                if (px.shape[0] == n and (pd, prd, bool(pneox)) == (head_dim, rope_dim, bool(neox))
+                        and not _overlaps(px, x) and _same_host(pcos, cos) and _same_host(psin, sin)):
+                    self._deferred = None
+                    self._launch_rope(d[1], (x, n_heads))
+                    return
+            self._flush()
+            cb, sb = self._stage("cos", cos, np.float32), self._stage("sin", sin, np.float32)
+            self._deferred = ("rope", (x, cb, sb, n_heads, head_dim, rope_dim, neox, cos, sin))
+
+    def _launch_rope(self, item, second) -> None:
+        x, cb, sb, n_heads, head_dim, rope_dim, neox, _, _ = item
+        x1, h1 = second if second is not None else (x, 0)
+        n = x.shape[0]
+        self._enqueue(self.kernel("rope_f32.cl"), (n * (n_heads + h1) * (rope_dim // 2),),
+                      (x.buf, x.off, n_heads, x1.buf, x1.off, h1, cb, sb, head_dim, rope_dim, int(bool(neox)), n))
+
+    def kv_store(self, k_cache: CLArray, v_cache: CLArray, layer, slots, positions, k: CLArray, v: CLArray) -> None:
+        n_layer, n_slots, n_ctx, E = k_cache.shape
+        n = k.shape[0]
+        kl = self.kernel("kv_store_f32.cl", KV_F16=int(k_cache.dtype == np.float16))
+        with self._lock:
+            self._flush()
+            sb, pb = self._stage("slots", slots, np.int32), self._stage("positions", positions, np.int32)
+            self._enqueue(kl, (n * E,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, k.buf, k.off,
+                                         v.buf, v.off, sb, pb, int(layer), n_slots, n_ctx, E, n))
+
+    def attention(self, k_cache: CLArray, v_cache: CLArray, layer, q: CLArray, slots, positions,
+                  n_head, n_head_kv, head_dim, out: CLArray) -> None:
+        n_layer, n_slots, n_ctx, E = k_cache.shape
+        n = q.shape[0]
+        scale = float(np.float32(1.0 / math.sqrt(head_dim)))  # as the NumPy reference rounds it
+        kl = self.kernel("attn_f32.cl", HEAD_DIM=head_dim, KV_F16=int(k_cache.dtype == np.float16))
+        with self._lock:
+            self._flush()
+            sb, pb = self._stage("slots", slots, np.int32), self._stage("positions", positions, np.int32)
+            self._enqueue(kl, (n * n_head,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, q.buf, q.off,
+                                              out.buf, out.off, sb, pb, int(layer), n_slots, n_ctx, n_head,
+                                              n_head_kv, scale, n))
+
+    def swiglu(self, gate: CLArray, up: CLArray, out: CLArray) -> None:
+        total = gate.size
+        with self._lock:
+            self._flush()
+            self._enqueue(self.kernel("swiglu_f32.cl"), (-(-total // 16),),
+                          (gate.buf, gate.off, up.buf, up.off, out.buf, out.off, total))
+
+    def add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
+        with self._lock:
+            self._flush()
+            self._deferred = ("add", (a, b, out))
+
+    def _launch_add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
+        total = a.size
+        self._enqueue(self.kernel("add_f32.cl"), (-(-total // 16),), (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
+
+    def argmax_rows(self, x: CLArray, n: int) -> np.ndarray:
+        """Index of the largest value of each of the first n rows of x (n,) int64, as np.argmax;
+        reads back n ints instead of n rows (a synchronisation point)."""
+        V = x.shape[1]
+        kl = self.kernel("argmax_f32.cl")
+        with self._lock:
+            self._flush()
+            st = self._staging.setdefault("argmax", _Staging())
+            if st.cap < 4 * n:
+                st.cap = max(4 * n, 2 * st.cap, 256)
+                st.buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, st.cap)
+            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, V, st.buf, n))
+            out = np.empty(n, np.int32)
+            cl.enqueue_copy(self.queue, out, st.buf, is_blocking=True)
+            self._synced()
+        return out.astype(np.int64)
+
+    def to_host(self, x: CLArray, n: int) -> np.ndarray:
+        v = x[:n]
+        out = np.empty(v.shape, v.dtype)
+        with self._lock:
+            self._flush()
+            if out.nbytes:
+                cl.enqueue_copy(self.queue, out, v.buf, src_offset=v.off * v.dtype.itemsize, is_blocking=True)
+            else:
+                self.queue.finish()
+            self._synced()
+        return out.astype(np.float32, copy=False)
+
+    def kv_read(self, k_cache: CLArray, v_cache: CLArray, layer, slot, n):
+        n_layer, n_slots, n_ctx, E = k_cache.shape
+        cell0 = (layer * n_slots + slot) * n_ctx
+        out = []
+        with self._lock:
+            self._flush()
+            for c in (k_cache, v_cache):
+                h = np.empty((n, E), c.dtype)
+                if h.nbytes:
+                    cl.enqueue_copy(self.queue, h, c.buf, src_offset=(c.off + cell0 * E) * c.dtype.itemsize,
+                                    is_blocking=True)
+                out.append(h.astype(np.float32))
+            self._synced()
+        return out[0], out[1]
+
+    def finish(self) -> None:
+        """Wait for every queued command (benchmarks; the graph never needs it)."""
+        with self._lock:
+            self._flush()
+            self.queue.finish()
+            self._synced()
+
+    def __repr__(self) -> str:
+        return f"OpenCLBackend({self.device.name.strip()!r}, cpu={self.is_cpu})"
+
+
+def pocl_threads() -> str:
+    """The PoCL worker thread count this process will use (POCL_MAX_PTHREAD_COUNT, else all cores)."""
+    return os.environ.get("POCL_MAX_PTHREAD_COUNT", str(os.cpu_count()))

@@ -1,0 +1,20 @@
+// out = a + b, element-wise over `total` floats (out may be a or b).
+// Work-item t handles elements 16t .. 16t+15 (the last one also the scalar tail).
+// Global: round_up(ceil(total / 16), EW_LWS).
+#include "common.clh"
+
+__kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1)))
+void add_f32(__global const float* a, int a_off,
+             __global const float* b, int b_off,
+             __global float* out, int out_off,
+             int total)
+{
+    const int t = get_global_id(0);
+    const int k0 = 16 * t;
+    a += a_off; b += b_off; out += out_off;
+    if (k0 + 16 <= total) {
+        STORE_F32x16(LOAD_F32x16(a + k0) + LOAD_F32x16(b + k0), out + k0);
+    } else {
+        for (int k = k0; k < total; k++) out[k] = a[k] + b[k];
+    }
+}
