@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
     d = s.add_argument_group("compute")
-    d.add_argument("--backend", choices=("numpy", "opencl"), default="numpy", help="compute backend")
+    d.add_argument("--backend", choices=("auto", "numpy", "opencl"), default="auto",
+                   help="compute backend (auto: OpenCL when a device is found, else NumPy)")
     d.add_argument("--device", default="", help="OpenCL device (index or name substring)")
     d.add_argument("--list-devices", action="store_true", help="list OpenCL devices and exit")
     d.add_argument("--device-memory", type=parse_bytes, default=0,
@@ -556,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
-    p.add_argument("--backend", choices=("numpy", "opencl"), default="numpy")
+    p.add_argument("--backend", choices=("auto", "numpy", "opencl"), default="auto",
+                   help="compute backend (auto: OpenCL when a device is found, else NumPy)")
     p.add_argument("--device", default="", help="OpenCL device (index or name substring)")
     p.add_argument("--device-memory", type=parse_bytes, default=0, help="memory budget, e.g. 4G")
     p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads for the NumPy backend")

@@ -47,7 +47,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
-    backend: str = "numpy"  # "numpy" | "opencl"
+    backend: str = "numpy"  # "auto" | "numpy" | "opencl" (the CLI defaults to auto)
     device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
     device_memory_bytes: int = 0  # 0: the device's free memory
     threads: int = 0  # NumPy BLAS threads; 0 = the library's default
@@ -214,7 +214,18 @@ class _MethodAwarePool:
 
 
 def make_backend(name: str, device: str = "", threads: int = 0):
-    """The compute backend named on the command line."""
+    """The compute backend named on the command line. "auto": OpenCL when PyOpenCL finds a device
+    (a GPU, or PoCL on the CPU: faster than NumPy and batch invariant), else NumPy."""
+    if name == "auto":
+        try:
+            from compute.opencl.backend import list_devices
+
+            name = "opencl" if list_devices() else "numpy"
+        except Exception as e:  # noqa: BLE001 - no PyOpenCL or no ICD loader: NumPy it is
+            log.info("OpenCL unavailable (%s): using the NumPy backend", e)
+            name = "numpy"
+        if name == "numpy" and device:
+            raise SystemExit(f"--device {device!r}: no OpenCL device is available")
     if name == "numpy":
         from compute.numpy_backend import NumpyBackend
 
@@ -229,7 +240,7 @@ def make_backend(name: str, device: str = "", threads: int = 0):
             return OpenCLBackend(device=device or None)
         except (RuntimeError, ValueError) as e:  # no device, or no device matches --device
             raise SystemExit(f"--backend opencl: {e}") from e
-    raise SystemExit(f"--backend {name!r}: use numpy or opencl")
+    raise SystemExit(f"--backend {name!r}: use auto, numpy or opencl")
 
 
 class SpecServer:
