@@ -192,7 +192,7 @@ def test_llama_server_flag_spellings():
 
 def test_serve_with_no_flags_serves_the_packaged_model_with_the_ngram_drafter(real_model):
     cfg = cli.serve_config(cli.build_parser().parse_args(["serve"]))
-    assert cfg.host == "127.0.0.1" and cfg.port == 50051 and cfg.backend == "numpy"
+    assert cfg.host == "127.0.0.1" and cfg.port == 50051 and cfg.backend == "auto"
     assert cfg.startup.name == "default" and cfg.startup.target_path == os.path.abspath(real_model)
     assert cfg.startup.draft_path == "" and cfg.startup.speculative.type == "ngram"
     assert cfg.models_dir == os.path.dirname(os.path.abspath(real_model))
