@@ -1,0 +1,208 @@
+"""The NumPy backend against llama.cpp on the real model (SmolLM2-135M-Instruct Q4_1).
+
+Reference: tests/data/llama_reference.json, made by ``python bench/make_llama_reference.py``
+(llama-cpp-python, one thread; the prompt in one decode call, then one token per call, argmax
+of the last logits). Here the model runs on ``NumpyBackend()`` (default row_tile), also one
+token per decode call.
+
+Why tokens can part from llama.cpp's at a near-tie. llama.cpp's CPU backend quantises the
+activations to Q8_1 (Q8_0 for the Q8_0 output head) in blocks of 32 before every dot product
+with a quantised weight, and rounds q and the softmax probabilities to f16 in attention; we
+multiply f32 activations by the dequantised weights. Fed llama.cpp's own intermediate tensors
+(taken with its eval callback), our rms_norm, RoPE (adjacent pairs, the GGUF "norm" layout),
+attention scale (1/sqrt(head_dim)), softmax and SwiGLU agree with llama.cpp to ~1e-7 relative;
+the matmuls differ by 1e-3..1e-2 relative, and agree to ~1e-7 once the Q8 activation rounding is
+emulated. The output head alone moves logits by up to 0.5. Measured over 147 teacher-forced
+positions of the three prompts (prompt + llama.cpp's 48 tokens, all rows of one batch on both
+sides): logits differ from llama.cpp's by up to 2.3 (full vocabulary), 1.7 over llama.cpp's
+top 32, and top-1 margins by up to 0.56 (correlation >= 0.996). llama.cpp's own batched and
+one-token logits differ by up to 1.3 (margins 0.56). A greedy step whose top-2 margin is
+below that can go either way, and two of the three prompts have such a near-tie at their
+first step (see KNOWN_PARTINGS).
+
+Tolerances (TOL_*) are those measurements rounded up. They catch a wrong RoPE pair layout
+(top-32 difference >= 4.7 at the first step) or a wrong attention scale (>= 4.1); they do
+not catch an rms eps off by 100x (1.43).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from compute.llama import Batch
+from compute.numpy_backend import NumpyBackend
+from service.factory import PairFactory, PairRequest
+from service.params import ContextParams, SpeculativeConfig
+
+pytestmark = pytest.mark.slow
+
+REF = json.loads((pathlib.Path(__file__).parent / "data" / "llama_reference.json").read_text())
+CASES = {c["name"]: c for c in REF["cases"]}
+N_MATCH = 16  # greedy tokens that must equal llama.cpp's
+N_TEACHER_MIN = 42  # of 48 teacher-forced steps whose argmax must equal llama.cpp's token (measured 44, 45, 48)
+TOL_TOP32 = 2.0  # max |logit difference| over llama.cpp's 32 largest logits (measured max 1.68)
+TOL_FULL = 2.5  # max |logit difference| over the whole vocabulary (measured max 2.32)
+TOL_MARGIN = 0.6  # |our top-1 margin - llama.cpp's| (measured max 0.56)
+MIN_CORR = 0.995  # correlation of the logits rows (measured min 0.9965)
+NEAR_TIE = TOL_MARGIN  # a step whose llama.cpp top-1 margin is below this can flip
+
+# Prompts whose greedy tokens part from llama.cpp's before N_MATCH, with what was measured at
+# the parting step. Both are near-ties (margins far below TOL_MARGIN); the teacher-forced
+# test below checks that every disagreement is one. Remove an entry to make its case fail.
+KNOWN_PARTINGS = {
+    "chat_capital_of_france": "step 0: llama.cpp picks 60 'L' over 504 'The' by 0.089; we pick 504 over 60 by 0.083",
+    "code_fibonacci": "step 0: llama.cpp picks 3725 '```' over 198 '\\n' by 0.057; we pick 198 over 3725 by 0.093",
+}
+
+
+def _cases_marked():
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"near-tie: {KNOWN_PARTINGS[name]}"))
+            if name in KNOWN_PARTINGS else name for name in CASES]
+
+
+def _margin(row: np.ndarray) -> float:
+    a, b = np.partition(row, -2)[-2:]
+    return float(b - a)
+
+
+@dataclass
+class Run:
+    ids: list[int]  # our free-running greedy tokens
+    margins: list[float]  # our top-1 margin at each free-running step
+    teacher: list[int]  # our argmax at each step given llama.cpp's tokens so far
+    teacher_margins: list[float]
+    first: np.ndarray  # our first-step logits (the prompt's last row)
+
+
+def _decode_one(ctx, tok: int, pos: int) -> np.ndarray:
+    return ctx.decode(Batch.make([tok], [pos], [0], [0]))[0]
+
+
+def _run_case(ctx, case: dict) -> Run:
+    """Teacher-forced with llama.cpp's tokens, then free-running from the first parting on.
+
+    Both are one token per decode call. The free run equals the teacher-forced run up to the
+    first parting; from there it rewrites the KV cells from that position on (attention reads
+    only cells up to a row's position, so the old cells beyond are never seen)."""
+    prompt, ref = case["prompt_ids"], case["llama_ids"]
+    n, p0 = len(ref), len(prompt)
+    row = ctx.decode(Batch.make(prompt, range(p0), [0] * p0, [p0 - 1]))[0]
+    first = row.copy()
+    teacher, tmarg, rows = [], [], [row]
+    for i in range(n):
+        teacher.append(int(np.argmax(row)))
+        tmarg.append(_margin(row))
+        if i + 1 < n:
+            row = _decode_one(ctx, ref[i], p0 + i)
+            rows.append(row)
+    part = next((i for i in range(n) if teacher[i] != ref[i]), n)
+    ids, margins = teacher[:part], tmarg[:part]
+    if part < n:
+        row = rows[part]
+        for i in range(part, n):
+            ids.append(int(np.argmax(row)))
+            margins.append(_margin(row))
+            if i + 1 < n:
+                row = _decode_one(ctx, ids[-1], p0 + i)
+    return Run(ids, margins, teacher, tmarg, first)
+
+
+@pytest.fixture(scope="module")
+def runs(real_model) -> dict[str, Run]:
+    pair = PairFactory(NumpyBackend(n_threads=1)).load(PairRequest(
+        name="reference", target_path=real_model, params=ContextParams(n_ctx=256),
+        speculative=SpeculativeConfig(type="none")))
+    try:
+        return {name: _run_case(pair.target.context, case) for name, case in CASES.items()}
+    finally:
+        pair.release()
+
+
+def test_reference_file_is_for_this_model(real_model):
+    assert REF["model"] == pathlib.Path(real_model).name
+    assert all(len(c["llama_ids"]) == REF["n_gen"] == 48 for c in CASES.values())
+
+
+@pytest.mark.parametrize("name", _cases_marked())
+def test_greedy_tokens_match_llama_cpp(runs, name):
+    """The first N_MATCH greedy tokens equal llama.cpp's; the agreement count is in the message."""
+    case, run = CASES[name], runs[name]
+    ref = case["llama_ids"]
+    agree = next((i for i, (a, b) in enumerate(zip(run.ids, ref)) if a != b), len(ref))
+    same = sum(a == b for a, b in zip(run.ids, ref))
+    msg = f"{name}: the first {agree}/{len(ref)} greedy tokens agree with llama.cpp ({same}/{len(ref)} positions equal)"
+    if agree < len(ref):
+        top = dict(map(tuple, case["llama_top5"][agree]))
+        msg += (f"; they part at step {agree}: ours {run.ids[agree]} (our margin {run.margins[agree]:.4f}), "
+                f"llama.cpp {ref[agree]} (its margin {case['llama_margins'][agree]:.4f}, its logit for our "
+                f"token {top.get(run.ids[agree], 'not in its top 5')})")
+    print(msg)
+    assert agree >= N_MATCH, msg
+    assert run.ids[:N_MATCH] == ref[:N_MATCH], msg
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_teacher_forced_disagreements_are_near_ties(runs, name):
+    """Given llama.cpp's tokens so far, our argmax equals llama.cpp's next token at nearly every
+    step, and where it does not, both sides' top-1 margins are below NEAR_TIE and each side's
+    choice is the other's runner-up or close to it."""
+    case, run = CASES[name], runs[name]
+    ref = case["llama_ids"]
+    bad = []
+    for i, (ours, theirs) in enumerate(zip(run.teacher, ref)):
+        if ours == theirs:
+            continue
+        top = dict(map(tuple, case["llama_top5"][i]))
+        gap = top[theirs] - top[ours] if ours in top else float("inf")
+        bad.append((i, ours, theirs, round(case["llama_margins"][i], 4), round(run.teacher_margins[i], 4), gap))
+    same = len(ref) - len(bad)
+    msg = f"{name}: {same}/{len(ref)} teacher-forced steps agree; (step, ours, llama, llama margin, our margin, llama gap) {bad}"
+    print(msg)
+    assert same >= N_TEACHER_MIN, msg
+    assert all(lm < NEAR_TIE and om < NEAR_TIE and gap < NEAR_TIE for _, _, _, lm, om, gap in bad), msg
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_first_step_logits_close_to_reference(runs, name):
+    """First-step logits vs llama.cpp's recorded top 32, and the top-1 margins."""
+    case, run = CASES[name], runs[name]
+    ids = np.array([i for i, _ in case["first_step_top"]])
+    theirs = np.array([v for _, v in case["first_step_top"]], dtype=np.float32)
+    diff = float(np.abs(run.first[ids] - theirs).max())
+    dm = abs(_margin(run.first) - case["llama_margins"][0])
+    msg = f"{name}: max |diff| over llama.cpp's top 32 = {diff:.3f} (tol {TOL_TOP32}); margin diff {dm:.3f} (tol {TOL_MARGIN})"
+    print(msg)
+    assert diff <= TOL_TOP32, msg
+    assert dm <= TOL_MARGIN, msg
+
+
+@pytest.fixture(scope="module")
+def llama(real_model):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=real_model, n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_first_step_logits_close_to_llama_cpp(runs, llama, name):
+    """The whole first-step logits row vs llama.cpp's (Llama.eval + .scores), where it is installed."""
+    case, run = CASES[name], runs[name]
+    prompt = case["prompt_ids"]
+    llama.reset()
+    llama.eval(prompt)
+    theirs = np.asarray(llama.scores[len(prompt) - 1], dtype=np.float32)
+    recorded = dict(map(tuple, case["first_step_top"]))
+    assert max(abs(theirs[i] - v) for i, v in recorded.items()) < 1e-3, "llama_reference.json is stale: regenerate it"
+    diff = float(np.abs(run.first - theirs).max())
+    corr = float(np.corrcoef(run.first, theirs)[0, 1])
+    dm = abs(_margin(run.first) - _margin(theirs))
+    msg = (f"{name}: max |diff| {diff:.3f} (tol {TOL_FULL}), correlation {corr:.5f} (min {MIN_CORR}), "
+           f"margin ours {_margin(run.first):.4f} llama.cpp {_margin(theirs):.4f} (tol {TOL_MARGIN})")
+    print(msg)
+    assert diff <= TOL_FULL, msg
+    assert corr >= MIN_CORR, msg
+    assert dm <= TOL_MARGIN, msg
