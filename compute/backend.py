@@ -113,6 +113,11 @@ class Backend(ABC):
     def device_memory(self) -> DeviceMemory:
         """The device's memory, for Fit's budget."""
 
+    def row_cost(self, rows: int) -> float:
+        """Relative cost of a forward pass over `rows` rows (1.0 = one row); the engine uses it to
+        choose how many drafts are worth verifying. Default: rows are nearly free (a GPU)."""
+        return 1.0 + 0.02 * (rows - 1)
+
     # ---- allocation: exactly a planned spec, through the ledger ----
     def allocate(self, pair: str, spec: BufferSpec, layout: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Allocation:
         """Allocate `spec.nbytes` bytes (as the named arrays of `layout` when given) and record it."""

@@ -59,6 +59,16 @@ class NumpyBackend(Backend):
     def scratch_row_multiple(self) -> int:
         return max(self.row_tile, 1)
 
+    def row_cost(self, rows: int) -> float:
+        # measured on SmolLM2, one BLAS thread (docs/batch-invariance.md): tiles cost whole tiles;
+        # row_tile 1 costs per row; row_tile 0 pays ~1.9x for gemm over gemv, then ~0.09 per row
+        t = self.row_tile
+        if t > 1:
+            return float(-(-rows // t))
+        if t == 1:
+            return float(rows)
+        return 1.0 if rows == 1 else 1.9 + 0.09 * (rows - 2)
+
     def device_memory(self) -> DeviceMemory:
         total, free = _host_memory()
         return DeviceMemory(name=f"host CPU ({os.cpu_count()} cores, NumPy)", total_bytes=total,

@@ -98,6 +98,8 @@ class Slot:
     emitted: int = 0  # characters of `text` already sent
     drafted: int = 0
     accepted: int = 0
+    tries: float = 0.0  # decayed count of draft tokens verification tested ...
+    hits: float = 0.0  # ... and of those accepted: the slot's acceptance estimate
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -263,6 +265,7 @@ class Engine:
         s.rng = np.random.default_rng(req.sampling.seed)
         s.decoder = self.tok.incremental_decoder(prompt_ids=req.prompt) if self.tok is not None else None
         s.text, s.emitted, s.drafted, s.accepted = "", 0, 0, 0
+        s.tries = s.hits = 0.0
         s.t_admit, s.t_first = time.perf_counter(), 0.0
         if req.max_tokens == 0:
             self._release(s, "length")
@@ -306,6 +309,7 @@ class Engine:
             s.n_past += m + j
             if d is not None and self.draft is not None and d.probs is not None:
                 s.d_past = min(s.d_past, l_old + min(j, d.fed))
+            self._learn(s, len(dt), j)
             if dt:
                 n_drafts += 1
                 n_draft_tokens += len(dt)
@@ -353,6 +357,33 @@ class Engine:
     def _spec_of(self, s: Slot) -> SpeculativeConfig:
         return s.spec if s.spec is not None else self._speculative
 
+    # Draft length. Per drafted token the slot's acceptance rate is a; k drafts then yield
+    # 1 + a + a^2 + ... + a^k tokens in expectation (the accepted prefix plus the bonus token),
+    # for a forward pass of 1 + k rows whose cost the backend knows (row_cost). The engine
+    # drafts the k that gives the most tokens per unit of cost, 0 when no draft pays off. The
+    # estimate decays toward PRIOR while a slot does not draft, so drafting is tried again.
+    PRIOR, PRIOR_WEIGHT, DECAY, IDLE_DECAY = 0.5, 2.0, 0.8, 0.97
+
+    def _alpha(self, s: Slot) -> float:
+        return min((s.hits + self.PRIOR * self.PRIOR_WEIGHT) / (s.tries + self.PRIOR_WEIGHT), 0.98)
+
+    def _learn(self, s: Slot, k: int, j: int) -> None:
+        """Update the acceptance estimate: j of the k drafts accepted (j < k: one was rejected)."""
+        d = self.DECAY if k else self.IDLE_DECAY
+        s.tries = s.tries * d + min(j + 1, k)
+        s.hits = s.hits * d + j
+
+    def _best_k(self, s: Slot, k_max: int) -> int:
+        cost = self.target.backend.row_cost
+        a, p, expect = self._alpha(s), 1.0, 1.0
+        best_k, best = 0, 1.0 / cost(1)
+        for k in range(1, k_max + 1):
+            p *= a
+            expect += p
+            if expect / cost(1 + k) > best * 1.0001:
+                best_k, best = k, expect / cost(1 + k)
+        return best_k
+
     def _k_max(self, s: Slot, cfg: SpeculativeConfig) -> int:
         """Most drafts this slot may verify now: config, plan, max_tokens and context room."""
         left = s.stream.request.max_tokens - len(s.generated)
@@ -365,8 +396,8 @@ class Engine:
             if len(s.tokens) - s.n_past != 1:
                 continue  # still prefilling
             cfg = self._spec_of(s)
-            k = self._k_max(s, cfg)
-            if not cfg.enabled or k <= 0:
+            k = self._best_k(s, self._k_max(s, cfg)) if cfg.enabled else 0
+            if k <= 0:
                 continue
             if cfg.type == "ngram":
                 prop = ngram_propose(s.tokens, k, cfg.ngram_min, cfg.ngram_max)

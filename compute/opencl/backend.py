@@ -307,6 +307,20 @@ class OpenCLBackend(Backend):
             return tensor_nbytes(ggml_type, tuple(shape))  # as stored in the file
         return math.prod(shape) * 4  # dequantised to float32 on load
 
+    def row_cost(self, rows: int) -> float:
+        if not self.is_cpu:
+            return super().row_cost(rows)
+        # PoCL, measured on SmolLM2 (bench/bench_decode.py --invariance --opencl):
+        # the matmul tile is the smallest power of two >= rows, up to mat_rows (8):
+        # 1 row 21 ms, 2 rows 1.05x, 3-4 rows 1.27x, 5-8 rows 1.7x, each further 8 rows ~1.7x more
+        tile = {1: 1.0, 2: 1.05, 4: 1.27, 8: 1.7}
+        if rows > self.mat_rows:
+            return tile[8] * -(-rows // self.mat_rows)
+        nr = 1
+        while nr < rows:
+            nr *= 2
+        return tile.get(nr, 1.7)
+
     def scratch_row_multiple(self) -> int:
         return 1  # kernels take any row count; no padded tiles
 
@@ -461,7 +475,9 @@ class OpenCLBackend(Backend):
         """out_s = x @ W_s^T (+ bias_s) for up to three (W_s, out_s, bias_s) of one x: one launch."""
         x = group[0][0]
         n, K = x.shape
-        nr = 1 if n == 1 else self.mat_rows  # mat-vec for one row, mat-mat tiles otherwise
+        nr = 1  # mat-vec for one row; mat-mat tiles of the smallest power of two >= n, up to mat_rows
+        while nr < min(n, self.mat_rows):
+            nr *= 2
         segs = 1 if len(group) == 1 else 3
         kl = self.kernel(f"mul_mv_{KERNEL_TYPES[group[0][1].ggml_type]}_f32.cl", NR=nr, SEGS=segs)
         lx, outs = kl[1][0], kl[1][1]
