@@ -1,6 +1,6 @@
 """Prefill and decode speed of the NumPy backend (row_tile 0, 1, 8) against llama.cpp, in one run.
 
-    python bench/bench_decode.py [--threads 1] [--reps 5] [--prompt 64] [--gen 64] [--tiles 0,1,8]
+    python bench/bench_decode.py [--threads 1] [--reps 5] [--prompt 64] [--gen 64] [--tiles 0,1,8] [--opencl]
     python bench/bench_decode.py --invariance [--tiles 0,1,4,8] [--reps 5] [--opencl]
 
 Speed: every engine prefills the same 64-token prompt in one decode call, then greedy-decodes
@@ -20,6 +20,7 @@ The results are written up in docs/batch-invariance.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,24 @@ class NumpyEngine:
     def __init__(self, model, row_tile, threads, n_ctx):
         self.name = f"numpy row_tile={row_tile}"
         self.pair, self.ctx = common.load_numpy(model, row_tile, threads, n_ctx=n_ctx, n_batch=64)
+
+    def prefill(self, prompt):
+        return common.numpy_prefill(self.ctx, prompt)
+
+    def decode(self, tok, pos):
+        return common.numpy_decode_one(self.ctx, tok, pos)
+
+
+class OpenCLEngine:
+    def __init__(self, model, n_ctx):
+        from compute.opencl.backend import OpenCLBackend
+        from service.factory import PairFactory, PairRequest
+        from service.params import ContextParams, SpeculativeConfig
+
+        self.name = "opencl"
+        self.pair = PairFactory(OpenCLBackend(), device_memory_bytes=1 << 34).load(PairRequest(
+            target_path=model, params=ContextParams(n_ctx=n_ctx, n_batch=64), speculative=SpeculativeConfig("none")))
+        self.ctx = self.pair.target.context
 
     def prefill(self, prompt):
         return common.numpy_prefill(self.ctx, prompt)
@@ -77,6 +96,8 @@ def run_speed(args, model):
     prompt = common.prompt_ids(model, args.prompt)
     n_ctx = max(256, args.prompt + args.gen + 1)
     engines = [NumpyEngine(model, t, args.threads, n_ctx) for t in args.tiles]
+    if args.opencl:
+        engines.append(OpenCLEngine(model, n_ctx))
     if not args.no_llama and common.have_llama_cpp():
         engines.append(LlamaEngine(model, args.threads, n_ctx))
     elif not args.no_llama:
@@ -96,7 +117,8 @@ def run_speed(args, model):
 
     print(f"model     {Path(model).name}")
     print(f"machine   {common.machine_line()}")
-    print(f"threads   {args.threads} (NumPy BLAS limit; llama.cpp n_threads and n_threads_batch)")
+    print(f"threads   {args.threads} (NumPy BLAS limit; llama.cpp n_threads and n_threads_batch; "
+          f"PoCL POCL_MAX_PTHREAD_COUNT={os.environ.get('POCL_MAX_PTHREAD_COUNT', 'all cores')})")
     for line in common.blas_info():
         print(f"BLAS      {line}")
     llama = next((e for e in engines if isinstance(e, LlamaEngine)), None)
@@ -121,7 +143,7 @@ def run_speed(args, model):
         agree = next((i for i, (a, b) in enumerate(zip(t, ref)) if a != b), len(ref))
         print(f"greedy tokens of {e.name}: first {agree}/{len(ref)} equal to {llama.name if llama else engines[0].name}'s")
     for e in engines:
-        if isinstance(e, NumpyEngine):
+        if isinstance(e, (NumpyEngine, OpenCLEngine)):
             e.pair.release()
 
 
@@ -232,8 +254,11 @@ def main():
                                                    "0,1,4,8 with --invariance)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--invariance", action="store_true", help="batch-invariance cost table instead")
-    ap.add_argument("--opencl", action="store_true", help="--invariance: add the OpenCL backend")
+    ap.add_argument("--opencl", action="store_true",
+                    help="add the OpenCL backend (PoCL gets --threads worker threads unless POCL_MAX_PTHREAD_COUNT is set)")
     args = ap.parse_args()
+    if args.opencl:  # before PoCL starts: the same thread count as NumPy and llama.cpp
+        os.environ.setdefault("POCL_MAX_PTHREAD_COUNT", str(args.threads))
     args.tiles = [int(t) for t in (args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")).split(",")]
     model = args.model or common.model_path()
     (run_invariance if args.invariance else run_speed)(args, model)
