@@ -36,6 +36,14 @@ log = logging.getLogger("specserve.engine")
 _END = object()
 
 
+def _history(tokens: list[int], drafts: list[int], sp) -> list[int]:
+    """The tokens a repetition penalty looks back over (only its window; none when it is off)."""
+    if sp.repeat_penalty == 1.0 or sp.repeat_last_n == 0:
+        return []
+    n = sp.repeat_last_n if sp.repeat_last_n > 0 else len(tokens) + len(drafts)
+    return (tokens[-n:] + drafts)[-n:]
+
+
 class Stream:
     """A request's output: iterate for TokenDelta items, then `result()`; `cancel()` frees its slot."""
 
@@ -301,8 +309,8 @@ class Engine:
                 continue
             d = drafts.get(s.idx)
             sp = s.stream.request.sampling
-            hist = s.tokens
-            tprobs = [logits_to_probs(logits[out_index[r]], sp, hist + dt[:i]) for i, r in enumerate(rows)]
+            tprobs = [logits_to_probs(logits[out_index[r]], sp, _history(s.tokens, dt[:i], sp))
+                      for i, r in enumerate(rows)]
             dprobs = d.probs[:len(dt)] if (d is not None and d.probs is not None) else None
             j, new = verify(dt, tprobs, dprobs, s.rng)
             l_old = len(s.tokens)
@@ -456,7 +464,7 @@ class Engine:
                 d = out[s.idx]
                 cfg = self._spec_of(s)
                 sp = s.stream.request.sampling
-                q = logits_to_probs(logits[i], sp, s.tokens + d.tokens)
+                q = logits_to_probs(logits[i], sp, _history(s.tokens, d.tokens, sp))
                 tok = sample(q, s.rng)
                 if q.max() < cfg.p_min:
                     d.active = False

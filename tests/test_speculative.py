@@ -346,3 +346,19 @@ def test_draft_length_follows_acceptance_and_backend_cost(tiny_pair):
         assert eng._best_k(s, 16) == 7  # 15 drafts would fill two tiles for ~1.8x the tokens: not worth 2x the cost
     finally:
         be.row_cost = orig
+
+
+def test_lossless_with_a_repetition_penalty(tiny_pair):
+    """Verify rows see the history their own drafts extend, so penalties match plain decoding."""
+    pair, tok, _ = tiny_pair
+    sp = SamplingParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=16)
+    eng = Engine(pair, tok, SpeculativeConfig("none")).start()
+    try:
+        ref = _run(eng, PROMPTS, SpeculativeConfig("none"), sampling=sp)
+        got = _run(eng, PROMPTS, SpeculativeConfig("draft", n_max=6, p_min=0.0), sampling=sp)
+        plain = _run(eng, PROMPTS, SpeculativeConfig("none"))
+    finally:
+        eng.stop()
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    assert sum(g.drafted for g in got) > 0
+    assert [r.tokens for r in ref] != [r.tokens for r in plain]  # the penalty changed the output
