@@ -12,6 +12,7 @@ slices their leading (row) dimension with `a[:n]` and passes them back to the ba
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ class Backend(ABC):
         """Relative cost of a forward pass over `rows` rows (1.0 = one row); the engine uses it to
         choose how many drafts are worth verifying. Default: rows are nearly free (a GPU)."""
         return 1.0 + 0.02 * (rows - 1)
+
+    def param_layout(self, hp, n_batch: int, n_outputs_max: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Device copies of the per-call host parameters (token ids, rows, RoPE tables, ...) this
+        backend needs in each context's compute scratch, sized for n_batch rows and n_outputs_max
+        outputs; the planner adds them to the scratch layout. Default: none (the ops read host arrays)."""
+        return {}
+
+    def forward(self, scratch: dict):
+        """A context manager around one forward pass over a context whose compute scratch is the
+        dict of arrays `scratch`: ops inside it stage their host parameters into that scratch's
+        `param_layout` arrays. Default: nothing to do."""
+        return contextlib.nullcontext()
 
     # ---- allocation: exactly a planned spec, through the ledger ----
     def allocate(self, pair: str, spec: BufferSpec, layout: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Allocation:

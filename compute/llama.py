@@ -17,7 +17,7 @@ from compute.backend import KV_TYPES, Allocation, Backend
 from compute.gguf_model import HParams
 
 Layout = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
-DTYPE_SIZES = {"f32": 4, "f16": 2}
+DTYPE_SIZES = {"f32": 4, "f16": 2, "i32": 4}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -40,11 +40,15 @@ def outputs_layout(hp: HParams, n_outputs_max: int) -> Layout:
     return {"logits": ((n_outputs_max, hp.n_vocab), "f32")}
 
 
-def scratch_layout(hp: HParams, n_batch: int, n_outputs_max: int, row_multiple: int) -> Layout:
-    """Activations of one forward pass over up to n_batch tokens (rows rounded up to row_multiple)."""
+def scratch_layout(hp: HParams, n_batch: int, n_outputs_max: int, row_multiple: int,
+                   params: Layout | None = None) -> Layout:
+    """Activations of one forward pass over up to n_batch tokens (rows rounded up to row_multiple).
+
+    `params`: the backend's device copies of the per-call host parameters
+    (`Backend.param_layout`); they come first, at the start of the buffer."""
     r = _round_up(n_batch, row_multiple)
     ro = _round_up(n_outputs_max, row_multiple)
-    lay: Layout = {
+    acts: Layout = {
         "x": ((r, hp.n_embd), "f32"),  # residual stream
         "xn": ((r, hp.n_embd), "f32"),  # normalised input of attention / ffn
         "q": ((r, hp.n_embd_q), "f32"),
@@ -58,9 +62,11 @@ def scratch_layout(hp: HParams, n_batch: int, n_outputs_max: int, row_multiple: 
         "seln": ((ro, hp.n_embd), "f32"),
     }
     if row_multiple > 1:  # the tile a padded matmul computes when a batch is not a multiple
-        lay["pad_in"] = ((row_multiple, max(hp.n_embd, hp.n_ff, hp.n_embd_q)), "f32")
-        lay["pad_out"] = ((row_multiple, max(hp.n_ff, hp.n_vocab, hp.n_embd_q)), "f32")
-    return lay
+        acts["pad_in"] = ((row_multiple, max(hp.n_embd, hp.n_ff, hp.n_embd_q)), "f32")
+        acts["pad_out"] = ((row_multiple, max(hp.n_ff, hp.n_vocab, hp.n_embd_q)), "f32")
+    params = dict(params or {})
+    assert not params.keys() & acts.keys(), f"param arrays named like activations: {params.keys() & acts.keys()}"
+    return params | acts
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,10 @@ class LlamaContext:
     def decode(self, batch: Batch) -> np.ndarray:
         """Run the model over the batch; return logits (n_out, n_vocab) of `batch.outputs` rows."""
         self.check(batch)
+        with self.backend.forward(self.s):  # the per-call parameters go to this scratch
+            return self._decode(batch)
+
+    def _decode(self, batch: Batch) -> np.ndarray:
         be, hp, t, s = self.backend, self.hp, self.w.t, self.s
         n = len(batch)
         x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]

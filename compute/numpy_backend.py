@@ -21,7 +21,7 @@ import numpy as np
 from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger
 from compute.quants import dequantize
 
-NP_DTYPES = {"f32": np.float32, "f16": np.float16}
+NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32}
 DEFAULT_ROW_TILE = 8  # batch invariant (tested); 0 is faster for plain decode, see docs/batch-invariance.md
 
 

@@ -71,7 +71,8 @@ def _context_buffers(owner: str, mf: ModelFile, cp: ContextParams, backend: Back
         out.append(PlannedBuffer(BufferSpec(owner, "kv_cache", tag, kv_dev, layout_nbytes(lay)), tuple(lay.items())))
     lay = outputs_layout(hp, cp.n_outputs_max)
     out.append(PlannedBuffer(BufferSpec(owner, "outputs", "logits", "device", layout_nbytes(lay)), tuple(lay.items())))
-    lay = scratch_layout(hp, cp.n_batch, cp.n_outputs_max, backend.scratch_row_multiple())
+    lay = scratch_layout(hp, cp.n_batch, cp.n_outputs_max, backend.scratch_row_multiple(),
+                         backend.param_layout(hp, cp.n_batch, cp.n_outputs_max))
     out.append(PlannedBuffer(BufferSpec(owner, "compute", "scratch", "device", layout_nbytes(lay)), tuple(lay.items())))
     return out
 

@@ -43,8 +43,23 @@ ON_LOAD = [T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.BF16]
 
 @pytest.fixture(scope="module", params=["native", "nvidia"])
 def be(request):
-    return OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"),
-                         tuning=None if request.param == "native" else request.param)
+    """The backend inside one long `forward` over a planned parameter scratch (the ops stage
+    their host parameters there), sized for every test's calls: up to 64 rows, rope_dim 128."""
+    be = OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"),
+                       tuning=None if request.param == "native" else request.param)
+    alloc = param_scratch(be, n_batch=64, n_outputs_max=64, rope_dim=128)
+    with be.forward(alloc.array):
+        yield be
+    be.release(alloc)
+
+
+def param_scratch(be: OpenCLBackend, n_batch: int, n_outputs_max: int, rope_dim: int):
+    """A compute scratch of only the backend's parameter arrays, allocated as the planner's would be."""
+    from types import SimpleNamespace
+
+    from compute.llama import layout_nbytes
+    lay = be.param_layout(SimpleNamespace(rope_dim=rope_dim), n_batch, n_outputs_max)
+    return be.allocate("test", BufferSpec("target", "compute", "scratch", "device", layout_nbytes(lay)), lay)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,17 @@ Q4_K, Q5_K, Q6_K, F16, F32); the other types (Q5_0, Q5_1, Q2_K, Q3_K, BF16) and 
 tensor (norms, biases) are dequantised to float32 on load. `weight_nbytes` says which, so the
 plan is what `allocate` takes: one cl.Buffer of exactly `spec.nbytes` per spec; the named
 arrays of a layout are (buffer, element offset) views of it, and kernels take the offset as
-an argument (no sub-buffers, so no CL_DEVICE_MEM_BASE_ADDR_ALIGN padding exists).
+an argument (no sub-buffers and no alignment padding, except the p_* parameter arrays below).
 
 Synchronisation: one in-order queue; nothing in a forward pass waits for the device until
 `to_host` (or `argmax_rows`) reads the result back. Per-call host parameters (token ids,
 slots, positions, the RoPE cos/sin tables, gathered row indices) are uploaded with
-non-blocking writes into small backend-owned staging buffers (a few KB, sized by the largest
-batch seen; not part of the plan), and skipped when unchanged since the last upload.
+non-blocking writes into the p_* arrays of the context's compute scratch (`param_layout`:
+planned, sized for n_batch rows and n_outputs_max outputs), and skipped when the array
+already holds the same bytes. `forward(scratch)` points the ops at a context's scratch and
+holds the backend's lock for the whole pass. The kernels take those arrays without an offset,
+so each is a sub-buffer: p_* arrays come first in the scratch, each rounded up to the device's
+CL_DEVICE_MEM_BASE_ADDR_ALIGN; `allocate` creates the sub-buffers (views, no new memory).
 
 Batch invariance: every kernel computes a row's result with the same arithmetic whatever
 the number of rows; the matrix kernel has a mat-vec build (NR=1, used for one row) and a
@@ -20,6 +24,7 @@ mat-mat build (NR=mat_rows rows per work-item) whose per-row operation order is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -52,7 +57,10 @@ TUNINGS = {
     "intel": ("-DVENDOR_INTEL=1",),
     "generic": ("-DVENDOR_OTHER=1",),
 }
-_NP_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}
+_NP_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32)}
+# op key -> the scratch array its per-call host parameter is staged into
+_PARAMS = {"ids": "p_ids", "rows": "p_rows", "cos": "p_cos", "sin": "p_sin", "slots": "p_slots",
+           "positions": "p_positions"}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -163,15 +171,6 @@ class CLWeight:
     shape: tuple[int, int]
 
 
-class _Staging:
-    """A small device buffer holding one kind of per-call host parameter."""
-
-    __slots__ = ("buf", "cap", "last")
-
-    def __init__(self):
-        self.buf, self.cap, self.last = None, 0, None
-
-
 def _same(a: CLArray, b: CLArray) -> bool:
     """The same view: buffer, offset, shape."""
     return a.buf is b.buf and a.off == b.off and a.shape == b.shape and a.dtype == b.dtype
@@ -224,7 +223,9 @@ class OpenCLBackend(Backend):
         self.build_options = ("-cl-std=CL1.2", *defines)
         self._kernels: dict[tuple, tuple[cl.Kernel, tuple[int, int, int]]] = {}
         self._programs: dict[tuple, cl.Program] = {}
-        self._staging: dict[str, _Staging] = {}
+        self._params: dict | None = None  # the scratch of the forward pass in progress
+        self._last_params: dict | None = None  # ... or of the last one (argmax_rows after decode)
+        self._staged: dict[int, tuple[cl.Buffer, bytes]] = {}  # id(p_* sub-buffer) -> (it, bytes last written)
         self._pending: list = []  # events of non-blocking uploads (they hold the host arrays)
         self._typed: set = set()  # kernels whose scalar argument types are declared
         self._deferred = None  # the first op of a fusable pattern, see "Fusion" below
@@ -278,24 +279,54 @@ class OpenCLBackend(Backend):
             cl.enqueue_nd_range_kernel(self.queue, k, gsize, lsize)
 
     # ---- per-call host parameters ----
+    def param_layout(self, hp, n_batch, n_outputs_max):
+        """The per-call parameters the ops stage (embed: ids; kv_store, attention: slots,
+        positions; rope: cos, sin; gather_rows: rows; argmax_rows: its result), 1-D, each sized
+        for its largest call and rounded up to the sub-buffer alignment."""
+        align = max(int(self.device.mem_base_addr_align) // 8, 4)  # bits -> bytes
+        half = hp.rope_dim // 2
+        sizes = {"p_ids": (n_batch, "i32"), "p_slots": (n_batch, "i32"), "p_positions": (n_batch, "i32"),
+                 "p_cos": (n_batch * half, "f32"), "p_sin": (n_batch * half, "f32"),
+                 "p_rows": (n_outputs_max, "i32"), "p_argmax": (n_outputs_max, "i32")}
+        per = align // 4  # every dtype here has 4-byte elements
+        return {name: ((max(per, -(-n // per) * per),), dt) for name, (n, dt) in sizes.items()}
+
+    @contextlib.contextmanager
+    def forward(self, scratch):
+        """One forward pass over the context whose compute scratch is `scratch`: its ops stage
+        their host parameters there. Holds the lock for the whole pass (one in-order queue:
+        passes are serialised anyway), so no other thread's op writes these arrays meanwhile."""
+        assert all(k in scratch for k in _PARAMS.values()), "scratch without the param_layout arrays"
+        with self._lock:
+            prev, self._params = self._params, scratch
+            self._last_params = scratch
+            try:
+                yield
+            finally:
+                self._params = prev
+
     def _stage(self, key: str, arr, dtype) -> cl.Buffer:
-        """A device copy of a small host array (non-blocking; skipped when unchanged)."""
+        """A device copy of a small host array in the current forward pass's p_* array
+        (non-blocking; skipped when that array already holds these bytes)."""
         arr = np.ascontiguousarray(arr, dtype=dtype)
         with self._lock:
-            st = self._staging.setdefault(key, _Staging())
+            if self._params is None:
+                raise RuntimeError(f"{key}: ops that take host parameters run inside backend.forward(scratch)")
+            dst: CLArray = self._params[_PARAMS[key]]
+            assert dst.dtype == arr.dtype and arr.nbytes <= dst.nbytes, \
+                f"{key}: {arr.nbytes} bytes of {arr.dtype} for a planned {dst.nbytes} of {dst.dtype}"
             raw = arr.tobytes()
-            if st.last == raw:  # same dtype by key, same bytes: same contents
-                return st.buf
-            if st.cap < arr.nbytes:
-                st.cap = max(arr.nbytes, 2 * st.cap, 256)
-                st.buf = cl.Buffer(self.context, cl.mem_flags.READ_ONLY, st.cap)  # the old one lives until its kernels ran
+            last = self._staged.get(id(dst.buf))
+            if last is not None and last[0] is dst.buf and last[1] == raw:  # same bytes (and the length)
+                return dst.buf
             arr = np.frombuffer(raw, dtype=arr.dtype)  # ours: the caller may reuse its array
             # The queue is in order: this write lands after every kernel that read the previous
             # contents. The event keeps `arr` alive; it is dropped at the next sync point (a
             # pyopencl event that owns a host buffer waits for completion when it is collected).
-            self._pending.append(cl.enqueue_copy(self.queue, st.buf, arr, is_blocking=False))
-            st.last = raw
-            return st.buf
+            if arr.nbytes:
+                self._pending.append(cl.enqueue_copy(self.queue, dst.buf, arr, is_blocking=False))
+            self._staged[id(dst.buf)] = (dst.buf, raw)
+            return dst.buf
 
     def _synced(self) -> None:
         """After a blocking read: every queued command has completed."""
@@ -366,20 +397,34 @@ class OpenCLBackend(Backend):
         if layout is None:
             return CLArray(buf, 0, (spec.nbytes,), np.uint8)
         arrays, off = {}, 0
+        align = max(int(self.device.mem_base_addr_align) // 8, 4)
         for name, (shape, dt) in layout.items():
             dtype = _NP_DTYPES[dt]
+            nbytes = math.prod(shape) * dtype.itemsize
             assert off % dtype.itemsize == 0, f"{name} at byte {off} is not {dt}-aligned"
-            arrays[name] = CLArray(buf, off // dtype.itemsize, shape, dtype)
-            off += math.prod(shape) * dtype.itemsize
+            if name.startswith("p_"):  # a parameter array: the kernels take it without an offset
+                assert off % align == 0 and nbytes % align == 0 and nbytes, f"{name}: not a {align}-byte aligned sub-buffer"
+                try:
+                    sub = buf.get_sub_region(off, nbytes)
+                except cl.Error as e:
+                    raise AllocationError(f"{spec.owner} {spec.tag}: sub-buffer {name} ({e})") from e
+                arrays[name] = CLArray(sub, 0, shape, dtype)
+            else:
+                arrays[name] = CLArray(buf, off // dtype.itemsize, shape, dtype)
+            off += nbytes
         assert off == spec.nbytes, f"layout of {off} bytes for a spec of {spec.nbytes}"
         return arrays
 
     def _release(self, array) -> None:
         with self._lock:
             self._flush()  # a deferred op may use the buffer
-        bufs = {id(a.buf): a.buf for a in (array.values() if isinstance(array, dict) else [array])
-                if a.buf is not None}
-        for b in bufs.values():
+            if array is self._last_params:
+                self._last_params = None
+            bufs = {id(a.buf): a.buf for a in (array.values() if isinstance(array, dict) else [array])
+                    if a.buf is not None}
+            for i in bufs:
+                self._staged.pop(i, None)
+        for b in sorted(bufs.values(), key=lambda b: b.size):  # sub-buffers before their parent
             b.release()  # OpenCL frees it once the commands that use it have finished
 
     def load_weight(self, alloc: Allocation, ggml_type, shape, raw):
@@ -551,20 +596,24 @@ class OpenCLBackend(Backend):
         total = a.size
         self._enqueue(self.kernel("add_f32.cl"), (-(-total // 16),), (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
 
-    def argmax_rows(self, x: CLArray, n: int) -> np.ndarray:
+    def argmax_rows(self, x: CLArray, n: int, scratch: dict | None = None) -> np.ndarray:
         """Index of the largest value of each of the first n rows of x (n,) int64, as np.argmax;
-        reads back n ints instead of n rows (a synchronisation point)."""
+        reads back n ints instead of n rows (a synchronisation point). The n ints go through
+        the p_argmax array of `scratch` (default: the forward pass in progress, else the last
+        one: the context whose logits x usually is; the array is only used under the lock, so
+        any context's serves)."""
         V = x.shape[1]
         kl = self.kernel("argmax_f32.cl")
         with self._lock:
+            scratch = scratch if scratch is not None else self._params if self._params is not None else self._last_params
+            if scratch is None:
+                raise RuntimeError("argmax_rows needs a context's scratch: pass scratch= or decode first")
+            dst: CLArray = scratch["p_argmax"]
+            assert n <= dst.shape[0], f"argmax of {n} rows, p_argmax holds {dst.shape[0]}"
             self._flush()
-            st = self._staging.setdefault("argmax", _Staging())
-            if st.cap < 4 * n:
-                st.cap = max(4 * n, 2 * st.cap, 256)
-                st.buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, st.cap)
-            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, V, st.buf, n))
+            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, V, dst.buf, n))
             out = np.empty(n, np.int32)
-            cl.enqueue_copy(self.queue, out, st.buf, is_blocking=True)
+            cl.enqueue_copy(self.queue, out, dst.buf, is_blocking=True)
             self._synced()
         return out.astype(np.int64)
 
