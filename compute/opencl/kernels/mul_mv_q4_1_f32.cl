@@ -1,27 +1,7 @@
 // out = x @ W^T for W stored as GGUF Q4_1 (ggml block_q4_1): blocks of 32 weights,
 // w = d * q + m with q a 4-bit code: element j < 16 is the low nibble of qs[j],
 // element j + 16 its high nibble.
-#include "common.clh"
+#include "block_q4_1.clh"
 
-#define QK4_1 32
-typedef struct {
-    ushort d;             // scale, IEEE half
-    ushort m;             // minimum, IEEE half
-    uchar qs[QK4_1 / 2];  // nibbles
-} block_q4_1;             // 20 bytes
-
-// Elements 16g .. 16g+15 (g = 0, 1) of a block.
-inline float16 dequant_q4_1(const __global block_q4_1* b, int g) {
-    uchar16 q = LOAD_U8x16(b->qs);
-    uchar16 v = g == 0 ? (q & (uchar16)0xF) : (q >> (uchar16)4);
-    const float2 dm = LOAD_HALF2(&b->d);  // (d, m)
-    return convert_float16(v) * dm.x + dm.y;
-}
-
-#define WTYPE block_q4_1
-#define QK QK4_1
-#define ROW_STRIDE(K) ((K) / QK4_1)
-#define BLOCK_PTR(row, b) ((row) + (b))
-#define DEQUANT16(blk, g) dequant_q4_1(blk, g)
 #define KERNEL_NAME mul_mv_q4_1_f32
 #include "mul_mv.clh"
