@@ -4,7 +4,7 @@
 // sums the squares of 16-element chunks l, l + RED_LWS, ... into a 16-wide accumulator;
 // lane partials are summed by a fixed tree, so a row's result never depends on n.
 // Global: (RED_LWS * n).
-#include "common.clh"
+#include "rms_norm.clh"
 
 __kernel __attribute__((reqd_work_group_size(RED_LWS, 1, 1)))
 void rms_norm_f32(__global const float* x, int x_off,    // (n, E)
@@ -27,22 +27,6 @@ void rms_norm_f32(__global const float* x, int x_off,    // (n, E)
     if (lane == 0) {
         for (int k = nc * 16; k < E; k++) s = xr[k] * xr[k] + s;
     }
-#if RED_LWS > 1
     __local float part[RED_LWS];
-    part[lane] = s;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int h = RED_LWS / 2; h > 0; h >>= 1) {
-        if (lane < h) part[lane] += part[lane + h];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    s = part[0];
-#endif
-    const float scale = 1.0f / sqrt(s / (float)E + eps);
-    __global const float* wr = w + w_off;
-    for (int c = lane; c < nc; c += RED_LWS) {
-        STORE_F32x16(LOAD_F32x16(xr + 16 * c) * scale * LOAD_F32x16(wr + 16 * c), orow + 16 * c);
-    }
-    if (lane == 0) {
-        for (int k = nc * 16; k < E; k++) orow[k] = xr[k] * scale * wr[k];
-    }
+    rms_norm_finish(s, lane, nc, E, eps, part, xr, w + w_off, orow);
 }
