@@ -98,14 +98,6 @@ class LlamaWeights:
         return self.t["token_embd.weight"] if self.hp.tied_output else self.t["output.weight"]
 
 
-def rope_tables(hp: HParams, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (n, rope_dim/2) float32 for each row's position; computed on the host for every backend."""
-    i = np.arange(0, hp.rope_dim, 2, dtype=np.float64)
-    inv_freq = (hp.rope_base ** (-i / hp.rope_dim)).astype(np.float32)
-    theta = (positions.astype(np.float32) / np.float32(hp.rope_scale))[:, None] * inv_freq[None, :]
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
-
-
 class LlamaContext:
     """A model's per-context state (KV cache, outputs, scratch) and the forward pass over it."""
 
@@ -141,7 +133,7 @@ class LlamaContext:
         n = len(batch)
         x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]
         attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]
-        cos, sin = rope_tables(hp, batch.positions)
+        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)
         be.embed(t["token_embd.weight"], batch.tokens, x)
         for i in range(hp.n_layer):
             p = f"blk.{i}."
