@@ -47,14 +47,14 @@ OPEN = {
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_backend(name: str, threads: int):
+def make_backend(name: str, threads: int, row_tile: int | None = None):
     if name == "opencl":
         from compute.opencl.backend import OpenCLBackend
 
         return OpenCLBackend()
     from compute.numpy_backend import NumpyBackend
 
-    return NumpyBackend(n_threads=threads)
+    return NumpyBackend(n_threads=threads) if row_tile is None else NumpyBackend(n_threads=threads, row_tile=row_tile)
 
 
 def encode(tok, text):
@@ -75,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="numpy", choices=["numpy", "opencl"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--row-tile", type=int, default=None, help="NumPy row_tile (default: the backend's default)")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-max", type=int, default=8)
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--skip-streams", action="store_true")
     args = ap.parse_args()
 
-    be = make_backend(args.backend, args.threads)
+    be = make_backend(args.backend, args.threads, args.row_tile)
     f = PairFactory(be, device_memory_bytes=1 << 34)
     pair = f.load(PairRequest(target_path=packaged_model_path(),
                               params=ContextParams(n_ctx=8 * 640, n_parallel=8, n_batch=128),
@@ -93,7 +94,7 @@ def main() -> None:
     eng = Engine(pair, tok, SpeculativeConfig("none")).start()
     off = SpeculativeConfig("none")
     on = SpeculativeConfig("ngram", n_max=args.n_max, n_min=args.n_min, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
-    print(f"backend={args.backend} threads={args.threads} tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
+    print(f"backend={args.backend} row_tile={getattr(be, 'row_tile', '-')} threads={args.threads} tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
     timed(eng, [encode(tok, "Hello")], off, 4)  # warm-up
 
     print("\n== single stream, speculation off vs n-gram (decode tok/s, medians) ==")

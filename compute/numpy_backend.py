@@ -22,7 +22,7 @@ from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledge
 from compute.quants import dequantize
 
 NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32}
-DEFAULT_ROW_TILE = 8  # batch invariant (tested); 0 is faster for plain decode, see docs/batch-invariance.md
+DEFAULT_ROW_TILE = 1  # batch invariant and the fastest decode; 8 for many streams, see docs/batch-invariance.md
 
 
 def _host_memory() -> tuple[int, int]:
@@ -61,12 +61,13 @@ class NumpyBackend(Backend):
 
     def row_cost(self, rows: int) -> float:
         # measured on SmolLM2, one BLAS thread (docs/batch-invariance.md): tiles cost whole tiles;
-        # row_tile 1 costs per row; row_tile 0 pays ~1.9x for gemm over gemv, then ~0.09 per row
+        # row_tile 1 pays a gemv per row over a per-call part (attention, norms): 1.66x for 2 rows,
+        # 3.06x for 5, 4.64x for 9; row_tile 0 pays ~1.9x for gemm over gemv, then ~0.09 per row
         t = self.row_tile
         if t > 1:
             return float(-(-rows // t))
         if t == 1:
-            return float(rows)
+            return 1.0 if rows == 1 else 1.25 + 0.42 * (rows - 1)
         return 1.0 if rows == 1 else 1.9 + 0.09 * (rows - 2)
 
     def device_memory(self) -> DeviceMemory:

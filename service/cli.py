@@ -145,7 +145,8 @@ def serve_config(args):
     # its n_ctx default then comes from that model (fill_defaults), so only non-zero flags carry over.
     return ServerConfig(
         host=args.host, port=args.port, backend=args.backend, device=args.device,
-        device_memory_bytes=args.device_memory, threads=args.threads, models_dir=models_dir, startup=startup,
+        device_memory_bytes=args.device_memory, threads=args.threads, row_tile=args.row_tile,
+        models_dir=models_dir, startup=startup,
         params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
         queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
         drain_timeout=args.drain_timeout, metrics_port=args.metrics_port)
@@ -393,7 +394,7 @@ def cmd_run(args) -> int:
     spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
     spec = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
     params = ContextParams(n_ctx=args.ctx_size, n_parallel=1, n_batch=args.batch_size, kv_type=args.kv_type or "f16")
-    factory = PairFactory(make_backend(args.backend, args.device, args.threads),
+    factory = PairFactory(make_backend(args.backend, args.device, args.threads, args.row_tile),
                           device_memory_bytes=args.device_memory)
     pair = factory.load(PairRequest(target_path=model, params=params, speculative=spec,
                                     draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
@@ -508,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-t", "--threads", type=int, default=1,
                    help="CPU (BLAS) threads for the NumPy backend (default 1: OpenBLAS with more threads "
                         "collapses when another process holds a core; 0 = the library default)")
+    d.add_argument("--row-tile", type=int, default=-1, metavar="N",
+                   help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
+                        "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
+                        "per matmul, fastest but not batch invariant). Default: 1")
 
     for name, help_, func in (("fit", "plan a pair: memory per buffer and what makes it fit", cmd_fit),
                               ("load", "load a pair", cmd_load)):
@@ -563,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="OpenCL device (index or name substring)")
     p.add_argument("--device-memory", type=parse_bytes, default=0, help="memory budget, e.g. 4G")
     p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads for the NumPy backend")
+    p.add_argument("--row-tile", type=int, default=-1, metavar="N",
+                   help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
+                        "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
+                        "per matmul, fastest but not batch invariant). Default: 1")
 
     p = command("tokenize", "text to token ids", cmd_tokenize)
     p.add_argument("text")

@@ -108,6 +108,9 @@ class Slot:
     accepted: int = 0
     tries: float = 0.0  # decayed count of draft tokens verification tested ...
     hits: float = 0.0  # ... and of those accepted: the slot's acceptance estimate
+    idle: int = 0  # steps since the slot last drafted (n-gram exploration) ...
+    explore_gap: int = 0  # ... and how many it waits before exploring again
+    exploring: bool = False  # this step's draft is an exploration
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -274,6 +277,7 @@ class Engine:
         s.decoder = self.tok.incremental_decoder(prompt_ids=req.prompt) if self.tok is not None else None
         s.text, s.emitted, s.drafted, s.accepted = "", 0, 0, 0
         s.tries = s.hits = 0.0
+        s.idle, s.explore_gap, s.exploring = 0, self.EXPLORE_EVERY, False
         s.t_admit, s.t_first = time.perf_counter(), 0.0
         if req.max_tokens == 0:
             self._release(s, "length")
@@ -318,6 +322,8 @@ class Engine:
             if d is not None and self.draft is not None and d.probs is not None:
                 s.d_past = min(s.d_past, l_old + min(j, d.fed))
             self._learn(s, len(dt), j)
+            if dt and s.exploring:
+                s.explore_gap = self.EXPLORE_EVERY if j else min(2 * s.explore_gap, self.EXPLORE_MAX)
             if dt:
                 n_drafts += 1
                 n_draft_tokens += len(dt)
@@ -370,7 +376,12 @@ class Engine:
     # for a forward pass of 1 + k rows whose cost the backend knows (row_cost). The engine
     # drafts the k that gives the most tokens per unit of cost, 0 when no draft pays off. The
     # estimate decays toward PRIOR while a slot does not draft, so drafting is tried again.
-    PRIOR, PRIOR_WEIGHT, DECAY, IDLE_DECAY = 0.5, 2.0, 0.8, 0.97
+    # Where a verify row is dear (NumPy's one gemv per row), PRIOR alone never pays for a
+    # draft, and a slot would never learn that its n-gram matches are good: an n-gram slot
+    # that has not drafted for EXPLORE_EVERY steps drafts one token when it has a match; each
+    # rejected exploration doubles the wait (up to EXPLORE_MAX), an accepted one resets it.
+    EXPLORE_MAX = 128
+    PRIOR, PRIOR_WEIGHT, DECAY, IDLE_DECAY, EXPLORE_EVERY = 0.5, 2.0, 0.8, 0.97, 8
 
     def _alpha(self, s: Slot) -> float:
         return min((s.hits + self.PRIOR * self.PRIOR_WEIGHT) / (s.tries + self.PRIOR_WEIGHT), 0.98)
@@ -404,13 +415,19 @@ class Engine:
             if len(s.tokens) - s.n_past != 1:
                 continue  # still prefilling
             cfg = self._spec_of(s)
-            k = self._best_k(s, self._k_max(s, cfg)) if cfg.enabled else 0
+            k_max = self._k_max(s, cfg) if cfg.enabled else 0
+            k = self._best_k(s, k_max) if k_max else 0
+            s.idle += 1
+            s.exploring = k <= 0 and cfg.type == "ngram" and k_max > 0 and cfg.n_min <= 1 and s.idle > s.explore_gap
+            if s.exploring:
+                k = 1
             if k <= 0:
                 continue
             if cfg.type == "ngram":
                 prop = ngram_propose(s.tokens, k, cfg.ngram_min, cfg.ngram_max)
                 if len(prop) >= max(cfg.n_min, 1):
                     out[s.idx] = _Draft(prop, None, 0, k)
+                    s.idle = 0
             elif cfg.type == "draft" and self.draft is not None:
                 out[s.idx] = _Draft([], [], 0, k)
                 model_slots.append(s)

@@ -51,6 +51,7 @@ class ServerConfig:
     device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
     device_memory_bytes: int = 0  # 0: the device's free memory
     threads: int = 0  # NumPy BLAS threads; 0 = the library's default
+    row_tile: int = -1  # NumPy matmul rows per BLAS call; -1 = the backend's default
     models_dir: str = ""  # Load and Fit accept only files inside it
     startup: PairRequest | None = None  # loaded at start (None: start empty, pairs come by Load)
     params: ContextParams = field(default_factory=ContextParams)  # defaults for request zeros
@@ -213,7 +214,7 @@ class _MethodAwarePool:
             return desc.file
 
 
-def make_backend(name: str, device: str = "", threads: int = 0):
+def make_backend(name: str, device: str = "", threads: int = 0, row_tile: int = -1):
     """The compute backend named on the command line. "auto": OpenCL when PyOpenCL finds a device
     (a GPU, or PoCL on the CPU: faster than NumPy and batch invariant), else NumPy."""
     if name == "auto":
@@ -229,7 +230,9 @@ def make_backend(name: str, device: str = "", threads: int = 0):
     if name == "numpy":
         from compute.numpy_backend import NumpyBackend
 
-        return NumpyBackend(n_threads=threads or None)
+        if row_tile < 0:
+            return NumpyBackend(n_threads=threads or None)
+        return NumpyBackend(n_threads=threads or None, row_tile=row_tile)
     if name == "opencl":
         try:
             from compute.opencl.backend import OpenCLBackend
@@ -250,7 +253,7 @@ class SpecServer:
         self.config = config
         self._draining = False
         self.metrics = Metrics()
-        self.backend = backend or make_backend(config.backend, config.device, config.threads)
+        self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
         self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)

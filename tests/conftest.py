@@ -127,6 +127,7 @@ def tiny_config(models_dir: Path, startup: bool = True, **pair) -> ServerConfig:
                       speculative=spec)
     return ServerConfig(models_dir=str(models_dir), startup=req if startup else None, params=params,
                         speculative=spec, default_target=str(models_dir / TINY), threads=1,
+                        row_tile=pair.pop("row_tile", 8),  # drafts cost nothing up to 8 rows: the engine drafts
                         **pair)
 
 
