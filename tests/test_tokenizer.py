@@ -22,18 +22,11 @@ DATA = pathlib.Path(__file__).parent / "data"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPM_SPACE = "\u2581"
 
-ROUND_TRIP_TEXTS = [
-    "Hello world",
-    "12345 and 3.14159",
-    "a    b",
-    "x\t\ty\n\n\nz",
-    "café naïve résumé",
-    "你好，世界",
-    "👋🏽 hello 🚀",
-    "def add(a, b):\n    return {'sum': a + b}  # ok\n\tpass\r\n",
-    "   leading and trailing   ",
-    "",
-]
+# the strings llama.cpp's ids were recorded for (bench/make_tokenizer_reference.py keeps the one
+# list), plus one with a tab and a CRLF that no reference needs
+ROUND_TRIP_TEXTS = [c["text"] for c in
+                    json.loads((DATA / "tokenizer_reference.json").read_text(encoding="utf-8"))["cases"]]
+ROUND_TRIP_TEXTS.append("def add(a, b):\n    return {'sum': a + b}  # ok\n\tpass\r\n")
 
 
 def smollm2_path() -> pathlib.Path:
