@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--skip-numpy", action="store_true")
     args = ap.parse_args()
 
-    from compute.opencl.backend import OpenCLBackend, list_devices, pocl_threads
+    from compute.opencl.backend import OpenCLBackend, list_devices, cpu_threads
 
     if args.list:
         print("\n".join(list_devices()))
@@ -107,7 +107,7 @@ def main() -> None:
     dm = cl_be.device_memory()
     print(f"model   {os.path.basename(model)}")
     print(f"opencl  {dm.name}; tuning {cl_be.tuning}"
-          + (f"; PoCL threads {pocl_threads()}" if cl_be.is_cpu else ""))
+          + (f"; CPU runtime threads {cpu_threads()}" if cl_be.is_cpu else ""))
     if len(backends) > 1:
         print(f"numpy   BLAS threads {args.numpy_threads}; rtN = row_tile N")
     print(f"trials {args.trials}, prompt {args.prompt} tokens (one batch), decode {args.tokens} tokens (batch of 1)")

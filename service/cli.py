@@ -157,7 +157,7 @@ def cmd_serve(args) -> int:
 
     logging_setup.configure(args.log_level, args.log_format)
     if args.list_devices:
-        return _list_devices()
+        return _list_devices(args.threads)
     from service.server import SpecServer
 
     server = SpecServer(serve_config(args))
@@ -185,14 +185,11 @@ def _exit_on_startup_failure(server, stop: threading.Event) -> None:
         stop.set()
 
 
-def _list_devices() -> int:
-    try:
-        from compute.opencl.backend import list_devices
-    except ImportError as e:
-        print(f"OpenCL backend unavailable: {e}", file=sys.stderr)
-        return 1
-    for d in list_devices():
-        print(d)
+def _list_devices(threads: int) -> int:
+    from compute.select import device_report
+
+    for line in device_report(threads):
+        print(line)
     return 0
 
 
@@ -387,14 +384,15 @@ def cmd_run(args) -> int:
     from service.factory import PairFactory, PairRequest
     from service.params import ContextParams, SpeculativeConfig, validate_speculative
     from service.requests import GenRequest, SamplingParams
-    from service.server import make_backend
     from service.tokenizer import Tokenizer
 
     model = os.path.abspath(args.model or find_packaged_model())
     spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
     spec = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
     params = ContextParams(n_ctx=args.ctx_size, n_parallel=1, n_batch=args.batch_size, kv_type=args.kv_type or "f16")
-    factory = PairFactory(make_backend(args.backend, args.device, args.threads, args.row_tile),
+    if args.list_devices:
+        return _list_devices(args.threads)
+    factory = PairFactory(_backend(args),
                           device_memory_bytes=args.device_memory)
     pair = factory.load(PairRequest(target_path=model, params=params, speculative=spec,
                                     draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
@@ -463,6 +461,29 @@ def cmd_health(args) -> int:
 
 # ---- argument parsing ----
 
+def _add_compute_flags(p: argparse.ArgumentParser, serve: bool) -> None:
+    """Backend, device and thread flags: the same for `serve` and `run`."""
+    from compute.select import BACKENDS
+
+    d = p.add_argument_group("compute")
+    d.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="compute backend (auto: the best OpenCL device that passes its probe, else NumPy)")
+    d.add_argument("--device", default="",
+                   help="OpenCL device: an index, a name substring, or a runtime (gpu, intel-cpu, pocl)")
+    d.add_argument("--list-devices", action="store_true",
+                   help="probe every OpenCL device, print each with ok or why it is unusable, and exit")
+    d.add_argument("--device-memory", type=parse_bytes, default=0,
+                   help="device memory budget, e.g. 4G (default: the device's free memory)")
+    d.add_argument("-t", "--threads", type=int, default=0,
+                   help="CPU threads of the backend: NumPy's BLAS threads, or the workers of the CPU OpenCL "
+                        "runtimes (Intel's and PoCL's; fixed once per process). 0 (default): NumPy 1 thread "
+                        "(OpenBLAS with more collapses when another process holds a core), OpenCL every core")
+    d.add_argument("--row-tile", type=int, default=-1, metavar="N",
+                   help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
+                        "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
+                        "per matmul, fastest but not batch invariant). Default: 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
@@ -499,20 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=-1, help="serve Prometheus /metrics on this port")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
-    d = s.add_argument_group("compute")
-    d.add_argument("--backend", choices=("auto", "numpy", "opencl"), default="auto",
-                   help="compute backend (auto: OpenCL when a device is found, else NumPy)")
-    d.add_argument("--device", default="", help="OpenCL device (index or name substring)")
-    d.add_argument("--list-devices", action="store_true", help="list OpenCL devices and exit")
-    d.add_argument("--device-memory", type=parse_bytes, default=0,
-                   help="device memory budget, e.g. 4G (default: the device's free memory)")
-    d.add_argument("-t", "--threads", type=int, default=1,
-                   help="CPU (BLAS) threads for the NumPy backend (default 1: OpenBLAS with more threads "
-                        "collapses when another process holds a core; 0 = the library default)")
-    d.add_argument("--row-tile", type=int, default=-1, metavar="N",
-                   help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
-                        "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
-                        "per matmul, fastest but not batch invariant). Default: 1")
+    _add_compute_flags(s, serve=True)
 
     for name, help_, func in (("fit", "plan a pair: memory per buffer and what makes it fit", cmd_fit),
                               ("load", "load a pair", cmd_load)):
@@ -563,15 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128)
     _add_sampling_flags(p)
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
-    p.add_argument("--backend", choices=("auto", "numpy", "opencl"), default="auto",
-                   help="compute backend (auto: OpenCL when a device is found, else NumPy)")
-    p.add_argument("--device", default="", help="OpenCL device (index or name substring)")
-    p.add_argument("--device-memory", type=parse_bytes, default=0, help="memory budget, e.g. 4G")
-    p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads for the NumPy backend")
-    p.add_argument("--row-tile", type=int, default=-1, metavar="N",
-                   help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
-                        "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
-                        "per matmul, fastest but not batch invariant). Default: 1")
+    _add_compute_flags(p, serve=False)
 
     p = command("tokenize", "text to token ids", cmd_tokenize)
     p.add_argument("text")
@@ -589,12 +589,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _backend(args):
+    from compute.select import make_backend
+
+    return make_backend(args.backend, args.device, args.threads, args.row_tile)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from compute.select import BackendUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BackendUnavailable as e:  # the one-line cause; the orchestrator sees a non-zero exit
+        log.error("cannot start: %s", e)
+        print(f"specserve: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # a client RPC error: print the status, not a traceback
         import grpc
 

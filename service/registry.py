@@ -1,6 +1,7 @@
 """The pairs a server holds, by name: load (factory + tokenizer + engine), unload, look up. Thread-safe.
 
 Lifecycle of a name:  loading -> ready -> draining -> (gone)
+A pair becomes ready only after its warm-up (service/warmup.py) ran the path requests take.
 A request to a loading or draining pair gets UNAVAILABLE; to an unknown name NOT_FOUND; to any
 name while nothing at all is loaded FAILED_PRECONDITION. Loads run one at a time (each Fit
 sees the memory the previous Load took); a Load that fails after the factory allocated
@@ -18,6 +19,7 @@ from typing import Callable
 from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from service.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.params import SpeculativeConfig
+from service.warmup import WarmupError, warm_up
 
 log = logging.getLogger("specserve.registry")
 
@@ -130,15 +132,23 @@ class PairRegistry:
     def _materialise(self, sp: ServedPair) -> None:
         t0 = time.monotonic()
         pair = self.factory.load(sp.request)
+        engine = None
         try:
             tokenizer = self._tokenizer_factory(pair)
-            pm = self.metrics.for_pair(sp.name) if self.metrics is not None else None
-            engine = self._engine_factory(pair, tokenizer, pair.plan.params.speculative, self.queue_max, pm)
+            engine = self._engine_factory(pair, tokenizer, pair.plan.params.speculative, self.queue_max, None)
             engine.start()
-        except BaseException:
+            warm_s = warm_up(pair, engine, tokenizer)
+            engine.metrics = self.metrics.for_pair(sp.name) if self.metrics is not None else None  # after warm-up
+        except BaseException as e:
             log.warning("load of pair %s failed after allocation: releasing it", sp.name)
+            if engine is not None:
+                engine.stop()
             pair.release()
+            if isinstance(e, WarmupError):
+                raise FailedPrecondition(f"pair {sp.name!r} cannot serve on {self.factory.backend.device_memory().name}: "
+                                         f"its warm-up failed: {e}") from e
             raise
+        log.info("pair warmed up", extra={"kv": {"pair": sp.name, "warmup_s": round(warm_s, 3)}})
         if self.metrics is not None:
             self.metrics.track_engine(sp.name, engine.stats)
         with self._lock:

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from compute.select import make_backend
 from service.errors import ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
@@ -50,7 +51,7 @@ class ServerConfig:
     backend: str = "numpy"  # "auto" | "numpy" | "opencl" (the CLI defaults to auto)
     device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
     device_memory_bytes: int = 0  # 0: the device's free memory
-    threads: int = 0  # NumPy BLAS threads; 0 = the library's default
+    threads: int = 0  # CPU threads of the backend (compute.select.make_backend); 0: its default
     row_tile: int = -1  # NumPy matmul rows per BLAS call; -1 = the backend's default
     models_dir: str = ""  # Load and Fit accept only files inside it
     startup: PairRequest | None = None  # loaded at start (None: start empty, pairs come by Load)
@@ -214,38 +215,6 @@ class _MethodAwarePool:
             return desc.file
 
 
-def make_backend(name: str, device: str = "", threads: int = 0, row_tile: int = -1):
-    """The compute backend named on the command line. "auto": OpenCL when PyOpenCL finds a device
-    (a GPU, or PoCL on the CPU: faster than NumPy and batch invariant), else NumPy."""
-    if name == "auto":
-        try:
-            from compute.opencl.backend import list_devices
-
-            name = "opencl" if list_devices() else "numpy"
-        except Exception as e:  # noqa: BLE001 - no PyOpenCL or no ICD loader: NumPy it is
-            log.info("OpenCL unavailable (%s): using the NumPy backend", e)
-            name = "numpy"
-        if name == "numpy" and device:
-            raise SystemExit(f"--device {device!r}: no OpenCL device is available")
-    if name == "numpy":
-        from compute.numpy_backend import NumpyBackend
-
-        if row_tile < 0:
-            return NumpyBackend(n_threads=threads or None)
-        return NumpyBackend(n_threads=threads or None, row_tile=row_tile)
-    if name == "opencl":
-        try:
-            from compute.opencl.backend import OpenCLBackend
-        except ImportError as e:
-            raise SystemExit(f"--backend opencl: the OpenCL backend cannot be imported ({e}); "
-                             "install pyopencl (pip install 'specserve[opencl]')") from e
-        try:
-            return OpenCLBackend(device=device or None)
-        except (RuntimeError, ValueError) as e:  # no device, or no device matches --device
-            raise SystemExit(f"--backend opencl: {e}") from e
-    raise SystemExit(f"--backend {name!r}: use auto, numpy or opencl")
-
-
 class SpecServer:
     """One specserve gRPC server: its backend, factory, registry, metrics and grpc.Server."""
 
@@ -254,6 +223,7 @@ class SpecServer:
         self._draining = False
         self.metrics = Metrics()
         self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
+        log.info("backend", extra={"kv": {"backend": self.backend.name, "device": repr(self.backend)}})
         self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)

@@ -32,16 +32,3 @@ def test_run_prints_the_greedy_continuation(tmp_path):
     assert out.stdout == res.text + "\n"
     assert f"completion {res.completion_tokens} tok" in out.stderr
 
-
-def test_auto_backend_prefers_opencl_and_falls_back_to_numpy(monkeypatch):
-    import compute.opencl.backend as ocl
-    from service.server import make_backend
-
-    if ocl.list_devices():
-        assert make_backend("auto").name == "opencl"
-
-    def broken():
-        raise RuntimeError("no ICD loader")
-
-    monkeypatch.setattr(ocl, "list_devices", broken)
-    assert make_backend("auto", threads=1).name == "numpy"

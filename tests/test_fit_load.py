@@ -20,16 +20,18 @@ from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
 BACKENDS = ["numpy"]
 try:  # the OpenCL backend joins every property test when PyOpenCL finds a device
-    from compute.opencl.backend import OpenCLBackend, list_devices
+    from compute.opencl.backend import OpenCLBackend
+    from tests.opencl_runtimes import usable_device
 
-    if list_devices():
+    OPENCL_DEVICE = usable_device()
+    if OPENCL_DEVICE is not None:
         BACKENDS.append("opencl")
 except Exception:  # noqa: BLE001 - no OpenCL runtime: numpy only
     pass
 
 
 def make_backend(name: str):
-    return NumpyBackend(n_threads=1) if name == "numpy" else OpenCLBackend()
+    return NumpyBackend(n_threads=1) if name == "numpy" else OpenCLBackend(device=OPENCL_DEVICE)
 
 
 @pytest.fixture(scope="module")

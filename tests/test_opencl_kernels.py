@@ -1,9 +1,10 @@
 """Every OpenCL op against the NumPy reference backend, and batch invariance.
 
-Each test calls the same op on both backends with the same inputs. The OpenCL device is the
-default one (the first GPU, else the first device: PoCL in CI; SPECSERVE_OPENCL_DEVICE picks
-another). Every test runs under two kernel tunings: the device's own, and "nvidia" (lanes
-splitting K, tree reductions in local memory), so the GPU code paths are exercised on PoCL too.
+Each test calls the same op on both backends with the same inputs, on every OpenCL device
+present (tests/opencl_runtimes.py: Intel's CPU runtime and PoCL in CI, by name; a runtime
+that failed its probe is skipped with the reason; SPECSERVE_OPENCL_DEVICE picks one). Every
+test runs under two kernel tunings: the device's own, and "nvidia" (lanes splitting K, tree
+reductions in local memory), so the GPU code paths are exercised on a CPU runtime too.
 
 Tolerances (the dot products and sums run in a different order from BLAS / NumPy, and the
 dequantisers may fuse a multiply-add that the reference rounds twice):
@@ -28,11 +29,18 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from compute.backend import BufferSpec  # noqa: E402
 from compute.numpy_backend import NumpyBackend  # noqa: E402
-from compute.opencl.backend import KERNEL_DIR, MAT_ROWS, CLArray, OpenCLBackend, list_devices  # noqa: E402
+from compute.opencl.backend import KERNEL_DIR, MAT_ROWS, CLArray, OpenCLBackend  # noqa: E402
+from tests.opencl_runtimes import device_params  # noqa: E402
 
 pytestmark = pytest.mark.opencl
-if not list_devices():
+if not device_params():
     pytest.skip("no OpenCL device", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", params=device_params())
+def cl_device(request) -> int:
+    """Every OpenCL device present (its index), by runtime name."""
+    return request.param
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 QK = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.Q5_0: 32, T.Q5_1: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256,
@@ -42,10 +50,10 @@ ON_LOAD = [T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.BF16]
 
 
 @pytest.fixture(scope="module", params=["native", "nvidia"])
-def be(request):
+def be(request, cl_device):
     """The backend inside one long `forward` over a planned parameter scratch (the ops stage
     their host parameters there), sized for every test's calls: up to 64 rows, rope_dim 128."""
-    be = OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"),
+    be = OpenCLBackend(device=cl_device,
                        tuning=None if request.param == "native" else request.param)
     alloc = param_scratch(be, n_batch=64, n_outputs_max=64, rope_dim=128)
     with be.forward(alloc.array):
@@ -171,11 +179,11 @@ def test_matmul_bias_and_offsets(be, ref):
 
 @pytest.mark.parametrize("mat_rows", [None, 3])
 @pytest.mark.parametrize("ggml_type", NATIVE, ids=lambda t: t.name)
-def test_matmul_batch_invariant(be, ggml_type, mat_rows):
+def test_matmul_batch_invariant(be, cl_device, ggml_type, mat_rows):
     """A row's output is bit-identical whether it is computed alone (mat-vec) or in any batch
     (mat-mat, with the device's tile and an odd one)."""
     if mat_rows is not None:
-        be = OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"), tuning=be.tuning, mat_rows=mat_rows)
+        be = OpenCLBackend(device=cl_device, tuning=be.tuning, mat_rows=mat_rows)
     rng = np.random.default_rng(100 + int(ggml_type))
     N, K = 70, 2 * QK[ggml_type] if QK[ggml_type] > 1 else 77
     w = load(be, ggml_type, (N, K), random_raw(rng, ggml_type, (N, K)))
@@ -423,10 +431,10 @@ def test_fused_rope_pair(be):
 
 
 @pytest.mark.parametrize("tuning", ["nvidia", "amd", "intel", "generic"])
-def test_gpu_tunings_fit_common_gpu_limits(tuning):
+def test_gpu_tunings_fit_common_gpu_limits(cl_device, tuning):
     """Every kernel of a GPU tuning builds, and its work-group (<= 256 work-items) and local
     memory (<= 16 KiB) fit any current GPU: a profile that only PoCL's 4096 accepts fails here."""
-    be = OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"), tuning=tuning)
+    be = OpenCLBackend(device=cl_device, tuning=tuning)
     builds = []
     for f in sorted(p.name for p in KERNEL_DIR.glob("*.cl")):
         if f.startswith("mul_mv_"):  # the largest local memory: the mat-mat tile, three segments

@@ -21,13 +21,20 @@ pytest.importorskip("pyopencl")
 
 from compute.llama import Batch  # noqa: E402
 from compute.numpy_backend import NumpyBackend  # noqa: E402
-from compute.opencl.backend import OpenCLBackend, list_devices  # noqa: E402
+from compute.opencl.backend import OpenCLBackend  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
 from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from tests.opencl_runtimes import device_params  # noqa: E402
 
 pytestmark = pytest.mark.opencl
-if not list_devices():
+if not device_params():
     pytest.skip("no OpenCL device", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", params=device_params())
+def cl_device(request) -> int:
+    """Every OpenCL device present (its index), by runtime name."""
+    return request.param
 
 # SmolLM2 token ids of: a chat turn "What is the capital of France?", a chat turn "Write a
 # short poem about the sea.", and a Python function head with a docstring.
@@ -50,8 +57,10 @@ def model() -> str:
     return files[0]
 
 
-def backend() -> OpenCLBackend:
-    return OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"))
+@pytest.fixture
+def backend(cl_device):
+    """A fresh backend on the device under test (call it for each one needed)."""
+    return lambda tuning=None: OpenCLBackend(device=cl_device, tuning=tuning)
 
 
 def _request(model: str) -> PairRequest:
@@ -96,17 +105,17 @@ def numpy_tokens(model) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("tuning", [None, "nvidia"], ids=["native", "nvidia-tuning"])
-def test_greedy_tokens_match_numpy(model, numpy_tokens, tuning):
+def test_greedy_tokens_match_numpy(model, numpy_tokens, backend, tuning):
     """The device's own kernels, and (on a CPU) the GPU code paths built with the NVIDIA tuning."""
     be = backend()
     if tuning is not None:
         if be.tuning == tuning:
             pytest.skip("the device's own tuning")
-        be = OpenCLBackend(device=os.environ.get("SPECSERVE_OPENCL_DEVICE"), tuning=tuning)
+        be = backend(tuning)
     assert run(be, model) == numpy_tokens
 
 
-def test_real_model_batch_invariance_and_argmax(model):
+def test_real_model_batch_invariance_and_argmax(model, backend):
     """Logits of rows decoded together equal, bit for bit, the same rows decoded alone; and
     argmax_rows agrees with np.argmax on them."""
     be = backend()
@@ -134,7 +143,7 @@ def test_real_model_batch_invariance_and_argmax(model):
     assert be.ledger.total_bytes() == 0
 
 
-def test_decode_waits_for_the_device_only_to_read_logits(model, monkeypatch):
+def test_decode_waits_for_the_device_only_to_read_logits(model, backend, monkeypatch):
     """No host synchronisation inside a forward pass: the one blocking call is the logits read."""
     import pyopencl as cl
 

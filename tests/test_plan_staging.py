@@ -15,14 +15,17 @@ cl = pytest.importorskip("pyopencl")
 pytest.importorskip("gguf")
 
 from compute.llama import Batch, layout_nbytes, scratch_layout  # noqa: E402
-from compute.opencl.backend import OpenCLBackend, list_devices  # noqa: E402
+from compute.opencl.backend import OpenCLBackend  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
 from service.params import ContextParams, SpeculativeConfig  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 
+from tests.opencl_runtimes import usable_device  # noqa: E402
+
 pytestmark = pytest.mark.opencl
-if not list_devices():
-    pytest.skip("no OpenCL device", allow_module_level=True)
+DEVICE = usable_device()
+if DEVICE is None:
+    pytest.skip("no working OpenCL device (tests/test_runtime.py says why)", allow_module_level=True)
 
 PARAMS = ContextParams(n_ctx=128, n_parallel=2, n_batch=8, kv_type="f32")
 
@@ -69,7 +72,7 @@ def _count_buffers(monkeypatch) -> list:
 
 
 def test_param_arrays_are_in_the_scratch_plan(model):
-    be = OpenCLBackend()
+    be = OpenCLBackend(device=DEVICE)
     factory = PairFactory(be, device_memory_bytes=1 << 34)
     plan, pair = _load(factory, model, "p")
     try:
@@ -93,7 +96,7 @@ def test_param_arrays_are_in_the_scratch_plan(model):
 
 
 def test_decoding_allocates_nothing_outside_the_plan(model, monkeypatch):
-    be = OpenCLBackend()
+    be = OpenCLBackend(device=DEVICE)
     factory = PairFactory(be, device_memory_bytes=1 << 34)
     plan, pair = _load(factory, model, "p")
     try:
@@ -118,7 +121,7 @@ def test_decoding_allocates_nothing_outside_the_plan(model, monkeypatch):
 
 
 def test_ops_outside_a_forward_pass_refuse_to_stage(model):
-    be = OpenCLBackend()
+    be = OpenCLBackend(device=DEVICE)
     factory = PairFactory(be, device_memory_bytes=1 << 34)
     _, pair = _load(factory, model, "p")
     try:
@@ -133,7 +136,7 @@ def test_ops_outside_a_forward_pass_refuse_to_stage(model):
 
 
 def test_two_contexts_alternating_equal_each_alone(model, monkeypatch):
-    be = OpenCLBackend()
+    be = OpenCLBackend(device=DEVICE)
     factory = PairFactory(be, device_memory_bytes=1 << 34)
 
     def alone(name, seed):

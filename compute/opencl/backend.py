@@ -37,6 +37,8 @@ import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 
 from compute.backend import Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.opencl import runtime
+from compute.opencl.probe import PREFERENCE, first_error_line, runtime_of
 from compute.quants import dequantize, tensor_nbytes
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -64,9 +66,14 @@ _PARAMS = {"ids": "p_ids", "rows": "p_rows", "cos": "p_cos", "sin": "p_sin", "sl
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
+class KernelBuildError(RuntimeError):
+    """This device's OpenCL runtime could not build or create one of the backend's kernels."""
+
+
 # ---- devices ----
 def _all_devices() -> list[tuple[cl.Platform, cl.Device]]:
     out = []
+    runtime.mark_queried()  # the CPU runtimes read their thread counts now
     try:
         platforms = cl.get_platforms()
     except cl.Error:  # no ICD loader / no platform
@@ -87,13 +94,13 @@ def list_devices() -> list[str]:
 
 def select_device(device: str | int | None = None) -> tuple[cl.Platform, cl.Device]:
     """The device at an index of `list_devices()`, or the first whose platform or device name
-    contains `device` (case-insensitive); None: the first GPU, else the first device."""
+    contains `device` (case-insensitive); None: the first in PREFERENCE order (a GPU, then
+    Intel's CPU runtime, then PoCL). This does not probe: `compute.select.make_backend` does."""
     devs = _all_devices()
     if not devs:
-        raise RuntimeError("no OpenCL device found: install an OpenCL driver (e.g. pip install pocl-binary-distribution)")
+        raise RuntimeError("no OpenCL device found: run scripts/setup.sh (it installs Intel's CPU runtime and PoCL)")
     if device is None:
-        gpus = [pd for pd in devs if pd[1].type & cl.device_type.GPU]
-        return (gpus or devs)[0]
+        return min(devs, key=lambda pd: PREFERENCE.index(runtime_of(pd[0].name, bool(pd[1].type & cl.device_type.GPU))))
     if isinstance(device, (int, np.integer)) or (isinstance(device, str) and device.strip().isdigit()):
         i = int(device)
         if not 0 <= i < len(devs):
@@ -253,7 +260,10 @@ class OpenCLBackend(Backend):
         hit = self._kernels.get(key)
         if hit is None:
             opts = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
-            k = cl.Kernel(self.program(fname, opts), fname[:-3])
+            try:
+                k = cl.Kernel(self.program(fname, opts), fname[:-3])
+            except cl.Error as e:
+                raise KernelBuildError(f"{fname} {' '.join(opts)}: {first_error_line(str(e))}".replace("  ", " ")) from e
             lws = tuple(k.get_work_group_info(cl.kernel_work_group_info.COMPILE_WORK_GROUP_SIZE, self.device))
             assert lws[0] > 0, f"{fname} must declare reqd_work_group_size"
             limit = k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
@@ -655,6 +665,6 @@ class OpenCLBackend(Backend):
         return f"OpenCLBackend({self.device.name.strip()!r}, cpu={self.is_cpu})"
 
 
-def pocl_threads() -> str:
-    """The PoCL worker thread count this process will use (POCL_MAX_PTHREAD_COUNT, else all cores)."""
-    return os.environ.get("POCL_MAX_PTHREAD_COUNT", str(os.cpu_count()))
+def cpu_threads() -> str:
+    """The worker threads the CPU runtimes use in this process ("2", "all cores", ...)."""
+    return runtime.threads_in_effect()
