@@ -20,7 +20,6 @@ The results are written up in docs/batch-invariance.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -45,13 +44,17 @@ class NumpyEngine:
 
 
 class OpenCLEngine:
-    def __init__(self, model, n_ctx):
-        from compute.opencl.backend import OpenCLBackend
+    def __init__(self, model, n_ctx, device="", threads=0):
+        from compute.opencl.probe import runtime_of
+        from compute.select import opencl_backend
         from service.factory import PairFactory, PairRequest
         from service.params import ContextParams, SpeculativeConfig
 
-        self.name = "opencl"
-        self.pair = PairFactory(OpenCLBackend(), device_memory_bytes=1 << 34).load(PairRequest(
+        be = opencl_backend(device, threads)  # probed, as --backend auto / --device choose
+        is_gpu = not be.is_cpu
+        self.name = f"opencl {runtime_of(be.platform.name, is_gpu)}"
+        self.device_line = f"{be.platform.name.strip()} / {be.device.name.strip()} ({be.platform.version.strip()})"
+        self.pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
             target_path=model, params=ContextParams(n_ctx=n_ctx, n_batch=64), speculative=SpeculativeConfig("none")))
         self.ctx = self.pair.target.context
 
@@ -97,7 +100,11 @@ def run_speed(args, model):
     n_ctx = max(256, args.prompt + args.gen + 1)
     engines = [NumpyEngine(model, t, args.threads, n_ctx) for t in args.tiles]
     if args.opencl:
-        engines.append(OpenCLEngine(model, n_ctx))
+        for device in args.devices.split(","):
+            try:
+                engines.append(OpenCLEngine(model, n_ctx, device.strip(), args.threads))
+            except Exception as e:  # noqa: BLE001 - a runtime that does not work here: say so, go on
+                print(f"opencl {device or 'auto'}: skipped: {e}")
     if not args.no_llama and common.have_llama_cpp():
         engines.append(LlamaEngine(model, args.threads, n_ctx))
     elif not args.no_llama:
@@ -118,7 +125,10 @@ def run_speed(args, model):
     print(f"model     {Path(model).name}")
     print(f"machine   {common.machine_line()}")
     print(f"threads   {args.threads} (NumPy BLAS limit; llama.cpp n_threads and n_threads_batch; "
-          f"PoCL POCL_MAX_PTHREAD_COUNT={os.environ.get('POCL_MAX_PTHREAD_COUNT', 'all cores')})")
+          f"the CPU OpenCL runtimes' workers)")
+    for e in engines:
+        if isinstance(e, OpenCLEngine):
+            print(f"OpenCL    {e.name}: {e.device_line}")
     for line in common.blas_info():
         print(f"BLAS      {line}")
     llama = next((e for e in engines if isinstance(e, LlamaEngine)), None)
@@ -152,12 +162,11 @@ def run_speed(args, model):
 def load_ctx(model, backend_name, row_tile, threads):
     n = 64
     if backend_name == "opencl":
-        from compute.opencl.backend import OpenCLBackend
-
+        from compute.select import opencl_backend
         from service.factory import PairFactory, PairRequest
         from service.params import ContextParams, SpeculativeConfig
 
-        be = OpenCLBackend()
+        be = opencl_backend(threads=threads)
         pair = PairFactory(be).load(PairRequest(
             name="opencl", target_path=model, params=ContextParams(n_ctx=256, n_batch=n, n_outputs_max=n),
             speculative=SpeculativeConfig(type="none")))
@@ -255,10 +264,15 @@ def main():
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--invariance", action="store_true", help="batch-invariance cost table instead")
     ap.add_argument("--opencl", action="store_true",
-                    help="add the OpenCL backend (PoCL gets --threads worker threads unless POCL_MAX_PTHREAD_COUNT is set)")
+                    help="add the OpenCL backend (the CPU runtimes get --threads worker threads)")
+    ap.add_argument("--devices", default="",
+                    help="with --opencl: comma-separated --device selectors, one engine each, e.g. "
+                         "intel-cpu,pocl (default: the device --backend auto takes)")
     args = ap.parse_args()
-    if args.opencl:  # before PoCL starts: the same thread count as NumPy and llama.cpp
-        os.environ.setdefault("POCL_MAX_PTHREAD_COUNT", str(args.threads))
+    if args.opencl:  # before any runtime starts: the same thread count as NumPy and llama.cpp
+        from compute.opencl import runtime
+
+        runtime.set_threads(args.threads)
     args.tiles = [int(t) for t in (args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")).split(",")]
     model = args.model or common.model_path()
     (run_invariance if args.invariance else run_speed)(args, model)
