@@ -36,15 +36,19 @@ def test_chat_with_the_models_template(real_server):
 
 
 def test_a_deadline_mid_generation_frees_the_slot(real_server):
+    """Greedy, so the generation is the same long count every run (a sampled one may end at an
+    end-of-generation token before the deadline)."""
     c = real_server
+    greedy = pb.SamplingParams(temperature=0)
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
-        c.gen.Generate(pb.GenerateRequest(prompt="Count from one to one hundred:", max_tokens=200), timeout=2.0)
+        c.gen.Generate(pb.GenerateRequest(prompt="Count from one to one hundred:", max_tokens=200, sampling=greedy),
+                       timeout=2.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 10
     c.wait_idle(timeout=10)
-    stream = c.gen.GenerateStream(pb.GenerateStreamRequest(prompt="Count from one to one hundred:", max_tokens=200),
-                                  timeout=3.0)
+    stream = c.gen.GenerateStream(pb.GenerateStreamRequest(prompt="Count from one to one hundred:", max_tokens=200,
+                                                           sampling=greedy), timeout=3.0)
     with pytest.raises(grpc.RpcError) as e:
         for _ in stream:
             pass
