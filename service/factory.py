@@ -36,7 +36,7 @@ class PairRequest:
     draft_path: str = ""
     params: ContextParams = field(default_factory=ContextParams)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    budget_bytes: int = 0  # 0: the server's budget (--device-memory, else the device's free memory)
+    budget_bytes: int = 0  # 0: the server's budget (--device-memory, else free memory); may lower it, never raise it
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class PairFactory:
     # ---- fit ----
     def available_bytes(self, req: PairRequest) -> int:
         """Budget minus the safety margin minus what loaded pairs hold on the device."""
-        base = req.budget_bytes or self.budget_base
+        base = min(req.budget_bytes, self.budget_base) if req.budget_bytes else self.budget_base  # operator wins
         return int(base * (1 - MARGIN_FRACTION)) - self.backend.ledger.total_bytes("device")
 
     def fit(self, req: PairRequest) -> FitResult:

@@ -166,3 +166,36 @@ def test_paths_that_are_not_regular_files(hostile, hostile_server):
             assert seconds < FAST_S
             assert str(d) not in details
     _generates(c)
+
+
+def test_a_client_budget_never_raises_the_servers(hostile):
+    small = 200_000  # far below what the tiny pair needs
+    c = start_server(tiny_config(hostile[0], startup=False, device_memory_bytes=small))
+    try:
+        for budget in (0, small * 2, 2 ** 63):
+            fit = c.model.Fit(pb.FitRequest(pair=pb.PairSpec(target_path=TINY, memory_budget_bytes=budget)),
+                              timeout=30)
+            assert not fit.fits and fit.available_bytes <= small, budget
+            code, details, _ = _refusal(c.model.Load, pb.LoadRequest(
+                pair=pb.PairSpec(target_path=TINY, memory_budget_bytes=budget)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        lower = c.model.Fit(pb.FitRequest(pair=pb.PairSpec(target_path=TINY, memory_budget_bytes=small // 2)),
+                            timeout=30)
+        assert lower.available_bytes <= small // 2  # a lower budget is honoured
+        assert c.server.backend.ledger.total_bytes() == 0
+    finally:
+        stop_server(c)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_parallel", 2 ** 32 - 1), ("n_ctx", 2 ** 32 - 1), ("n_batch", 2 ** 32 - 1),
+    ("n_outputs_max", 2 ** 32 - 1), ("n_ctx_min", 2 ** 32 - 1),
+])
+def test_absurd_context_params_are_invalid_argument_naming_the_field(hostile_server, field, value):
+    c = hostile_server
+    for rpc, req in ((c.model.Fit, pb.FitRequest), (c.model.Load, pb.LoadRequest)):
+        pair = pb.PairSpec(name="huge", target_path=TINY, params=pb.ContextParams(**{field: value}))
+        code, details, seconds = _refusal(rpc, req(pair=pair))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"{field} {value} is too large" in details, details
+        assert seconds < FAST_S
+    _generates(c)
