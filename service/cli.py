@@ -148,6 +148,7 @@ def serve_config(args):
         device_memory_bytes=args.device_memory, threads=args.threads, row_tile=args.row_tile,
         models_dir=models_dir, startup=startup,
         params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
+        max_prompt_bytes=args.max_prompt_bytes,
         queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
         drain_timeout=args.drain_timeout, metrics_port=args.metrics_port)
 
@@ -464,6 +465,8 @@ def cmd_health(args) -> int:
 # ---- argument parsing ----
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.requests import DEFAULT_MAX_PROMPT_BYTES
+
     ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  epilog="\n".join(__doc__.split("\n")[2:]))
@@ -494,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-max", type=int, default=64, help="requests waiting for a slot, per pair")
     g.add_argument("--max-workers", type=int, default=64, help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
     g.add_argument("--max-message-size", type=parse_bytes, default=16 << 20, help="largest gRPC message")
+    g.add_argument("--max-prompt-bytes", type=parse_bytes, default=DEFAULT_MAX_PROMPT_BYTES,
+                   help="largest prompt, refused (INVALID_ARGUMENT) before tokenizing: text as UTF-8, messages "
+                        "and token ids as sent (default 1M: ~250k tokens of English, 32k at 32 bytes a token)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="SIGTERM: seconds in-flight requests may finish (default %(default)s)")
     g.add_argument("--metrics-port", type=int, default=-1, help="serve Prometheus /metrics on this port")

@@ -33,6 +33,7 @@ from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry
+from service.requests import DEFAULT_MAX_PROMPT_BYTES
 from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
 
 log = logging.getLogger("specserve.server")
@@ -58,6 +59,7 @@ class ServerConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     default_target: str = ""  # the model a PairSpec without target_path means
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # larger prompts are INVALID_ARGUMENT before tokenizing
     queue_max: int = 64
     max_workers: int = 64  # gRPC handler threads; also the most concurrent RPCs (more get RESOURCE_EXHAUSTED)
     max_message_bytes: int = 16 * MiB
@@ -259,7 +261,7 @@ class SpecServer:
         self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)
         defaults = Defaults(params=config.params, speculative=config.speculative,
                             target_path=config.default_target, max_tokens=config.max_tokens,
-                            drain_timeout=config.drain_timeout)
+                            max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                                              thread_name_prefix="rpc"),
                                   interceptors=[ErrorInterceptor(self.metrics)], options=grpc_options(config),
