@@ -6,8 +6,9 @@
 
 Health (`grpc.health.v1`, service "" and each specserve service): NOT_SERVING until a pair is
 ready and while draining. The interceptor gives every RPC a request id (from the `x-request-id`
-header, else a new one; sent back as trailing metadata), maps service.errors to status codes,
-turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
+header, else a new one; sent back as trailing metadata; a header that breaks the rule of
+metadata.check_request_id is INVALID_ARGUMENT before the handler runs), maps service.errors
+to status codes, turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
 records the request in the metrics.
 """
 
@@ -27,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from service.errors import ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
-from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, trailers
+from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
 from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
@@ -107,7 +108,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler  # no client-streaming RPCs here
 
     def _begin(self, context, header_id: str):
-        rid = header_id or new_request_id()
+        rid = header_id if valid_request_id(header_id) else new_request_id()  # an invalid one is refused next
         token = request_id_var.set(rid)
         context.set_trailing_metadata(trailers(rid))
         return token
@@ -137,6 +138,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
+                if header_id:
+                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
                 return behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
                 code = _code_of(exc, context)
@@ -151,6 +154,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
+                if header_id:
+                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away mid-stream
                 code = "CANCELLED"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from service import convert
 from service.errors import Unavailable
 from service.logging_setup import request_id_var
-from service.metadata import trailers
+from service.metadata import check_request_id, trailers
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
@@ -102,10 +102,10 @@ class _Generation:
     def __init__(self, servicer: "GenerationServicer", request, context):
         self.t0 = time.monotonic()
         self.servicer, self.context = servicer, context
-        self.request_id = request.request_id or request_id_var.get()
         if request.request_id:  # the body's id wins over the header's (and a generated one)
-            request_id_var.set(request.request_id)
+            request_id_var.set(check_request_id(request.request_id, "request_id"))
             context.set_trailing_metadata(trailers(request.request_id))
+        self.request_id = request_id_var.get()
         convert.check_prompt_bytes(request, servicer.defaults.max_prompt_bytes)
         self.sp = servicer.registry.get(convert.pair_name(request.pair))
         req = convert.gen_request_from_pb(request, self.sp.tokenizer, self.sp.engine.speculative,

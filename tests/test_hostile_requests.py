@@ -86,3 +86,42 @@ def test_the_prompt_limit_is_the_operators(tiny_models_dir):
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "101 bytes" in e.details(), e.details()
     finally:
         stop_server(c)
+
+
+def _requests(c, method: str, code: str) -> float:
+    return c.server.metrics.value("specserve_requests_total", method=method, code=code)
+
+
+BAD_IDS = ["line\nbreak", "tab\there", "naïve", "a" * 129, "has space", "\x7f"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_a_request_id_that_cannot_be_a_header_is_refused_and_counted_so(server, bad):
+    c = server
+    for method, call in ((GENERATE, lambda **kw: c.gen.Generate(_greedy(**kw), timeout=30)),
+                         (STREAM, lambda **kw: list(c.gen.GenerateStream(
+                             pb.GenerateStreamRequest(prompt="the cat", max_tokens=4, **kw), timeout=30)))):
+        ok, invalid = _requests(c, method, "OK"), _requests(c, method, "INVALID_ARGUMENT")
+        with pytest.raises(grpc.RpcError) as e:
+            call(prompt="the cat", request_id=bad) if method == GENERATE else call(request_id=bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "request_id" in e.value.details() and "visible ASCII" in e.value.details()
+        rid = dict(e.value.trailing_metadata())["x-request-id"]
+        assert rid != bad and len(rid) == 16  # a fresh id the log lines of the refusal carry
+        assert _requests(c, method, "INVALID_ARGUMENT") == invalid + 1  # the metrics agree with the client
+        assert _requests(c, method, "OK") == ok
+
+
+@pytest.mark.parametrize("bad", ["a" * 129, "has space", "ends-with-space "])
+def test_a_bad_x_request_id_header_is_refused_before_the_handler_runs(server, bad):
+    """The header values a gRPC client lets through (it refuses control characters and non-ASCII itself)."""
+    c = server
+    ok, invalid = _requests(c, GENERATE, "OK"), _requests(c, GENERATE, "INVALID_ARGUMENT")
+    e = _error(c.gen.Generate, _greedy(prompt="the cat"), metadata=(("x-request-id", bad),))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-id header" in e.details(), e.details()
+    assert dict(e.trailing_metadata())["x-request-id"] != bad
+    assert (_requests(c, GENERATE, "INVALID_ARGUMENT"), _requests(c, GENERATE, "OK")) == (invalid + 1, ok)
+    ids = [("x-request-id", "req-" + "x" * 124)]  # 128 visible characters: taken as it is
+    r, call = c.gen.Generate.with_call(_greedy(prompt="the cat"), metadata=ids, timeout=30)
+    assert dict(call.trailing_metadata())["x-request-id"] == ids[0][1] and r.request_id == ids[0][1]
+    assert _requests(c, GENERATE, "OK") == ok + 1
