@@ -68,6 +68,7 @@ class ServerConfig:
     keepalive_timeout_ms: int = 20_000  # and closes it when a ping is not answered in this time
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
     metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
+    auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -269,7 +270,7 @@ class SpecServer:
                             max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                                              thread_name_prefix="rpc"),
-                                  interceptors=[ErrorInterceptor(self.metrics)], options=grpc_options(config),
+                                  interceptors=self._interceptors(config), options=grpc_options(config),
                                   maximum_concurrent_rpcs=config.max_workers)
         pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, defaults), self.server)
         pb_grpc.add_GenerationServiceServicer_to_server(
@@ -284,6 +285,14 @@ class SpecServer:
         self._startup_done = threading.Event()
         self._stopped = threading.Event()
         self._update_health()
+
+    def _interceptors(self, config: ServerConfig) -> list[grpc.ServerInterceptor]:
+        """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
+        if not config.auth_token_file:
+            return [ErrorInterceptor(self.metrics)]
+        from service.auth import AuthInterceptor, load_token_file
+
+        return [ErrorInterceptor(self.metrics), AuthInterceptor(load_token_file(config.auth_token_file))]
 
     # ---- health ----
     def _update_health(self) -> None:
