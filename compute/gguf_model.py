@@ -96,10 +96,10 @@ def _int(fields: Mapping, key: str, default: int | None = None) -> int:
     return v
 
 
-def _float(fields: Mapping, key: str, default: float) -> float:
-    """A positive, finite number from the metadata (absent: `default`)."""
+def _float(fields: Mapping, key: str, default: float, zero_is_unset: bool = False) -> float:
+    """A positive, finite number from the metadata (absent, or 0 where llama.cpp reads 0 as unset: `default`)."""
     v = _value(fields, key)
-    if v is None:
+    if v is None or (zero_is_unset and v == 0):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ModelFileError(f"GGUF metadata key {key} must be a positive number, it holds {str(v)[:40]!r}")
@@ -154,7 +154,7 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
         raise ModelFileError(f"token_embd.weight has shape {embd}, the metadata says {n_vocab} tokens of "
                              f"{n_embd} (vocabulary x embedding_length)")
     scaling_type = _value(fields, f"{arch}.rope.scaling.type") or "none"
-    scale = _float(fields, f"{arch}.rope.scaling.factor", 1.0)
+    scale = _float(fields, f"{arch}.rope.scaling.factor", 1.0, zero_is_unset=True)
     return HParams(
         arch=arch,
         n_vocab=n_vocab,

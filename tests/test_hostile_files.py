@@ -199,3 +199,37 @@ def test_absurd_context_params_are_invalid_argument_naming_the_field(hostile_ser
         assert code == grpc.StatusCode.INVALID_ARGUMENT and f"{field} {value} is too large" in details, details
         assert seconds < FAST_S
     _generates(c)
+
+
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+def _fields(**overrides) -> dict:
+    base = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+            "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.context_length": 256,
+            "llama.vocab_size": 8}
+    base.update(overrides)
+    return {k: _Field(v) for k, v in base.items() if v is not None}
+
+
+def test_hparams_values_of_the_wrong_kind_are_model_file_errors():
+    from compute.gguf_model import ModelFileError, hparams_from_fields
+
+    shapes = {"token_embd.weight": (8, 64), "blk.1.attn_q.weight": (64, 64)}
+    hp = hparams_from_fields(_fields(**{"llama.rope.scaling.factor": 0.0}), shapes, None)
+    assert hp.rope_scale == 1.0  # llama.cpp reads a factor of 0 as unset
+    for key, value, needle in [("llama.block_count", "2", "must be an integer"),
+                               ("llama.block_count", True, "must be an integer"),
+                               ("llama.rope.freq_base", float("nan"), "must be a positive number"),
+                               ("llama.attention.layer_norm_rms_epsilon", -1.0, "must be a positive number"),
+                               ("llama.context_length", 0, "llama.context_length is 0"),
+                               ("llama.vocab_size", 9, r"token_embd.weight has shape \(8, 64\), the metadata says 9 tokens")]:
+        with pytest.raises(ModelFileError, match=needle):
+            hparams_from_fields(_fields(**{key: value}), shapes, None)
+    with pytest.raises(ModelFileError, match="tokenizer.ggml.tokens holds 7 tokens"):
+        hparams_from_fields(_fields(), shapes, 7)
