@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Mapping
@@ -17,13 +18,16 @@ from typing import Mapping
 import gguf
 import numpy as np
 
+from compute.gguf_layout import LayoutError, check_layout
 from compute.quants import SUPPORTED_TYPES, tensor_nbytes
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
 class ModelFileError(ValueError):
-    """A model file that cannot be served: unreadable, wrong architecture, unsupported tensor type."""
+    """A model file that cannot be served: unreadable, malformed, wrong architecture, unsupported tensor type.
+
+    Messages do not name the file: the caller does, in the terms its user knows it by."""
 
 
 @dataclass(frozen=True)
@@ -69,66 +73,122 @@ class TensorInfo:
     nbytes: int
 
 
-def _field(fields: Mapping, key: str, default=None):
+def _value(fields: Mapping, key: str):
+    """A metadata value (a list for arrays), None when the key is absent."""
     f = fields.get(key)
     if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception as e:  # noqa: BLE001 - a string that is not UTF-8, an odd nested array
+        raise ModelFileError(f"GGUF metadata key {key} cannot be read ({e})") from e
+
+
+def _int(fields: Mapping, key: str, default: int | None = None) -> int:
+    """An integer metadata value; absent: `default`, or an error naming the key when there is none."""
+    v = _value(fields, key)
+    if v is None:
+        if default is None:
+            raise ModelFileError(f"GGUF metadata key {key} is missing")
         return default
-    return f.contents()
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ModelFileError(f"GGUF metadata key {key} must be an integer, it holds {str(v)[:40]!r}")
+    return v
 
 
-def hparams_from_fields(fields: Mapping, tensor_names: frozenset[str], token_count: int | None) -> HParams:
-    """Map GGUF metadata to HParams: the only place that reads model metadata keys."""
-    arch = _field(fields, "general.architecture")
+def _float(fields: Mapping, key: str, default: float, zero_is_unset: bool = False) -> float:
+    """A positive, finite number from the metadata (absent, or 0 where llama.cpp reads 0 as unset: `default`)."""
+    v = _value(fields, key)
+    if v is None or (zero_is_unset and v == 0):
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ModelFileError(f"GGUF metadata key {key} must be a positive number, it holds {str(v)[:40]!r}")
+    return float(v)
+
+
+MAX_LAYERS = 4096  # blocks; the largest llama-family models have ~130
+BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, ...]],
+                        token_count: int | None) -> HParams:
+    """Map GGUF metadata to HParams: the only place that reads model metadata keys. Every value is
+    checked (positive, divisible where the graph divides, consistent with `tensor_shapes`, numpy order)."""
+    arch = _value(fields, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFileError(
             f"unsupported architecture {arch!r}: specserve serves {', '.join(SUPPORTED_ARCHS)} models"
         )
 
-    def req(key: str):
-        v = _field(fields, f"{arch}.{key}")
-        if v is None:
-            raise ModelFileError(f"GGUF metadata key {arch}.{key} is missing")
+    def req(key: str) -> int:
+        v = _int(fields, f"{arch}.{key}")
+        if v < 1:
+            raise ModelFileError(f"{arch}.{key} is {v}: it must be at least 1")
         return v
 
-    n_embd = int(req("embedding_length"))
-    n_head = int(req("attention.head_count"))
-    n_vocab = _field(fields, f"{arch}.vocab_size") or token_count
-    if not n_vocab:
+    n_embd, n_head, n_layer = req("embedding_length"), req("attention.head_count"), req("block_count")
+    n_head_kv = _int(fields, f"{arch}.attention.head_count_kv", n_head)
+    if n_layer > MAX_LAYERS:
+        raise ModelFileError(f"{arch}.block_count is {n_layer}: specserve serves models of at most {MAX_LAYERS} blocks")
+    blocks = {int(m.group(1)) for name in tensor_shapes if (m := BLOCK_TENSOR.match(name))}
+    if blocks and max(blocks) >= n_layer:
+        raise ModelFileError(f"{arch}.block_count is {n_layer}, but the file holds tensors of block {max(blocks)}")
+    if not 1 <= n_head_kv <= n_head or n_head % n_head_kv:
+        raise ModelFileError(f"{arch}.attention.head_count_kv is {n_head_kv}: it must divide "
+                             f"{arch}.attention.head_count ({n_head})")
+    if n_embd % n_head:
+        raise ModelFileError(f"{arch}.embedding_length {n_embd} is not a multiple of "
+                             f"{arch}.attention.head_count {n_head}")
+    head_dim = n_embd // n_head
+    rope_dim = _int(fields, f"{arch}.rope.dimension_count", head_dim)
+    if not 2 <= rope_dim <= head_dim or rope_dim % 2:
+        raise ModelFileError(f"{arch}.rope.dimension_count is {rope_dim}: it must be even and within "
+                             f"[2, {head_dim}] (the head size)")
+    n_vocab = _int(fields, f"{arch}.vocab_size", token_count or 0)
+    if n_vocab < 1:
         raise ModelFileError("cannot tell the vocabulary size: no vocab_size and no tokenizer.ggml.tokens")
-    scaling_type = _field(fields, f"{arch}.rope.scaling.type", "none")
-    scale = float(_field(fields, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if token_count is not None and token_count != n_vocab:
+        raise ModelFileError(f"tokenizer.ggml.tokens holds {token_count} tokens, {arch}.vocab_size says {n_vocab}")
+    embd = tensor_shapes.get("token_embd.weight")
+    if embd is not None and embd != (n_vocab, n_embd):
+        raise ModelFileError(f"token_embd.weight has shape {embd}, the metadata says {n_vocab} tokens of "
+                             f"{n_embd} (vocabulary x embedding_length)")
+    scaling_type = _value(fields, f"{arch}.rope.scaling.type") or "none"
+    scale = _float(fields, f"{arch}.rope.scaling.factor", 1.0, zero_is_unset=True)
     return HParams(
         arch=arch,
-        n_vocab=int(n_vocab),
+        n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=int(req("block_count")),
+        n_layer=n_layer,
         n_head=n_head,
-        n_head_kv=int(_field(fields, f"{arch}.attention.head_count_kv", n_head)),
-        n_ff=int(req("feed_forward_length")),
-        n_ctx_train=int(req("context_length")),
-        rms_eps=float(_field(fields, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_base=float(_field(fields, f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(_field(fields, f"{arch}.rope.dimension_count", n_embd // n_head)),
+        n_head_kv=n_head_kv,
+        n_ff=req("feed_forward_length"),
+        n_ctx_train=req("context_length"),
+        rms_eps=_float(fields, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_base=_float(fields, f"{arch}.rope.freq_base", 10000.0),
+        rope_dim=rope_dim,
         rope_neox=arch == "qwen2",
         rope_scale=scale if scaling_type == "linear" else 1.0,
-        tied_output="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        tied_output="output.weight" not in tensor_shapes,
+        qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
     )
 
 
-def expected_tensors(hp: HParams) -> list[str]:
-    """Names of the tensors the llama graph reads, in file order convention."""
-    names = ["token_embd.weight", "output_norm.weight"]
+def expected_tensors(hp: HParams) -> dict[str, tuple[int, ...]]:
+    """The tensors the llama graph reads and their shapes (numpy order), in file order convention."""
+    e, kv, ff = hp.n_embd, hp.n_embd_kv, hp.n_ff
+    shapes = {"token_embd.weight": (hp.n_vocab, e), "output_norm.weight": (e,)}
     if not hp.tied_output:
-        names.append("output.weight")
+        shapes["output.weight"] = (hp.n_vocab, e)
     for i in range(hp.n_layer):
         p = f"blk.{i}."
-        names += [p + n for n in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                                  "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight",
-                                  "ffn_up.weight", "ffn_down.weight")]
+        shapes.update({p + "attn_norm.weight": (e,), p + "attn_q.weight": (hp.n_embd_q, e),
+                       p + "attn_k.weight": (kv, e), p + "attn_v.weight": (kv, e),
+                       p + "attn_output.weight": (e, hp.n_embd_q), p + "ffn_norm.weight": (e,),
+                       p + "ffn_gate.weight": (ff, e), p + "ffn_up.weight": (ff, e), p + "ffn_down.weight": (e, ff)})
         if hp.qkv_bias:
-            names += [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"]
-    return names
+            shapes.update({p + "attn_q.bias": (hp.n_embd_q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+    return shapes
 
 
 class ModelFile:
@@ -137,24 +197,31 @@ class ModelFile:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         try:
+            check_layout(self.path)  # every count and offset bounded before the reader trusts them
             self.reader = gguf.GGUFReader(self.path, "r")
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise
+        except LayoutError as e:
+            raise ModelFileError(f"not a readable GGUF file: {e}") from e
+        except OSError as e:
+            raise ModelFileError(f"cannot read the file ({e.strerror or e})") from e
         except Exception as e:  # gguf raises ValueError/struct.error/etc. on malformed files
-            raise ModelFileError(f"{self.path}: not a readable GGUF file ({e})") from e
+            raise ModelFileError(f"not a readable GGUF file ({e})") from e
         fields = self.reader.fields
         by_name = {t.name: t for t in self.reader.tensors}
+        shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
         tokens = fields.get("tokenizer.ggml.tokens")
-        self.hparams = hparams_from_fields(fields, frozenset(by_name), len(tokens.data) if tokens else None)
+        self.hparams = hparams_from_fields(fields, shapes, len(tokens.data) if tokens else None)
         self.tensors: dict[str, TensorInfo] = {}
-        for name in expected_tensors(self.hparams):
+        for name, shape in expected_tensors(self.hparams).items():
             t = by_name.get(name)
             if t is None:
-                raise ModelFileError(f"{self.path}: tensor {name} is missing")
+                raise ModelFileError(f"tensor {name} is missing")
             gtype = gguf.GGMLQuantizationType(int(t.tensor_type))
             if gtype not in SUPPORTED_TYPES:
-                raise ModelFileError(f"{self.path}: tensor {name} has unsupported type {gtype.name}")
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                raise ModelFileError(f"tensor {name} has unsupported type {gtype.name}")
+            if shapes[name] != shape:
+                raise ModelFileError(f"tensor {name} has shape {shapes[name]}, the hyperparameters need {shape}")
             self.tensors[name] = TensorInfo(name, gtype, shape, tensor_nbytes(gtype, shape))
         self._raw = by_name
 

@@ -10,7 +10,7 @@
 
 Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and llama.cpp's newer
 --spec-draft-n-max spellings). Client commands talk to --address (default $SPECSERVE_ADDRESS or
-127.0.0.1:50051).
+127.0.0.1:50051), sending $SPECSERVE_TOKEN as a bearer token when it is set.
 """
 
 from __future__ import annotations
@@ -148,8 +148,9 @@ def serve_config(args):
         device_memory_bytes=args.device_memory, threads=args.threads, row_tile=args.row_tile,
         models_dir=models_dir, startup=startup,
         params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
+        max_prompt_bytes=args.max_prompt_bytes,
         queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
-        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port)
+        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, auth_token_file=args.auth_token_file)
 
 
 def cmd_serve(args) -> int:
@@ -198,7 +199,13 @@ def _list_devices(threads: int) -> int:
 def _channel(args):
     import grpc
 
-    return grpc.insecure_channel(args.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    channel = grpc.insecure_channel(args.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    token = os.environ.get("SPECSERVE_TOKEN", "")
+    if token:  # a server started with --auth-token-file
+        from service.auth import BearerToken
+
+        channel = grpc.intercept_channel(channel, BearerToken(token))
+    return channel
 
 
 def _stubs(args):
@@ -485,6 +492,8 @@ def _add_compute_flags(p: argparse.ArgumentParser, serve: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.requests import DEFAULT_MAX_PROMPT_BYTES
+
     ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  epilog="\n".join(__doc__.split("\n")[2:]))
@@ -515,9 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-max", type=int, default=64, help="requests waiting for a slot, per pair")
     g.add_argument("--max-workers", type=int, default=64, help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
     g.add_argument("--max-message-size", type=parse_bytes, default=16 << 20, help="largest gRPC message")
+    g.add_argument("--max-prompt-bytes", type=parse_bytes, default=DEFAULT_MAX_PROMPT_BYTES,
+                   help="largest prompt, refused (INVALID_ARGUMENT) before tokenizing: text as UTF-8, messages "
+                        "and token ids as sent (default 1M: ~250k tokens of English, 32k at 32 bytes a token)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="SIGTERM: seconds in-flight requests may finish (default %(default)s)")
     g.add_argument("--metrics-port", type=int, default=-1, help="serve Prometheus /metrics on this port")
+    g.add_argument("--auth-token-file", default="",
+                   help="require 'authorization: Bearer <token>': one role:token a line, role generate "
+                        "(Generate, Tokenize, Detokenize, ListPairs, GetSpeculativeConfig) or admin (all); "
+                        "health and reflection stay open")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
     _add_compute_flags(s, serve=True)

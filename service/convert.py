@@ -165,6 +165,26 @@ def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def check_text_bytes(text: str, field: str, max_bytes: int) -> None:
+    """Refuse a text longer than `max_bytes` as UTF-8 before anything (the tokenizer) reads it."""
+    if len(text) > max_bytes or len(text.encode("utf-8")) > max_bytes:
+        raise InvalidArgument(f"{field} is {len(text.encode('utf-8'))} bytes, this server takes at most "
+                              f"{max_bytes} (--max-prompt-bytes)")
+
+
+def check_prompt_bytes(msg, max_bytes: int) -> None:
+    """Refuse a prompt over `max_bytes` before tokenizing: text as UTF-8, messages and token ids as
+    encoded on the wire."""
+    which = msg.WhichOneof("input")
+    if which == "prompt":
+        check_text_bytes(msg.prompt, "prompt", max_bytes)
+    elif which is not None:
+        size = getattr(msg, which).ByteSize()
+        if size > max_bytes:
+            raise InvalidArgument(f"the prompt ({which}) is {size} bytes, this server takes at most {max_bytes} "
+                                  "(--max-prompt-bytes)")
+
+
 def prompt_ids_from_pb(msg, tokenizer) -> list[int]:
     """The prompt's token ids: text with BOS added, chat messages through the template, or ids as given."""
     which = msg.WhichOneof("input")

@@ -37,6 +37,12 @@ class PermissionDenied(SpecserveError):
     code = "PERMISSION_DENIED"
 
 
+class Unauthenticated(SpecserveError):
+    """No bearer token, or one the server does not know (service.auth)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class AlreadyExists(SpecserveError):
     """A pair of that name is loaded or loading."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field, replace
 
 from compute.backend import Allocation, Backend, release_all
@@ -35,7 +36,7 @@ class PairRequest:
     draft_path: str = ""
     params: ContextParams = field(default_factory=ContextParams)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    budget_bytes: int = 0  # 0: the server's budget (--device-memory, else the device's free memory)
+    budget_bytes: int = 0  # 0: the server's budget (--device-memory, else free memory); may lower it, never raise it
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,38 @@ class PairFactory:
 
     # ---- files ----
     def resolve_path(self, path: str, what: str) -> str:
-        """An existing file inside models_dir; refuses anything else without opening it."""
+        """An existing regular file inside models_dir; refuses anything else without opening it."""
         if not path:
             raise InvalidArgument(f"{what} path is empty")
+        if "\0" in path:
+            raise InvalidArgument(f"{what} path {path!r} contains a NUL byte")
         full = path if os.path.isabs(path) or not self.models_dir else os.path.join(self.models_dir, path)
         real = os.path.realpath(full)
         if self.models_dir and os.path.commonpath([real, self.models_dir]) != self.models_dir:
-            raise PermissionDenied(f"{what} {path!r} is outside the models directory {self.models_dir}")
-        if not os.path.isfile(real):
-            raise NotFound(f"{what} {path!r} does not exist")
+            raise PermissionDenied(f"{what} {path!r} is outside the models directory")
+        shown = self.display_path(real, path)
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            raise NotFound(f"{what} {shown!r} does not exist") from None
+        except OSError as e:  # a name too long, a loop of links, no permission on a directory
+            raise InvalidArgument(f"{what} {shown!r} cannot be read ({e.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(f"{what} {shown!r} is not a regular file")
         return real
 
+    def display_path(self, real: str, given: str = "") -> str:
+        """How messages name a file: relative to the models directory (never the server's absolute path)."""
+        if self.models_dir and os.path.commonpath([real, self.models_dir]) == self.models_dir:
+            return os.path.relpath(real, self.models_dir)
+        return given or os.path.basename(real)
+
     def open(self, path: str, what: str) -> ModelFile:
+        real = self.resolve_path(path, what)
         try:
-            return open_model(self.resolve_path(path, what))
+            return open_model(real)
         except ModelFileError as e:
-            raise InvalidArgument(f"{what}: {e}") from e
+            raise InvalidArgument(f"{what} {self.display_path(real, path)}: {e}") from e
 
     def _models(self, req: PairRequest) -> tuple[ModelFile, ModelFile | None]:
         target = self.open(req.target_path, "target model")
@@ -103,7 +120,7 @@ class PairFactory:
     # ---- fit ----
     def available_bytes(self, req: PairRequest) -> int:
         """Budget minus the safety margin minus what loaded pairs hold on the device."""
-        base = req.budget_bytes or self.budget_base
+        base = min(req.budget_bytes, self.budget_base) if req.budget_bytes else self.budget_base  # operator wins
         return int(base * (1 - MARGIN_FRACTION)) - self.backend.ledger.total_bytes("device")
 
     def fit(self, req: PairRequest) -> FitResult:

@@ -16,6 +16,13 @@ KV_TYPES = ("f32", "f16")
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 256
+# Upper bounds of request fields: far above any real use, low enough that no size computed
+# from them overflows a backend's index types or makes Fit search for long.
+MAX_N_PARALLEL = 1024  # slots
+MAX_N_CTX = 1 << 24  # KV cells in total (16M)
+MAX_N_BATCH = 1 << 16  # tokens per forward pass, and logits rows (n_outputs_max)
+MAX_VALUES = {"n_parallel": MAX_N_PARALLEL, "n_ctx": MAX_N_CTX, "n_ctx_min": MAX_N_CTX,
+              "n_batch": MAX_N_BATCH, "n_outputs_max": MAX_N_BATCH}
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ class PairParams:
 
 
 def fill_defaults(base: ContextParams, n_ctx_train: int) -> ContextParams:
-    """Replace request zeros with server defaults and validate; the result has no zeros."""
+    """Replace request zeros with server defaults and validate (the one place ContextParams are range
+    checked, bounded above by MAX_VALUES); the result has no zeros."""
     if base.n_parallel < 1:
         raise InvalidArgument(f"n_parallel must be >= 1 (got {base.n_parallel})")
     if base.kv_type not in KV_TYPES:
@@ -85,6 +93,9 @@ def fill_defaults(base: ContextParams, n_ctx_train: int) -> ContextParams:
     for name in ("n_ctx", "n_batch", "n_outputs_max", "n_ctx_min"):
         if getattr(base, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0 (0 = server default)")
+    for name, most in MAX_VALUES.items():
+        if getattr(base, name) > most:
+            raise InvalidArgument(f"{name} {getattr(base, name)} is too large: at most {most}")
     n_ctx = base.n_ctx or min(DEFAULT_N_CTX * base.n_parallel, max(n_ctx_train, 1) * base.n_parallel)
     n_ctx_slot = n_ctx // base.n_parallel
     if n_ctx_slot < 1:

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from service.params import SpeculativeConfig
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
+# Largest prompt a server takes (--max-prompt-bytes), counted before tokenizing: text as UTF-8,
+# messages and token ids as encoded on the wire. A flat 1 MiB holds ~250k tokens of English
+# (~4 bytes a token) and 32k tokens even at 32 bytes a token: more than the largest contexts
+# served, while the tokenizer's time on one request stays bounded.
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

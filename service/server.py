@@ -6,8 +6,9 @@
 
 Health (`grpc.health.v1`, service "" and each specserve service): NOT_SERVING until a pair is
 ready and while draining. The interceptor gives every RPC a request id (from the `x-request-id`
-header, else a new one; sent back as trailing metadata), maps service.errors to status codes,
-turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
+header, else a new one; sent back as trailing metadata; a header that breaks the rule of
+metadata.check_request_id is INVALID_ARGUMENT before the handler runs), maps service.errors
+to status codes, turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
 records the request in the metrics.
 """
 
@@ -28,12 +29,13 @@ from compute.select import make_backend
 from service.errors import ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
-from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, trailers
+from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
 from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry
+from service.requests import DEFAULT_MAX_PROMPT_BYTES
 from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
 
 log = logging.getLogger("specserve.server")
@@ -59,6 +61,7 @@ class ServerConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     default_target: str = ""  # the model a PairSpec without target_path means
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # larger prompts are INVALID_ARGUMENT before tokenizing
     queue_max: int = 64
     max_workers: int = 64  # gRPC handler threads; also the most concurrent RPCs (more get RESOURCE_EXHAUSTED)
     max_message_bytes: int = 16 * MiB
@@ -66,6 +69,7 @@ class ServerConfig:
     keepalive_timeout_ms: int = 20_000  # and closes it when a ping is not answered in this time
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
     metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
+    auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -106,7 +110,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler  # no client-streaming RPCs here
 
     def _begin(self, context, header_id: str):
-        rid = header_id or new_request_id()
+        rid = header_id if valid_request_id(header_id) else new_request_id()  # an invalid one is refused next
         token = request_id_var.set(rid)
         context.set_trailing_metadata(trailers(rid))
         return token
@@ -136,6 +140,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
+                if header_id:
+                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
                 return behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
                 code = _code_of(exc, context)
@@ -150,6 +156,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
+                if header_id:
+                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away mid-stream
                 code = "CANCELLED"
@@ -229,10 +237,10 @@ class SpecServer:
         self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)
         defaults = Defaults(params=config.params, speculative=config.speculative,
                             target_path=config.default_target, max_tokens=config.max_tokens,
-                            drain_timeout=config.drain_timeout)
+                            max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                                              thread_name_prefix="rpc"),
-                                  interceptors=[ErrorInterceptor(self.metrics)], options=grpc_options(config),
+                                  interceptors=self._interceptors(config), options=grpc_options(config),
                                   maximum_concurrent_rpcs=config.max_workers)
         pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, defaults), self.server)
         pb_grpc.add_GenerationServiceServicer_to_server(
@@ -247,6 +255,14 @@ class SpecServer:
         self._startup_done = threading.Event()
         self._stopped = threading.Event()
         self._update_health()
+
+    def _interceptors(self, config: ServerConfig) -> list[grpc.ServerInterceptor]:
+        """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
+        if not config.auth_token_file:
+            return [ErrorInterceptor(self.metrics)]
+        from service.auth import AuthInterceptor, load_token_file
+
+        return [ErrorInterceptor(self.metrics), AuthInterceptor(load_token_file(config.auth_token_file))]
 
     # ---- health ----
     def _update_health(self) -> None:

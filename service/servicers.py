@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from service import convert
 from service.errors import Unavailable
 from service.logging_setup import request_id_var
-from service.metadata import trailers
+from service.metadata import check_request_id, trailers
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry, ServedPair
+from service.requests import DEFAULT_MAX_PROMPT_BYTES
 
 log = logging.getLogger("specserve.rpc")
 
@@ -35,6 +36,7 @@ class Defaults:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     target_path: str = ""  # the model a PairSpec without target_path loads
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # checked before the tokenizer runs
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
@@ -100,10 +102,11 @@ class _Generation:
     def __init__(self, servicer: "GenerationServicer", request, context):
         self.t0 = time.monotonic()
         self.servicer, self.context = servicer, context
-        self.request_id = request.request_id or request_id_var.get()
         if request.request_id:  # the body's id wins over the header's (and a generated one)
-            request_id_var.set(request.request_id)
+            request_id_var.set(check_request_id(request.request_id, "request_id"))
             context.set_trailing_metadata(trailers(request.request_id))
+        self.request_id = request_id_var.get()
+        convert.check_prompt_bytes(request, servicer.defaults.max_prompt_bytes)
         self.sp = servicer.registry.get(convert.pair_name(request.pair))
         req = convert.gen_request_from_pb(request, self.sp.tokenizer, self.sp.engine.speculative,
                                           servicer.defaults.max_tokens, self.request_id)
@@ -185,6 +188,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gen.close()
 
     def Tokenize(self, request, context):
+        convert.check_text_bytes(request.text, "text", self.defaults.max_prompt_bytes)
         sp = self.registry.get(convert.pair_name(request.pair))
         ids = sp.tokenizer.encode(request.text, add_special=request.add_special, parse_special=request.parse_special)
         return pb.TokenizeResponse(tokens=ids)

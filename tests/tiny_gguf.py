@@ -139,3 +139,17 @@ def write_truncated_copy(src: str, dst, n_layer: int) -> str:
     w.write_tensors_to_file()
     w.close()
     return str(dst)
+
+
+def kv_value_offset(path, key: str) -> int:
+    """Byte offset of a metadata key's value in a GGUF file (an array's: its item type u32, then the
+    count u64; a string's: its length u64): where a test patches a header field to craft a bad file."""
+    field = gguf.GGUFReader(str(path)).fields[key]
+    return field.offset + 8 + len(key.encode()) + 4
+
+
+def patch_bytes(path, offset: int, data: bytes) -> None:
+    """Overwrite `data` at `offset` of a file in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
