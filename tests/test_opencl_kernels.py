@@ -18,7 +18,6 @@ dequantisers may fuse a multiply-add that the reference rounds twice):
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import threading
 from dataclasses import dataclass
