@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,11 @@ from compute.opencl.probe import PREFERENCE, first_error_line, runtime_of
 from compute.quants import dequantize, tensor_nbytes
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+
+if not os.environ.get("PYOPENCL_COMPILER_OUTPUT"):
+    # Intel's runtime logs a line for every successful build; a failed build raises with its log.
+    # PYOPENCL_COMPILER_OUTPUT=1 shows the compilers' logs again.
+    warnings.filterwarnings("ignore", category=cl.CompilerWarning)
 
 # ggml type -> the suffix of its mul_mv_<suffix>_f32.cl / get_rows_<suffix>.cl kernels
 KERNEL_TYPES = {
