@@ -1,4 +1,4 @@
-"""Fit equals Load, atomic Load, budgets (DESIGN.md invariants 1-3 and 7)."""
+"""Fit equals Load, atomic Load, budgets (docs/design.md, invariants 1-3 and 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OpenCL backend's per-call parameters live in the plan (DESIGN.md invariant 7).
+"""The OpenCL backend's per-call parameters live in the plan (docs/design.md, invariant 7).
 
 Token ids, slots, positions, RoPE tables, gathered rows and argmax results are staged into
 the p_* arrays of each context's planned compute scratch: decoding creates no cl.Buffer and
