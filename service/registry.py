@@ -24,6 +24,7 @@ from service.warmup import WarmupError, warm_up
 log = logging.getLogger("specserve.registry")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client gets DEADLINE_EXCEEDED
 
 
 @dataclass

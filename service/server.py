@@ -34,7 +34,7 @@ from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry
+from service.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
 from service.requests import DEFAULT_MAX_PROMPT_BYTES
 from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
 
@@ -70,6 +70,10 @@ class ServerConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
     metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
     auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
+    tls_cert: str = ""  # PEM certificate (chain) of the server; "": plaintext (service.tls)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -229,6 +233,7 @@ class SpecServer:
     def __init__(self, config: ServerConfig, backend=None):
         self.config = config
         self._draining = False
+        self._credentials = self._tls(config)  # before anything starts: a bad file is a SystemExit
         self.metrics = Metrics()
         self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
         log.info("backend", extra={"kv": {"backend": self.backend.name, "device": repr(self.backend)}})
@@ -264,6 +269,15 @@ class SpecServer:
 
         return [ErrorInterceptor(self.metrics), AuthInterceptor(load_token_file(config.auth_token_file))]
 
+    @staticmethod
+    def _tls(config: ServerConfig):
+        """Server TLS credentials, or None for a plaintext port."""
+        if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+            return None
+        from service.tls import server_credentials
+
+        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+
     # ---- health ----
     def _update_health(self) -> None:
         """SERVING while a pair is ready and the server is not draining; NOT_SERVING otherwise."""
@@ -280,7 +294,10 @@ class SpecServer:
         address = f"{self.config.host}:{self.config.port}"
         if ":" in self.config.host and not self.config.host.startswith("["):
             address = f"[{self.config.host}]:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise SystemExit(f"cannot bind {address}")
         self.server.start()
@@ -289,7 +306,9 @@ class SpecServer:
                                                                          addr=self.config.host)
         log.info("listening", extra={"kv": {"address": f"{self.config.host}:{self.port}",
                                             "backend": self.backend.name, "models_dir": self.factory.models_dir,
-                                            "metrics_port": self.metrics_port or None, "pid": os.getpid()}})
+                                            "metrics_port": self.metrics_port or None, "pid": os.getpid(),
+                                            "tls": "mutual" if self.config.tls_client_ca else
+                                            "on" if self._credentials is not None else "off"}})
         if self.config.startup is not None:
             threading.Thread(target=self._load_startup, name="startup-load", daemon=True).start()
         else:
