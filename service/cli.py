@@ -177,9 +177,33 @@ def cmd_serve(args) -> int:
     threading.Thread(target=_exit_on_startup_failure, args=(server, stop), daemon=True).start()
     stop.wait()
     failed = server._startup_done.is_set() and server._startup_error is not None
+    code = 1 if failed else 0
     log.info("shutting down", extra={"kv": {"reason": "startup load failed" if failed else "signal"}})
+    _exit_later(server.config.drain_timeout + EXIT_MARGIN_S, code)
     server.drain_and_stop()
-    return 1 if failed else 0
+    return code
+
+
+EXIT_MARGIN_S = 4.0  # after the drain, seconds the process may take to exit before it is ended
+
+
+def _exit_later(seconds: float, code: int) -> None:
+    """End the process after `seconds` whatever its threads do (a loader stuck in a read cannot be
+    interrupted): SIGTERM always ends `serve` within the drain timeout plus EXIT_MARGIN_S."""
+
+    def end() -> None:
+        log.error("still running %.0f s after the drain began: exiting now", seconds)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
 
 
 def _exit_on_startup_failure(server, stop: threading.Event) -> None:

@@ -239,7 +239,8 @@ class SpecServer:
         log.info("backend", extra={"kv": {"backend": self.backend.name, "device": repr(self.backend)}})
         self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)
+        self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health,
+                                     load_timeout=config.load_timeout)
         defaults = Defaults(params=config.params, speculative=config.speculative,
                             target_path=config.default_target, max_tokens=config.max_tokens,
                             max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
