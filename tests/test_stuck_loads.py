@@ -173,3 +173,34 @@ def test_sigterm_ends_serve_within_the_drain_timeout_while_loads_hang(tmp_path, 
         log.seek(0)
         print(log.read())
         log.close()
+
+
+def test_loads_at_the_same_time_never_spend_the_same_memory(tiny_models_dir):
+    """Load "a" stalls before its first allocation (its plan reserved, the ledger still empty): Load "b",
+    which would fit in the budget alone, is RESOURCE_EXHAUSTED; once "a" holds its memory, the same."""
+    probe = start_server(tiny_config(tiny_models_dir, startup=False))
+    try:
+        one = probe.model.Fit(pb.FitRequest(pair=spec("a")), timeout=30).plan.total_bytes
+    finally:
+        stop_server(probe)
+    c = start_server(replace(tiny_config(tiny_models_dir, startup=False), device_memory_bytes=int(one * 1.5)))
+    backend, release, stalled = c.server.backend, threading.Event(), threading.Event()
+
+    def stall_once(spec_):
+        if not stalled.is_set():
+            stalled.set()
+            release.wait(30)
+
+    backend.fault_hook = stall_once
+    try:
+        with ThreadResult(lambda: c.model.Load(pb.LoadRequest(pair=spec("a")), timeout=60)) as first:
+            assert stalled.wait(10) and backend.ledger.total_bytes() == 0
+            assert code_of(c.model.Load, pb.LoadRequest(pair=spec("b")), timeout=30) == \
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+        assert first.code == grpc.StatusCode.OK
+        assert code_of(c.model.Load, pb.LoadRequest(pair=spec("b")), timeout=30) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert backend.ledger.total_bytes() == one
+    finally:
+        release.set()
+        stop_server(c)
