@@ -16,6 +16,8 @@ free at once; should it ever finish, its pair is released.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -31,6 +33,26 @@ log = logging.getLogger("specserve.registry")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client gets DEADLINE_EXCEEDED
+
+
+def return_memory() -> None:
+    """Free what an unloaded pair held now rather than at some later collection: its engine and
+    contexts reference each other (a cycle only the collector frees), and glibc keeps freed heap
+    pages unless asked to trim them."""
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): the collector alone
+        return None
+
+
+_libc = _glibc()
 
 
 @dataclass
@@ -214,7 +236,13 @@ class PairRegistry:
                                               "load_s": round(sp.load_seconds, 3)}})
 
     def unload(self, name: str, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
-        """Drain the pair's requests (up to drain_timeout, then cancel them), release it; returns bytes released."""
+        """Drain the pair's requests (up to drain_timeout, then cancel them), release it and give its
+        memory back to the operating system; returns bytes released."""
+        released = self._unload(name, drain_timeout)
+        return_memory()  # here, where no frame holds the pair any more
+        return released
+
+    def _unload(self, name: str, drain_timeout: float) -> int:
         with self._lock:
             sp = self._pairs.get(name)
             if sp is None:
