@@ -14,6 +14,7 @@ records the request in the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -90,11 +91,35 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class InFlight:
+    """How many specserve RPCs are running; the drain waits for these, not for health Watch streams."""
+
+    def __init__(self):
+        self._n = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self):
+        with self._idle:
+            self._n += 1
+
+    def __exit__(self, *exc):
+        with self._idle:
+            self._n -= 1
+            if self._n == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until none runs (True) or `timeout` seconds passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._n == 0, timeout)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Request ids, status codes from service.errors, INTERNAL for the unexpected, request metrics and logs."""
 
-    def __init__(self, metrics: Metrics | None):
+    def __init__(self, metrics: Metrics | None, in_flight: InFlight | None = None):
         self.metrics = metrics
+        self.in_flight = in_flight or InFlight()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -140,13 +165,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         log.log(level, "rpc", extra={"kv": {"method": method, "code": code, "ms": round(ms, 1)}})
 
     def _unary(self, behavior, method, header_id, quiet):
+        counted = self.in_flight if not quiet else contextlib.nullcontext()
+
         def wrapper(request, context):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
                 if header_id:
                     check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                return behavior(request, context)
+                with counted:
+                    return behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
                 code = _code_of(exc, context)
                 self._fail(exc, context, method)
@@ -156,13 +184,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior, method, header_id, quiet):
+        counted = self.in_flight if not quiet else contextlib.nullcontext()
+
         def wrapper(request, context):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
                 if header_id:
                     check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                yield from behavior(request, context)
+                with counted:
+                    yield from behavior(request, context)
             except GeneratorExit:  # the client went away mid-stream
                 code = "CANCELLED"
                 raise
@@ -235,6 +266,7 @@ class SpecServer:
         self._draining = False
         self._credentials = self._tls(config)  # before anything starts: a bad file is a SystemExit
         self.metrics = Metrics()
+        self.in_flight = InFlight()
         self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
         log.info("backend", extra={"kv": {"backend": self.backend.name, "device": repr(self.backend)}})
         self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
@@ -265,10 +297,11 @@ class SpecServer:
     def _interceptors(self, config: ServerConfig) -> list[grpc.ServerInterceptor]:
         """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
         if not config.auth_token_file:
-            return [ErrorInterceptor(self.metrics)]
+            return [ErrorInterceptor(self.metrics, self.in_flight)]
         from service.auth import AuthInterceptor, load_token_file
 
-        return [ErrorInterceptor(self.metrics), AuthInterceptor(load_token_file(config.auth_token_file))]
+        return [ErrorInterceptor(self.metrics, self.in_flight),
+                AuthInterceptor(load_token_file(config.auth_token_file))]
 
     @staticmethod
     def _tls(config: ServerConfig):
@@ -344,7 +377,11 @@ class SpecServer:
         log.info("draining", extra={"kv": {"grace_s": grace}})
         self.health.enter_graceful_shutdown()
         self.registry.begin_drain()
-        self.server.stop(grace).wait()
+        # In-flight specserve RPCs may finish within `grace`; health Watch streams and reflection never
+        # end by themselves, so they must not hold the drain: once the specserve RPCs are done, stop.
+        idle = self.in_flight.wait_idle(grace)
+        log.info("drained", extra={"kv": {"in_flight_done": idle}})
+        self.server.stop(0).wait()
         self.registry.shutdown(drain_timeout=0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
