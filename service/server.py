@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from compute.select import make_backend
-from service.errors import ResourceExhausted, SpecserveError
+from service.errors import InvalidArgument, ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
 from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
@@ -128,14 +128,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = details.method
         header_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
         quiet = not method.startswith("/specserve.")  # health checks and reflection: debug level
+        # The request is decoded inside the wrapper (grpc gets no deserializer): bytes that are not the
+        # method's message are INVALID_ARGUMENT with a request id, not grpc's own INTERNAL.
+        decode = _decoder(handler.request_deserializer, method)
         if handler.unary_unary:
+            behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, header_id, quiet),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._unary(lambda raw, context: behavior(decode(raw), context), method, header_id, quiet),
+                response_serializer=handler.response_serializer)
         if handler.unary_stream:
+            stream = handler.unary_stream
+
+            def decoded_stream(raw, context):
+                result = stream(decode(raw), context)
+                if result is not None:  # None: health Watch answered through a callback
+                    yield from result
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, header_id, quiet),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._stream(decoded_stream, method, header_id, quiet),
+                response_serializer=handler.response_serializer)
         return handler  # no client-streaming RPCs here
 
     def _begin(self, context, header_id: str):
@@ -207,6 +217,20 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except ValueError:  # the generator was closed from another context
                     pass
         return wrapper
+
+
+def _decoder(deserialize, method: str):
+    """raw bytes -> the method's request message; InvalidArgument when they are not one."""
+    if deserialize is None:
+        return lambda raw: raw
+
+    def decode(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and whatever a parser raises
+            raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
+                                  f"({type(e).__name__}): send the message the method's .proto declares") from None
+    return decode
 
 
 def _aborted(context) -> bool:
