@@ -160,7 +160,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
             if isinstance(exc, ResourceExhausted) and exc.deficit_bytes:
                 context.set_trailing_metadata(trailers(request_id_var.get(), (DEFICIT_HEADER, str(exc.deficit_bytes))))
-            context.abort(code, str(exc))
+            context.abort(code, _bounded_details(str(exc)))
         if _aborted(context):  # the handler aborted itself: keep its status
             raise exc
         log.error("unexpected error in %s", method, exc_info=exc, extra={"kv": {"method": method}})
@@ -217,6 +217,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except ValueError:  # the generator was closed from another context
                     pass
         return wrapper
+
+
+MAX_DETAILS_CHARS = 1024  # a message quoting a client's 30 kB field must still fit grpc's 16 KiB metadata limit
+
+
+def _bounded_details(message: str) -> str:
+    """Status details short enough for the grpc-message trailer (percent-encoded: up to 12 bytes a char).
+    The middle goes: a message starts with what it is about and ends with why."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    half = MAX_DETAILS_CHARS // 2
+    return f"{message[:half]} ...({len(message) - 2 * half} characters left out)... {message[-half:]}"
 
 
 def _decoder(deserialize, method: str):

@@ -148,3 +148,14 @@ def test_undecodable_request_bytes_are_invalid_argument(server, method, streamin
         assert c.server.metrics.value("specserve_requests_total", method=method,
                                       code="INVALID_ARGUMENT") == before + 1
     assert c.gen.Generate(_greedy(prompt="the cat"), timeout=30).tokens  # and the server still serves
+
+
+def test_a_refusal_quoting_a_huge_field_still_reaches_the_client(server):
+    """Found by tests/test_fuzz.py: a 30 kB path quoted in the status details overflowed grpc's 16 KiB
+    metadata limit, and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of the refusal."""
+    c = server
+    for path in ("x" * 30_000, "ö" * 5_000):
+        e = _error(c.model.Fit, pb.FitRequest(pair=pb.PairSpec(target_path=path)))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()  # a name longer than the OS allows
+        assert "characters left out" in e.details() and "cannot be read" in e.details()[-60:]
+        assert len(e.details()) < 1100
