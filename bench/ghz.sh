@@ -15,6 +15,7 @@
 #   GHZ_PROMPT       the prompt (default "Write one sentence about the sea.")
 #   GHZ_PAIR         pair name (default: the server's "default")
 #   GHZ_OUT_DIR      where the JSON reports go (default bench/out)
+#   SPECSERVE_TOKEN  bearer token for a server started with --auth-token-file (sent as metadata)
 #
 # The same call by hand:
 #   ghz --insecure --call specserve.v1.GenerationService/Generate \
@@ -41,12 +42,19 @@ mkdir -p "$OUT_DIR"
 DATA=$("$PY" -c 'import json, sys; print(json.dumps({"pair": sys.argv[1], "prompt": sys.argv[2], "max_tokens": int(sys.argv[3])}))' \
   "$PAIR" "$PROMPT" "$MAX_TOKENS")
 
+AUTH=()
+if [ -n "${SPECSERVE_TOKEN:-}" ]; then
+  AUTH=(--metadata "$("$PY" -c 'import json, sys; print(json.dumps({"authorization": "Bearer " + sys.argv[1]}))' \
+    "$SPECSERVE_TOKEN")")
+fi
+
 status=0
 for rpc in Generate GenerateStream; do
   report="$OUT_DIR/ghz-$rpc.json"
   "$GHZ" --insecure \
     --call "specserve.v1.GenerationService/$rpc" \
     -d "$DATA" \
+    ${AUTH[@]+"${AUTH[@]}"} \
     -n "$N" -c "$C" \
     --connections 2 \
     --timeout 300s \

@@ -12,6 +12,8 @@ import math
 import os
 import re
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -234,18 +236,33 @@ class ModelFile:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
 
-_cache: dict[tuple, ModelFile] = {}
+MODEL_CACHE_ENTRIES = 2  # parsed files kept after their last user is gone (~156 MB each for a 135M model)
+_live: "weakref.WeakValueDictionary[tuple, ModelFile]" = weakref.WeakValueDictionary()  # every file in use
+_recent: "OrderedDict[tuple, ModelFile]" = OrderedDict()  # the last MODEL_CACHE_ENTRIES opened, kept alive
 _cache_lock = threading.Lock()
 
 
 def open_model(path: str) -> ModelFile:
-    """Open (or reuse) a parsed model file; the cache key includes size and mtime, so edits are seen."""
+    """Open (or reuse) a parsed model file; the cache key includes size and mtime, so edits are seen.
+
+    A file stays cached while anything holds it (a loaded pair) and, beyond that, while it is one
+    of the MODEL_CACHE_ENTRIES most recently opened: Fitting many files does not keep them all."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     with _cache_lock:
-        mf = _cache.get(key)
+        mf = _live.get(key)
     if mf is None:
         mf = ModelFile(path)
-        with _cache_lock:
-            _cache[key] = mf
+    with _cache_lock:
+        mf = _live.setdefault(key, mf)  # two threads that parsed the same file share the first
+        _recent[key] = mf
+        _recent.move_to_end(key)
+        while len(_recent) > MODEL_CACHE_ENTRIES:
+            _recent.popitem(last=False)
     return mf
+
+
+def cached_model_paths() -> list[str]:
+    """The paths of the parsed model files the process holds (in use or recent), for tests and logs."""
+    with _cache_lock:
+        return [key[0] for key in _live.keys()]

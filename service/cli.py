@@ -10,7 +10,8 @@
 
 Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and llama.cpp's newer
 --spec-draft-n-max spellings). Client commands talk to --address (default $SPECSERVE_ADDRESS or
-127.0.0.1:50051), sending $SPECSERVE_TOKEN as a bearer token when it is set.
+127.0.0.1:50051), sending $SPECSERVE_TOKEN as a bearer token when it is set, over TLS when
+--tls-ca (or $SPECSERVE_TLS_CA) names the CA to trust (docs/security.md).
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def serve_config(args):
         params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
         max_prompt_bytes=args.max_prompt_bytes,
         queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
-        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, auth_token_file=args.auth_token_file)
+        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, auth_token_file=args.auth_token_file,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        load_timeout=args.load_timeout)
 
 
 def cmd_serve(args) -> int:
@@ -174,9 +177,33 @@ def cmd_serve(args) -> int:
     threading.Thread(target=_exit_on_startup_failure, args=(server, stop), daemon=True).start()
     stop.wait()
     failed = server._startup_done.is_set() and server._startup_error is not None
+    code = 1 if failed else 0
     log.info("shutting down", extra={"kv": {"reason": "startup load failed" if failed else "signal"}})
+    _exit_later(server.config.drain_timeout + EXIT_MARGIN_S, code)
     server.drain_and_stop()
-    return 1 if failed else 0
+    return code
+
+
+EXIT_MARGIN_S = 4.0  # after the drain, seconds the process may take to exit before it is ended
+
+
+def _exit_later(seconds: float, code: int) -> None:
+    """End the process after `seconds` whatever its threads do (a loader stuck in a read cannot be
+    interrupted): SIGTERM always ends `serve` within the drain timeout plus EXIT_MARGIN_S."""
+
+    def end() -> None:
+        log.error("still running %.0f s after the drain began: exiting now", seconds)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
 
 
 def _exit_on_startup_failure(server, stop: threading.Event) -> None:
@@ -199,7 +226,17 @@ def _list_devices(threads: int) -> int:
 def _channel(args):
     import grpc
 
-    channel = grpc.insecure_channel(args.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    from service.tls import channel_credentials, client_setting
+
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    ca, cert, key = (client_setting(getattr(args, f"tls_{n}", ""), n) for n in ("ca", "cert", "key"))
+    if ca or cert:
+        server_name = client_setting(args.tls_server_name, "server_name")
+        if server_name:  # the name the server's certificate carries, when --address is an IP or an alias
+            options.append(("grpc.ssl_target_name_override", server_name))
+        channel = grpc.secure_channel(args.address, channel_credentials(ca, cert, key), options=options)
+    else:
+        channel = grpc.insecure_channel(args.address, options=options)
     token = os.environ.get("SPECSERVE_TOKEN", "")
     if token:  # a server started with --auth-token-file
         from service.auth import BearerToken
@@ -492,6 +529,7 @@ def _add_compute_flags(p: argparse.ArgumentParser, serve: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.registry import DEFAULT_LOAD_TIMEOUT
     from service.requests import DEFAULT_MAX_PROMPT_BYTES
 
     ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
@@ -506,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--address", default=os.environ.get("SPECSERVE_ADDRESS", DEFAULT_ADDRESS),
                            help="server HOST:PORT (default $SPECSERVE_ADDRESS or %(default)s)")
             p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
+            t = p.add_argument_group("TLS (a server started with --tls-cert)")
+            t.add_argument("--tls-ca", default="", help="PEM CA that signed the server's certificate "
+                           "(default $SPECSERVE_TLS_CA); with it the connection uses TLS")
+            t.add_argument("--tls-cert", default="", help="PEM client certificate for mutual TLS "
+                           "(default $SPECSERVE_TLS_CERT)")
+            t.add_argument("--tls-key", default="", help="PEM key of --tls-cert (default $SPECSERVE_TLS_KEY)")
+            t.add_argument("--tls-server-name", default="", help="the name to verify in the server's "
+                           "certificate when --address differs (default $SPECSERVE_TLS_SERVER_NAME)")
         return p
 
     s = command("serve", "run the gRPC server", cmd_serve, client=False)
@@ -534,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'authorization: Bearer <token>': one role:token a line, role generate "
                         "(Generate, Tokenize, Detokenize, ListPairs, GetSpeculativeConfig) or admin (all); "
                         "health and reflection stay open")
+    g.add_argument("--tls-cert", default="", help="PEM certificate (chain): serve TLS on --port, health included")
+    g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", default="",
+                   help="PEM CA: require a client certificate it signed on every RPC (mutual TLS)")
+    g.add_argument("--load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT,
+                   help="seconds a Fit or Load may run before its client gets DEADLINE_EXCEEDED (a Load that "
+                        "finishes later is released); other pairs are never blocked (default %(default)s)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
     _add_compute_flags(s, serve=True)

@@ -47,3 +47,9 @@ class AlreadyExists(SpecserveError):
     """A pair of that name is loaded or loading."""
 
     code = "ALREADY_EXISTS"
+
+
+class DeadlineExceeded(SpecserveError):
+    """A Fit or Load that ran past the server's --load-timeout."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -6,6 +6,10 @@
 There is no second path: `load` calls `fit` and allocates `fit(...).plan.buffers`, so what
 Fit reports is by construction what Load takes. A Load that fails at any point releases
 every buffer it allocated (draft model and draft context included) before the error leaves.
+
+Loads may run at the same time (a slow one never holds up another): each Load fits and
+reserves its plan's device bytes in one short critical section, and every later fit counts
+the reserved bytes not yet allocated as taken, so two Loads can never both spend the same memory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass, field, replace
 
 from compute.backend import Allocation, Backend, release_all
@@ -74,6 +79,8 @@ class PairFactory:
         self.models_dir = os.path.realpath(models_dir) if models_dir else None
         self.budget_base = device_memory_bytes or backend.device_memory().free_bytes
         self.draft_init_hook = None  # tests: callable() raising to simulate a failing draft init
+        self._reserve_lock = threading.Lock()  # fit + reserve of one Load at a time (short: no file I/O)
+        self._reservations: list[_Reservation] = []  # Loads between their fit and their last allocation
 
     # ---- files ----
     def resolve_path(self, path: str, what: str) -> str:
@@ -119,13 +126,16 @@ class PairFactory:
 
     # ---- fit ----
     def available_bytes(self, req: PairRequest) -> int:
-        """Budget minus the safety margin minus what loaded pairs hold on the device."""
+        """Budget minus the safety margin minus what pairs hold on the device and Loads under way reserved."""
         base = min(req.budget_bytes, self.budget_base) if req.budget_bytes else self.budget_base  # operator wins
-        return int(base * (1 - MARGIN_FRACTION)) - self.backend.ledger.total_bytes("device")
+        reserved = sum(r.outstanding() for r in list(self._reservations))
+        return int(base * (1 - MARGIN_FRACTION)) - self.backend.ledger.total_bytes("device") - reserved
 
     def fit(self, req: PairRequest) -> FitResult:
         """Plan the pair and adjust n_ctx, then layer placement, until it fits; no allocation."""
-        target, draft = self._models(req)
+        return self._fit(req, *self._models(req))
+
+    def _fit(self, req: PairRequest, target: ModelFile, draft: ModelFile | None) -> FitResult:
         base = fill_defaults(req.params, target.hparams.n_ctx_train)
         avail = self.available_bytes(req)
 
@@ -159,12 +169,15 @@ class PairFactory:
     # ---- load ----
     def load(self, req: PairRequest) -> "LoadedPair":
         """Fit, then allocate exactly the plan and fill the weights; all or nothing."""
-        result = self.fit(req)
-        if not result.fits:
-            raise result.error()
-        target_file, draft_file = self._models(req)
-        plan = result.plan
+        target_file, draft_file = self._models(req)  # file I/O outside the lock
         allocs: list[Allocation] = []
+        with self._reserve_lock:
+            result = self._fit(req, target_file, draft_file)
+            if not result.fits:
+                raise result.error()
+            reservation = _Reservation(result.plan.device_bytes(), allocs)
+            self._reservations.append(reservation)
+        plan = result.plan
         try:
             target = self._build(req.name, "target", target_file, plan, plan.params.target, allocs)
             draft = None
@@ -175,6 +188,8 @@ class PairFactory:
         except BaseException:
             release_all(self.backend, allocs)
             raise
+        finally:
+            self._reservations.remove(reservation)  # allocated or released: the ledger tells from now on
         log.info("loaded pair %s: %d buffers, %d bytes", req.name, len(allocs), plan.total_bytes)
         return LoadedPair(req, result, target, draft, allocs, self.backend)
 
@@ -194,6 +209,18 @@ class PairFactory:
                            ctx_bufs["logits"], ctx_bufs["scratch"], n_slots=cp.n_parallel,
                            n_ctx_slot=cp.n_ctx_slot, n_batch=cp.n_batch, n_outputs_max=cp.n_outputs_max)
         return ContextModel(mf, ctx)
+
+
+@dataclass
+class _Reservation:
+    """The device bytes a Load under way planned; `allocs` fills as it allocates (then the ledger counts them)."""
+
+    device_bytes: int
+    allocs: list[Allocation]
+
+    def outstanding(self) -> int:
+        allocated = sum(a.spec.nbytes for a in list(self.allocs) if a.spec.device == "device")
+        return max(self.device_bytes - allocated, 0)
 
 
 def _largest_fitting_ctx(plan_for, base: ContextParams, lo: int, avail: int) -> int:

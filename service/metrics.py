@@ -95,12 +95,20 @@ class Metrics:
         self.queued.labels(pair=pair).set_function(lambda: stats().get("queued", 0))
 
     def forget_pair(self, pair: str) -> None:
-        """Stop exporting the gauges of an unloaded pair (counters keep their totals)."""
-        for g in (self.active_slots, self.queued):
+        """Remove every series of an unloaded pair (a name reloaded later starts from zero, which
+        Prometheus reads as a counter reset): pairs come and go, their series must not pile up."""
+        with self._lock:
+            self._pairs.pop(pair, None)
+        for metric in self.pair_metrics():
             try:
-                g.remove(pair)
+                metric.remove(pair)
             except KeyError:
                 pass
+
+    def pair_metrics(self) -> tuple:
+        """Every metric labelled by pair."""
+        return (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens, self.prompt_tokens,
+                self.completion_tokens, self.ttft, self.active_slots, self.queued)
 
     def on_request(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC (called by the server interceptor)."""

@@ -3,20 +3,28 @@
 Lifecycle of a name:  loading -> ready -> draining -> (gone)
 A pair becomes ready only after its warm-up (service/warmup.py) ran the path requests take.
 A request to a loading or draining pair gets UNAVAILABLE; to an unknown name NOT_FOUND; to any
-name while nothing at all is loaded FAILED_PRECONDITION. Loads run one at a time (each Fit
-sees the memory the previous Load took); a Load that fails after the factory allocated
-releases the pair before the error leaves, so the ledger is as it was.
+name while nothing at all is loaded FAILED_PRECONDITION. Loads of different pairs run side by
+side (the factory reserves each plan's memory, so no two spend the same bytes); a Load that
+fails after the factory allocated releases the pair before the error leaves, so the ledger is
+as it was.
+
+Fit and Load run in a daemon thread each and are waited for at most `load_timeout` seconds
+(DEADLINE_EXCEEDED), or until the server drains (UNAVAILABLE): a stuck file or tokenizer costs
+its own client a deadline and nobody else anything. A Load abandoned that way leaves its name
+free at once; should it ever finish, its pair is released.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from service.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from service.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.params import SpeculativeConfig
 from service.warmup import WarmupError, warm_up
@@ -24,6 +32,27 @@ from service.warmup import WarmupError, warm_up
 log = logging.getLogger("specserve.registry")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client gets DEADLINE_EXCEEDED
+
+
+def return_memory() -> None:
+    """Free what an unloaded pair held now rather than at some later collection: its engine and
+    contexts reference each other (a cycle only the collector frees), and glibc keeps freed heap
+    pages unless asked to trim them."""
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): the collector alone
+        return None
+
+
+_libc = _glibc()
 
 
 @dataclass
@@ -38,6 +67,7 @@ class ServedPair:
     engine: object | None = None  # service.engine.Engine
     loaded_at: float = 0.0
     load_seconds: float = 0.0
+    abandoned: bool = False  # its Load ran past the time limit: released when (if) it finishes
 
     @property
     def ready(self) -> bool:
@@ -61,7 +91,7 @@ class PairRegistry:
 
     def __init__(self, factory: PairFactory, metrics=None, queue_max: int = 64,
                  engine_factory: Callable = _default_engine, tokenizer_factory: Callable = _default_tokenizer,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT):
         self.factory = factory
         self.metrics = metrics
         self.queue_max = queue_max
@@ -70,13 +100,43 @@ class PairRegistry:
         self._on_change = on_change or (lambda: None)
         self._pairs: dict[str, ServedPair] = {}
         self._lock = threading.Lock()
-        self._load_lock = threading.Lock()  # one Load at a time
+        self.load_timeout = load_timeout
         self._draining = False
 
     # ---- queries ----
     def fit(self, req: PairRequest) -> FitResult:
         """The factory's plan for `req`, given what loaded pairs hold now. Allocates nothing."""
-        return self.factory.fit(req)
+        return self._bounded(lambda: self.factory.fit(req), f"fit-{req.name}",
+                             f"planning pair {req.name!r}")
+
+    def _bounded(self, fn: Callable, thread_name: str, what: str, on_give_up: Callable[[], bool] = lambda: True):
+        """fn() in a daemon thread, waited for up to load_timeout s and only while the server is not draining.
+
+        Giving up calls `on_give_up()`; when it returns False (fn finished meanwhile) the wait goes on."""
+        box: dict = {}
+        done = threading.Event()
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=thread_name, daemon=True).start()
+        deadline = time.monotonic() + self.load_timeout
+        while not done.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
+            overdue = time.monotonic() >= deadline
+            if (overdue or self._draining) and on_give_up():
+                log.warning("gave up waiting: %s", what, extra={"kv": {"overdue": overdue}})
+                if overdue:
+                    raise DeadlineExceeded(f"{what} took longer than the server's load timeout "
+                                           f"({self.load_timeout:g} s): abandoned")
+                raise Unavailable(f"the server is shutting down: {what} abandoned")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     def get(self, name: str) -> ServedPair:
         """The ready pair `name`; UNAVAILABLE while it loads or drains, NOT_FOUND / FAILED_PRECONDITION otherwise."""
@@ -119,15 +179,25 @@ class PairRegistry:
             sp = self._pairs[req.name] = ServedPair(req.name, req)
         self._on_change()
         try:
-            with self._load_lock:
-                self._materialise(sp)
+            self._bounded(lambda: self._materialise(sp), f"load-{req.name}", f"loading pair {req.name!r}",
+                          on_give_up=lambda: self._abandon(sp))
         except BaseException:
             with self._lock:
-                del self._pairs[req.name]
+                if self._pairs.get(req.name) is sp:
+                    del self._pairs[req.name]
             self._on_change()
             raise
         self._on_change()
         return sp
+
+    def _abandon(self, sp: ServedPair) -> bool:
+        """Give up a Load still running: free its name now, release its pair when it finishes.
+        False when it finished meanwhile (the pair serves)."""
+        with self._lock:
+            if sp.pair is not None:
+                return False
+            sp.abandoned = True
+            return True
 
     def _materialise(self, sp: ServedPair) -> None:
         t0 = time.monotonic()
@@ -138,7 +208,6 @@ class PairRegistry:
             engine = self._engine_factory(pair, tokenizer, pair.plan.params.speculative, self.queue_max, None)
             engine.start()
             warm_s = warm_up(pair, engine, tokenizer)
-            engine.metrics = self.metrics.for_pair(sp.name) if self.metrics is not None else None  # after warm-up
         except BaseException as e:
             log.warning("load of pair %s failed after allocation: releasing it", sp.name)
             if engine is not None:
@@ -149,17 +218,31 @@ class PairRegistry:
                                          f"its warm-up failed: {e}") from e
             raise
         log.info("pair warmed up", extra={"kv": {"pair": sp.name, "warmup_s": round(warm_s, 3)}})
-        if self.metrics is not None:
-            self.metrics.track_engine(sp.name, engine.stats)
         with self._lock:
-            sp.pair, sp.tokenizer, sp.engine = pair, tokenizer, engine
-            sp.loaded_at, sp.load_seconds = time.time(), time.monotonic() - t0
-            sp.state = "draining" if self._draining else "ready"
+            abandoned = sp.abandoned
+            if not abandoned:
+                if self.metrics is not None:  # after warm-up: its tokens are not served ones
+                    engine.metrics = self.metrics.for_pair(sp.name)
+                    self.metrics.track_engine(sp.name, engine.stats)
+                sp.pair, sp.tokenizer, sp.engine = pair, tokenizer, engine
+                sp.loaded_at, sp.load_seconds = time.time(), time.monotonic() - t0
+                sp.state = "draining" if self._draining else "ready"
+        if abandoned:
+            log.warning("pair %s finished loading after its client was given up on: releasing it", sp.name)
+            engine.stop(0)
+            pair.release()
+            return
         log.info("pair ready", extra={"kv": {"pair": sp.name, "bytes": pair.plan.total_bytes,
                                               "load_s": round(sp.load_seconds, 3)}})
 
     def unload(self, name: str, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
-        """Drain the pair's requests (up to drain_timeout, then cancel them), release it; returns bytes released."""
+        """Drain the pair's requests (up to drain_timeout, then cancel them), release it and give its
+        memory back to the operating system; returns bytes released."""
+        released = self._unload(name, drain_timeout)
+        return_memory()  # here, where no frame holds the pair any more
+        return released
+
+    def _unload(self, name: str, drain_timeout: float) -> int:
         with self._lock:
             sp = self._pairs.get(name)
             if sp is None:

@@ -14,6 +14,7 @@ records the request in the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from compute.select import make_backend
-from service.errors import ResourceExhausted, SpecserveError
+from service.errors import InvalidArgument, ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
 from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
@@ -34,7 +35,7 @@ from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry
+from service.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
 from service.requests import DEFAULT_MAX_PROMPT_BYTES
 from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
 
@@ -70,6 +71,10 @@ class ServerConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
     metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
     auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
+    tls_cert: str = ""  # PEM certificate (chain) of the server; "": plaintext (service.tls)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -86,11 +91,35 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class InFlight:
+    """How many specserve RPCs are running; the drain waits for these, not for health Watch streams."""
+
+    def __init__(self):
+        self._n = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self):
+        with self._idle:
+            self._n += 1
+
+    def __exit__(self, *exc):
+        with self._idle:
+            self._n -= 1
+            if self._n == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until none runs (True) or `timeout` seconds passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._n == 0, timeout)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Request ids, status codes from service.errors, INTERNAL for the unexpected, request metrics and logs."""
 
-    def __init__(self, metrics: Metrics | None):
+    def __init__(self, metrics: Metrics | None, in_flight: InFlight | None = None):
         self.metrics = metrics
+        self.in_flight = in_flight or InFlight()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -99,14 +128,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = details.method
         header_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
         quiet = not method.startswith("/specserve.")  # health checks and reflection: debug level
+        # The request is decoded inside the wrapper (grpc gets no deserializer): bytes that are not the
+        # method's message are INVALID_ARGUMENT with a request id, not grpc's own INTERNAL.
+        decode = _decoder(handler.request_deserializer, method)
         if handler.unary_unary:
+            behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, header_id, quiet),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._unary(lambda raw, context: behavior(decode(raw), context), method, header_id, quiet),
+                response_serializer=handler.response_serializer)
         if handler.unary_stream:
+            stream = handler.unary_stream
+
+            def decoded_stream(raw, context):
+                result = stream(decode(raw), context)
+                if result is not None:  # None: health Watch answered through a callback
+                    yield from result
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, header_id, quiet),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                self._stream(decoded_stream, method, header_id, quiet),
+                response_serializer=handler.response_serializer)
         return handler  # no client-streaming RPCs here
 
     def _begin(self, context, header_id: str):
@@ -121,7 +160,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
             if isinstance(exc, ResourceExhausted) and exc.deficit_bytes:
                 context.set_trailing_metadata(trailers(request_id_var.get(), (DEFICIT_HEADER, str(exc.deficit_bytes))))
-            context.abort(code, str(exc))
+            context.abort(code, _bounded_details(str(exc)))
         if _aborted(context):  # the handler aborted itself: keep its status
             raise exc
         log.error("unexpected error in %s", method, exc_info=exc, extra={"kv": {"method": method}})
@@ -136,13 +175,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         log.log(level, "rpc", extra={"kv": {"method": method, "code": code, "ms": round(ms, 1)}})
 
     def _unary(self, behavior, method, header_id, quiet):
+        counted = self.in_flight if not quiet else contextlib.nullcontext()
+
         def wrapper(request, context):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
                 if header_id:
                     check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                return behavior(request, context)
+                with counted:
+                    return behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
                 code = _code_of(exc, context)
                 self._fail(exc, context, method)
@@ -152,13 +194,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior, method, header_id, quiet):
+        counted = self.in_flight if not quiet else contextlib.nullcontext()
+
         def wrapper(request, context):
             t0, token = time.monotonic(), self._begin(context, header_id)
             code = None
             try:
                 if header_id:
                     check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                yield from behavior(request, context)
+                with counted:
+                    yield from behavior(request, context)
             except GeneratorExit:  # the client went away mid-stream
                 code = "CANCELLED"
                 raise
@@ -172,6 +217,32 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except ValueError:  # the generator was closed from another context
                     pass
         return wrapper
+
+
+MAX_DETAILS_CHARS = 1024  # a message quoting a client's 30 kB field must still fit grpc's 16 KiB metadata limit
+
+
+def _bounded_details(message: str) -> str:
+    """Status details short enough for the grpc-message trailer (percent-encoded: up to 12 bytes a char).
+    The middle goes: a message starts with what it is about and ends with why."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    half = MAX_DETAILS_CHARS // 2
+    return f"{message[:half]} ...({len(message) - 2 * half} characters left out)... {message[-half:]}"
+
+
+def _decoder(deserialize, method: str):
+    """raw bytes -> the method's request message; InvalidArgument when they are not one."""
+    if deserialize is None:
+        return lambda raw: raw
+
+    def decode(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and whatever a parser raises
+            raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
+                                  f"({type(e).__name__}): send the message the method's .proto declares") from None
+    return decode
 
 
 def _aborted(context) -> bool:
@@ -229,12 +300,15 @@ class SpecServer:
     def __init__(self, config: ServerConfig, backend=None):
         self.config = config
         self._draining = False
+        self._credentials = self._tls(config)  # before anything starts: a bad file is a SystemExit
         self.metrics = Metrics()
+        self.in_flight = InFlight()
         self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
         log.info("backend", extra={"kv": {"backend": self.backend.name, "device": repr(self.backend)}})
         self.factory = PairFactory(self.backend, config.models_dir or None, config.device_memory_bytes)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health)
+        self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health,
+                                     load_timeout=config.load_timeout)
         defaults = Defaults(params=config.params, speculative=config.speculative,
                             target_path=config.default_target, max_tokens=config.max_tokens,
                             max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
@@ -259,10 +333,20 @@ class SpecServer:
     def _interceptors(self, config: ServerConfig) -> list[grpc.ServerInterceptor]:
         """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
         if not config.auth_token_file:
-            return [ErrorInterceptor(self.metrics)]
+            return [ErrorInterceptor(self.metrics, self.in_flight)]
         from service.auth import AuthInterceptor, load_token_file
 
-        return [ErrorInterceptor(self.metrics), AuthInterceptor(load_token_file(config.auth_token_file))]
+        return [ErrorInterceptor(self.metrics, self.in_flight),
+                AuthInterceptor(load_token_file(config.auth_token_file))]
+
+    @staticmethod
+    def _tls(config: ServerConfig):
+        """Server TLS credentials, or None for a plaintext port."""
+        if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+            return None
+        from service.tls import server_credentials
+
+        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
 
     # ---- health ----
     def _update_health(self) -> None:
@@ -280,7 +364,10 @@ class SpecServer:
         address = f"{self.config.host}:{self.config.port}"
         if ":" in self.config.host and not self.config.host.startswith("["):
             address = f"[{self.config.host}]:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise SystemExit(f"cannot bind {address}")
         self.server.start()
@@ -289,7 +376,9 @@ class SpecServer:
                                                                          addr=self.config.host)
         log.info("listening", extra={"kv": {"address": f"{self.config.host}:{self.port}",
                                             "backend": self.backend.name, "models_dir": self.factory.models_dir,
-                                            "metrics_port": self.metrics_port or None, "pid": os.getpid()}})
+                                            "metrics_port": self.metrics_port or None, "pid": os.getpid(),
+                                            "tls": "mutual" if self.config.tls_client_ca else
+                                            "on" if self._credentials is not None else "off"}})
         if self.config.startup is not None:
             threading.Thread(target=self._load_startup, name="startup-load", daemon=True).start()
         else:
@@ -324,7 +413,11 @@ class SpecServer:
         log.info("draining", extra={"kv": {"grace_s": grace}})
         self.health.enter_graceful_shutdown()
         self.registry.begin_drain()
-        self.server.stop(grace).wait()
+        # In-flight specserve RPCs may finish within `grace`; health Watch streams and reflection never
+        # end by themselves, so they must not hold the drain: once the specserve RPCs are done, stop.
+        idle = self.in_flight.wait_idle(grace)
+        log.info("drained", extra={"kv": {"in_flight_done": idle}})
+        self.server.stop(0).wait()
         self.registry.shutdown(drain_timeout=0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -134,7 +134,12 @@ class _GgufVocab:
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     """One metadata value (list for arrays), or ``default`` when the key is absent."""
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except Exception as e:  # noqa: BLE001 - a token text that is not UTF-8, an odd nested array
+        raise TokenizerError(f"GGUF metadata key {key} cannot be read ({type(e).__name__}: {str(e)[:80]})") from e
 
 
 def _checked_id(reader: gguf.GGUFReader, key: str, n_vocab: int, default: int | None) -> int | None:

@@ -233,3 +233,18 @@ def test_hparams_values_of_the_wrong_kind_are_model_file_errors():
             hparams_from_fields(_fields(**{key: value}), shapes, None)
     with pytest.raises(ModelFileError, match="tokenizer.ggml.tokens holds 7 tokens"):
         hparams_from_fields(_fields(), shapes, 7)
+
+
+def test_a_token_text_that_is_not_utf8_is_invalid_argument_at_load(hostile, hostile_server, tmp_path):
+    """Found by tests/test_fuzz.py: the tokenizer read token texts unchecked, and Load answered INTERNAL."""
+    d, _ = hostile
+    c = hostile_server
+    bad = d / "token-not-utf8.gguf"
+    shutil.copy(d / TINY, bad)
+    first_text = kv_value_offset(bad, "tokenizer.ggml.tokens") + 4 + 8 + 8  # item type, count, first length
+    patch_bytes(bad, first_text, b"\xff")
+    before = c.server.backend.ledger.total_bytes()
+    code, details, _ = _refusal(c.model.Load, pb.LoadRequest(pair=pb.PairSpec(name="bad", target_path=bad.name)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "tokenizer.ggml.tokens cannot be read" in details, details
+    assert c.server.backend.ledger.total_bytes() == before
+    _generates(c)

@@ -125,3 +125,37 @@ def test_a_bad_x_request_id_header_is_refused_before_the_handler_runs(server, ba
     r, call = c.gen.Generate.with_call(_greedy(prompt="the cat"), metadata=ids, timeout=30)
     assert dict(call.trailing_metadata())["x-request-id"] == ids[0][1] and r.request_id == ids[0][1]
     assert _requests(c, GENERATE, "OK") == ok + 1
+
+
+@pytest.mark.parametrize("method, streaming", [
+    (GENERATE, False), (STREAM, True), ("/specserve.v1.ModelService/Fit", False),
+    ("/specserve.v1.ModelService/Load", False), ("/grpc.health.v1.Health/Check", False)])
+@pytest.mark.parametrize("garbage", [b"\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\x80" * 11, b"\x12\x05ab"])
+def test_undecodable_request_bytes_are_invalid_argument(server, method, streaming, garbage):
+    """Bytes that are no message of the method's type (bad tags, a length past the end, a varint of 11
+    bytes, a truncated string) get INVALID_ARGUMENT with a request id, not grpc's own INTERNAL."""
+    c = server
+    raw = (c.channel.unary_stream if streaming else c.channel.unary_unary)(
+        method, request_serializer=None, response_deserializer=None)
+    before = c.server.metrics.value("specserve_requests_total", method=method, code="INVALID_ARGUMENT")
+    with pytest.raises(grpc.RpcError) as e:
+        result = raw(garbage, timeout=30)
+        if streaming:
+            list(result)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "not a valid" in e.value.details() and "x-request-id" in dict(e.value.trailing_metadata())
+    if method.startswith("/specserve."):
+        assert c.server.metrics.value("specserve_requests_total", method=method,
+                                      code="INVALID_ARGUMENT") == before + 1
+    assert c.gen.Generate(_greedy(prompt="the cat"), timeout=30).tokens  # and the server still serves
+
+
+def test_a_refusal_quoting_a_huge_field_still_reaches_the_client(server):
+    """Found by tests/test_fuzz.py: a 30 kB path quoted in the status details overflowed grpc's 16 KiB
+    metadata limit, and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of the refusal."""
+    c = server
+    for path in ("x" * 30_000, "ö" * 5_000):
+        e = _error(c.model.Fit, pb.FitRequest(pair=pb.PairSpec(target_path=path)))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()  # a name longer than the OS allows
+        assert "characters left out" in e.details() and "cannot be read" in e.details()[-60:]
+        assert len(e.details()) < 1100

@@ -1,6 +1,7 @@
 """Cross-language clients against a real server: Node.js (@grpc/grpc-js + @grpc/proto-loader) calls Fit and
 Generate; ghz load-tests Generate and GenerateStream through reflection with zero errors (bench/ghz.sh).
 
+The server requires a bearer token (--auth-token-file); both clients send it from $SPECSERVE_TOKEN.
 `make setup` installs both (npm deps into tests/node/node_modules, ghz into .tools/)."""
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
+from service.auth import BearerToken
+from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, start_server, stop_server, tiny_config
 
 NODE_DIR = ROOT / "tests" / "node"
+TOKEN = "xlang-admin-7d1e4b"  # admin: the Node client calls Fit
 
 
 def _require(ok: bool, what: str) -> None:
@@ -24,8 +30,11 @@ def _require(ok: bool, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir):
-    c = start_server(tiny_config(tiny_models_dir, n_parallel=4))
+def server(tiny_models_dir, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("xlang") / "tokens"
+    tokens.write_text(f"admin:{TOKEN}\n")
+    c = start_server(replace(tiny_config(tiny_models_dir, n_parallel=4), auth_token_file=str(tokens)))
+    c.model = pb_grpc.ModelServiceStub(grpc.intercept_channel(c.channel, BearerToken(TOKEN)))  # for wait_idle
     yield c
     stop_server(c)
 
@@ -35,17 +44,18 @@ def test_node_client_calls_fit_and_generate(server):
     _require(node is not None, "node")
     _require((NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), "tests/node/node_modules")
     proc = subprocess.run([node, str(NODE_DIR / "client.js"), server.address], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=dict(os.environ, SPECSERVE_TOKEN=TOKEN))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["ok"] and seen["fit_buffers"] > 0 and seen["completion_tokens"] > 0
+    assert seen["ok"] and seen["authenticated"] and seen["fit_buffers"] > 0 and seen["completion_tokens"] > 0
     server.wait_idle()
 
 
 def test_ghz_through_reflection_has_zero_errors(server, tmp_path):
     ghz = ROOT / ".tools" / "ghz"
     _require(ghz.exists() or shutil.which("ghz") is not None, "ghz (.tools/ghz)")
-    env = dict(os.environ, GHZ_N="40", GHZ_C="8", GHZ_MAX_TOKENS="8", GHZ_OUT_DIR=str(tmp_path))
+    env = dict(os.environ, SPECSERVE_TOKEN=TOKEN, GHZ_N="40", GHZ_C="8", GHZ_MAX_TOKENS="8",
+               GHZ_OUT_DIR=str(tmp_path))
     proc = subprocess.run(["bash", str(ROOT / "bench" / "ghz.sh"), server.address], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -245,7 +245,7 @@ def test_k8s_kustomizations_reference_existing_files():
         if doc["kind"] not in ("Kustomization", "Component"):
             continue
         refs = list(doc.get("resources", [])) + list(doc.get("components", []))
-        refs += [p["path"] for p in doc.get("patches", [])]
+        refs += [p["path"] for p in doc.get("patches", []) if "path" in p]  # or an inline `patch`
         for ref in refs:
             assert (path.parent / ref).exists(), f"{_rel(path)}: {ref}"
 
@@ -310,3 +310,35 @@ def test_k8s_overlay_renders(variant: str):
         assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "specserve-models", "readOnly": True}}
         assert c["resources"]["limits"][resource] == 1
     assert sum(d["kind"] == "Service" and d["spec"].get("clusterIP") == "None" for d in docs) == 1
+
+
+def test_k8s_tls_auth_component_renders(tmp_path):
+    """The optional TLS + token component on the CPU overlay: flags appended to the args, the Secrets
+    mounted read-only, and probes that speak TLS (`specserve health`; native gRPC probes cannot)."""
+    cmd = _kustomize()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl on PATH")
+    k8s = shutil.copytree(K8S, tmp_path / "k8s")  # kustomize refuses absolute paths: an overlay beside the others
+    overlay = k8s / "overlays" / "tls"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../cpu]\ncomponents: [../../components/tls-auth]\n")
+    r = subprocess.run([*cmd, str(overlay)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (deploy,) = [d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "Deployment"]
+    c = _container(deploy)
+    args = c["args"]
+    assert args[:args.index("--port") + 2] == ["serve", "--host", "0.0.0.0", "--port", str(GRPC_PORT)]
+    assert {"--tls-cert=/etc/specserve/tls/tls.crt", "--tls-key=/etc/specserve/tls/tls.key",
+            "--auth-token-file=/etc/specserve/auth/tokens"} <= set(args)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["SPECSERVE_TLS_CA"] == "/etc/specserve/tls/ca.crt"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in c[probe], probe
+        assert c[probe]["exec"]["command"][:4] == ["specserve", "health", "--address", f"127.0.0.1:{GRPC_PORT}"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["tls"]["readOnly"] is True and mounts["auth"]["readOnly"] is True
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "specserve-tls"
+    assert volumes["auth"]["secret"]["secretName"] == "specserve-auth"

@@ -1,10 +1,12 @@
 // Cross-language client check: @grpc/grpc-js + @grpc/proto-loader call a running specserve server.
 //
-//   node client.js HOST:PORT
+//   [SPECSERVE_TOKEN=...] node client.js HOST:PORT
 //
 // Loads proto/specserve/v1/specserve.proto (no generated code), then calls ModelService.Fit,
 // GenerationService.Generate and GenerateStream, and one error path; exits 0 when every check
-// passes and prints one JSON line of what it saw. tests/test_service_node.py runs it.
+// passes and prints one JSON line of what it saw. With $SPECSERVE_TOKEN (a server started with
+// --auth-token-file) every call sends "authorization: Bearer <token>", and one call without it
+// must be UNAUTHENTICATED. tests/test_service_crosslang.py runs it.
 "use strict";
 
 const assert = require("node:assert/strict");
@@ -26,10 +28,18 @@ function loadApi() {
   return grpc.loadPackageDefinition(def).specserve.v1;
 }
 
-function call(client, method, request, timeoutMs = 60000) {
+const TOKEN = process.env.SPECSERVE_TOKEN || "";
+
+function metadata(token = TOKEN) {
+  const md = new grpc.Metadata();
+  if (token) md.set("authorization", `Bearer ${token}`);
+  return md;
+}
+
+function call(client, method, request, timeoutMs = 60000, md = metadata()) {
   const deadline = new Date(Date.now() + timeoutMs);
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline }, (err, resp) => (err ? reject(err) : resolve(resp)));
+    client[method](request, md, { deadline }, (err, resp) => (err ? reject(err) : resolve(resp)));
   });
 }
 
@@ -37,7 +47,7 @@ function stream(client, request, timeoutMs = 60000) {
   const deadline = new Date(Date.now() + timeoutMs);
   return new Promise((resolve, reject) => {
     const messages = [];
-    const s = client.GenerateStream(request, { deadline });
+    const s = client.GenerateStream(request, metadata(), { deadline });
     s.on("data", (m) => messages.push(m));
     s.on("error", reject);
     s.on("end", () => resolve(messages));
@@ -87,7 +97,15 @@ async function main() {
     return true;
   });
 
-  console.log(JSON.stringify({ ok: true, fit_buffers: fit.plan.buffers.length, total_bytes: fit.plan.total_bytes,
+  // With a token: the same call without one is refused.
+  if (TOKEN) {
+    await assert.rejects(call(gen, "Generate", request, 60000, metadata("")), (err) => {
+      assert.equal(err.code, grpc.status.UNAUTHENTICATED);
+      return true;
+    });
+  }
+
+  console.log(JSON.stringify({ ok: true, authenticated: Boolean(TOKEN), fit_buffers: fit.plan.buffers.length, total_bytes: fit.plan.total_bytes,
     text: resp.text, completion_tokens: resp.usage.completion_tokens, stream_messages: messages.length }));
   models.close();
   gen.close();
