@@ -363,6 +363,26 @@ def test_weight_nbytes_and_allocation(be):
 
 
 # ---- fused launches: the same bits as the ops one at a time ----
+class Launches:
+    """Counts the kernels the backend enqueues inside a `with` block."""
+
+    def __init__(self, be: OpenCLBackend):
+        self.be, self.n = be, 0
+
+    def __enter__(self) -> "Launches":
+        real = self.be.kernels.enqueue
+
+        def counting(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        self.be.kernels.enqueue = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.be.kernels.enqueue
+
+
 def test_fused_matmuls_of_one_x(be):
     """q, k, v (and gate, up) share x: one launch; each output equals its own launch bit for bit."""
     rng = np.random.default_rng(11)
@@ -373,7 +393,9 @@ def test_fused_matmuls_of_one_x(be):
         xd = dev(be, rng.standard_normal((n, K)).astype(np.float32))
         for group in (3, 2):
             outs = [empty(be, (n, w.shape[0])) for w in ws[:group]]
-            be.matmuls(xd, [Proj(w, o, bias if i == 1 else None) for i, (w, o) in enumerate(zip(ws, outs))])
+            with Launches(be) as launched:
+                be.matmuls(xd, [Proj(w, o, bias if i == 1 else None) for i, (w, o) in enumerate(zip(ws, outs))])
+            assert launched.n == 1
             fused = [host(be, o) for o in outs]
             for i, (w, o) in enumerate(zip(ws, outs)):
                 alone = empty(be, o.shape)
@@ -388,7 +410,10 @@ def test_fused_add_rms_norm(be, ref):
         b = rng.standard_normal((n, E)).astype(np.float32)
         w = rng.standard_normal(E).astype(np.float32)
         ad, out = dev(be, a), empty(be, (n, E))
-        be.add_rms_norm(ad, dev(be, b), ad, dev(be, w), 1e-5, out)  # the add fused with the norm of its result
+        bd, wd = dev(be, b), dev(be, w)
+        with Launches(be) as launched:
+            be.add_rms_norm(ad, bd, ad, wd, 1e-5, out)  # the add fused with the norm of its result
+        assert launched.n == 1
         fused_x, fused = host(be, ad), host(be, out)
         assert np.array_equal(fused_x, a + b)
         alone = empty(be, (n, E))
@@ -407,7 +432,9 @@ def test_fused_rope_pair(be):
     theta = rng.uniform(0, 50, (n, hd // 2))
     cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     qd, kd = dev(be, q), dev(be, k)
-    be.rope_qk(qd, kd, cos, sin, 9, 3, hd, hd, False)  # one launch
+    with Launches(be) as launched:
+        be.rope_qk(qd, kd, cos, sin, 9, 3, hd, hd, False)
+    assert launched.n == 1
     q1, k1 = dev(be, q), dev(be, k)
     be.rope(q1, cos, sin, 9, hd, hd, False)
     host(be, q1)
