@@ -8,6 +8,10 @@ the ledger's entries for a pair are compared with the plan's, item by item.
 The forward pass (compute/llama.py) is written once against the op methods below. Arrays
 are backend-specific (numpy.ndarray, or the OpenCL backend's device array); the graph only
 slices their leading (row) dimension with `a[:n]` and passes them back to the backend.
+
+Fused operations (`matmuls`, `add_rms_norm`, `rope_qk`) are methods with their own names,
+called by the graph where it does several things at once; the base class builds each from
+the plain ops, and a backend that has a fused kernel overrides it with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -16,12 +20,10 @@ import contextlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-OWNERS = ("target", "draft")
-KINDS = ("weights", "kv_cache", "outputs", "compute")
 KV_TYPES = {"f32": 4, "f16": 2}
 
 
@@ -90,6 +92,15 @@ class Allocation:
     spec: BufferSpec
     handle: int
     array: Any
+
+
+@dataclass(frozen=True)
+class Proj:
+    """One output of a grouped matmul: out (n, N) = x (n, K) @ W^T [+ bias (N,)], W the file's (N, K) matrix."""
+
+    w: Any
+    out: Any
+    bias: Any = None
 
 
 class Backend(ABC):
@@ -214,9 +225,30 @@ class Backend(ABC):
     def to_host(self, x, n: int) -> np.ndarray:
         """The first n rows of x as a float32 numpy array (a synchronisation point)."""
 
-    @abstractmethod
+    # ---- fused operations: defaults from the plain ops; a backend with a fused kernel overrides ----
+    def matmuls(self, x, projs: Sequence[Proj], pad=None) -> None:
+        """p.out = x @ p.w^T [+ p.bias] for every p of projs: several matrices of one input
+        (q, k, v; gate, up). Each output equals its own `matmul` bit for bit."""
+        for p in projs:
+            self.matmul(x, p.w, p.out, p.bias, pad=pad)
+
+    def add_rms_norm(self, a, b, x, w, eps: float, out) -> None:
+        """x = a + b, then out = x / sqrt(mean(x^2) + eps) * w per row: the residual add and the
+        norm of its result (x may be a: the residual stream updated in place)."""
+        self.add(a, b, x)
+        self.rms_norm(x, w, eps, out)
+
+    def rope_qk(self, q, k, cos: np.ndarray, sin: np.ndarray, n_head: int, n_head_kv: int, head_dim: int,
+                rope_dim: int, neox: bool) -> None:
+        """`rope` of q (n, n_head*head_dim) and of k (n, n_head_kv*head_dim) with the same tables."""
+        self.rope(q, cos, sin, n_head, head_dim, rope_dim, neox)
+        self.rope(k, cos, sin, n_head_kv, head_dim, rope_dim, neox)
+
+    # ---- read-back for tests and checks (not used by the graph) ----
     def kv_read(self, k_cache, v_cache, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """K and V (n, n_embd_kv) float32 of a slot's first n cells (tests and rollback checks)."""
+        """K and V (n, n_embd_kv) float32 of a slot's first n cells (tests and rollback checks);
+        backends that can read their caches back override it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its KV cache back")
 
 
 def release_all(backend: Backend, allocs: Iterable[Allocation]) -> None:

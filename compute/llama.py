@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compute.backend import KV_TYPES, Allocation, Backend
+from compute.backend import KV_TYPES, Allocation, Backend, Proj
 from compute.gguf_model import HParams
 
 Layout = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
@@ -131,36 +131,38 @@ class LlamaContext:
     def _decode(self, batch: Batch) -> np.ndarray:
         be, hp, t, s = self.backend, self.hp, self.w.t, self.s
         n = len(batch)
-        x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]
-        attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]
-        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)
+        x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]  # (n, n_embd), (n, n_embd_q|kv)
+        attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]  # (n, n_embd_q|n_embd|n_ff)
+        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)  # (n, rope_dim/2)
         be.embed(t["token_embd.weight"], batch.tokens, x)
+        be.rms_norm(x, t["blk.0.attn_norm.weight"], hp.rms_eps, xn)  # later layers: fused with the residual add
         for i in range(hp.n_layer):
             p = f"blk.{i}."
-            be.rms_norm(x, t[p + "attn_norm.weight"], hp.rms_eps, xn)
-            be.matmul(xn, t[p + "attn_q.weight"], q, t.get(p + "attn_q.bias"), pad=self.pad)
-            be.matmul(xn, t[p + "attn_k.weight"], k, t.get(p + "attn_k.bias"), pad=self.pad)
-            be.matmul(xn, t[p + "attn_v.weight"], v, t.get(p + "attn_v.bias"), pad=self.pad)
-            be.rope(q, cos, sin, hp.n_head, hp.head_dim, hp.rope_dim, hp.rope_neox)
-            be.rope(k, cos, sin, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox)
+            # attention: xn -> q, k, v -> RoPE -> KV cache -> attn -> o; x += o
+            be.matmuls(xn, [Proj(t[p + "attn_q.weight"], q, t.get(p + "attn_q.bias")),
+                            Proj(t[p + "attn_k.weight"], k, t.get(p + "attn_k.bias")),
+                            Proj(t[p + "attn_v.weight"], v, t.get(p + "attn_v.bias"))], pad=self.pad)
+            be.rope_qk(q, k, cos, sin, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox)
             be.kv_store(self.k, self.v, i, batch.slots, batch.positions, k, v)
             be.attention(self.k, self.v, i, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
                          hp.head_dim, attn)
             be.matmul(attn, t[p + "attn_output.weight"], o, pad=self.pad)
-            be.add(x, o, x)
-            be.rms_norm(x, t[p + "ffn_norm.weight"], hp.rms_eps, xn)
-            be.matmul(xn, t[p + "ffn_gate.weight"], gate, pad=self.pad)
-            be.matmul(xn, t[p + "ffn_up.weight"], up, pad=self.pad)
+            be.add_rms_norm(x, o, x, t[p + "ffn_norm.weight"], hp.rms_eps, xn)
+            # feed-forward: xn -> gate, up -> silu(gate) * up -> o; x += o (and the next layer's norm)
+            be.matmuls(xn, [Proj(t[p + "ffn_gate.weight"], gate), Proj(t[p + "ffn_up.weight"], up)], pad=self.pad)
             be.swiglu(gate, up, gate)
             be.matmul(gate, t[p + "ffn_down.weight"], o, pad=self.pad)
-            be.add(x, o, x)
+            if i + 1 < hp.n_layer:
+                be.add_rms_norm(x, o, x, t[f"blk.{i + 1}.attn_norm.weight"], hp.rms_eps, xn)
+            else:
+                be.add(x, o, x)
         n_out = len(batch.outputs)
         if n_out == 0:
             return np.zeros((0, hp.n_vocab), np.float32)
-        sel, seln = s["sel"][:n_out], s["seln"][:n_out]
+        sel, seln = s["sel"][:n_out], s["seln"][:n_out]  # (n_out, n_embd)
         be.gather_rows(x, batch.outputs, sel)
         be.rms_norm(sel, t["output_norm.weight"], hp.rms_eps, seln)
-        logits = self.logits[:n_out]
+        logits = self.logits[:n_out]  # (n_out, n_vocab)
         be.matmul(seln, self.w.head(), logits, pad=self.pad)
         return be.to_host(logits, n_out)
 

@@ -28,6 +28,15 @@ def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: fl
     return out
 
 
+def penalty_history(tokens: Sequence[int], drafts: Sequence[int], params: SamplingParams) -> list[int]:
+    """The tokens a repetition penalty looks back over for the token after tokens + drafts: only its
+    window of the last repeat_last_n (all when -1); none when the penalty is off."""
+    if params.repeat_penalty == 1.0 or params.repeat_last_n == 0:
+        return []
+    n = params.repeat_last_n if params.repeat_last_n > 0 else len(tokens) + len(drafts)
+    return (list(tokens[-n:]) + list(drafts))[-n:]
+
+
 def logits_to_probs(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = ()) -> np.ndarray:
     """The distribution a token is drawn from. logits: (n_vocab,) float32 -> probs (n_vocab,) float64."""
     logits = apply_repeat_penalty(logits, history, params.repeat_penalty, params.repeat_last_n)

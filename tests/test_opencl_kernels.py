@@ -11,7 +11,7 @@ dequantisers may fuse a multiply-add that the reference rounds twice):
   matmul, attention, rms_norm: rtol = atol = 1e-4 on outputs of order one (measured: ~4e-7
   relative); embed of quantised tables: rtol = atol = 1e-6; swiglu (exp may differ by an ulp):
   rtol = atol = 1e-5; rope: 1e-6; add, gather, kv store (f32, and f16 rounded to nearest
-  even), embed of f32/f16/bf16 tables, argmax: exact. Batch invariance and the fused launches
+  even), embed of f32/f16/bf16 tables: exact. Batch invariance and the fused launches
   are checked for exact equality.
 """
 
@@ -26,7 +26,7 @@ cl = pytest.importorskip("pyopencl")
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from compute.backend import BufferSpec  # noqa: E402
+from compute.backend import BufferSpec, Proj  # noqa: E402
 from compute.numpy_backend import NumpyBackend  # noqa: E402
 from compute.opencl.backend import KERNEL_DIR, MAT_ROWS, CLArray, OpenCLBackend  # noqa: E402
 from tests.opencl_runtimes import device_params  # noqa: E402
@@ -287,18 +287,6 @@ def test_rope(be, ref, neox, n_heads, head_dim, rope_dim):
     np.testing.assert_allclose(host(be, xd), expect, rtol=1e-6, atol=1e-6)
 
 
-def test_argmax_rows(be):
-    rng = np.random.default_rng(9)
-    for V in (1000, 49152, 5):
-        x = rng.standard_normal((6, V)).astype(np.float32)
-        x[1, :] = 0.0  # all ties: first index
-        x[2, V - 1] = 50.0  # the tail
-        x[3, [V // 3, V // 2]] = 60.0  # a tie: the first one
-        got = be.argmax_rows(offset_dev(be, x), 6)
-        assert got.tolist() == np.argmax(x, axis=1).tolist(), V
-        assert be.argmax_rows(dev(be, x), 2).tolist() == np.argmax(x[:2], axis=1).tolist()
-
-
 # ---- KV cache and attention ----
 def _caches(be, ref, n_layer, n_slots, n_ctx, E, kv):
     shape = (n_layer, n_slots, n_ctx, E)
@@ -374,6 +362,26 @@ def test_weight_nbytes_and_allocation(be):
 
 
 # ---- fused launches: the same bits as the ops one at a time ----
+class Launches:
+    """Counts the kernels the backend enqueues inside a `with` block."""
+
+    def __init__(self, be: OpenCLBackend):
+        self.be, self.n = be, 0
+
+    def __enter__(self) -> "Launches":
+        real = self.be.kernels.enqueue
+
+        def counting(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        self.be.kernels.enqueue = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.be.kernels.enqueue
+
+
 def test_fused_matmuls_of_one_x(be):
     """q, k, v (and gate, up) share x: one launch; each output equals its own launch bit for bit."""
     rng = np.random.default_rng(11)
@@ -384,8 +392,9 @@ def test_fused_matmuls_of_one_x(be):
         xd = dev(be, rng.standard_normal((n, K)).astype(np.float32))
         for group in (3, 2):
             outs = [empty(be, (n, w.shape[0])) for w in ws[:group]]
-            for i, (w, o) in enumerate(zip(ws, outs)):
-                be.matmul(xd, w, o, bias=bias if i == 1 else None)  # deferred and grouped
+            with Launches(be) as launched:
+                be.matmuls(xd, [Proj(w, o, bias if i == 1 else None) for i, (w, o) in enumerate(zip(ws, outs))])
+            assert launched.n == 1
             fused = [host(be, o) for o in outs]
             for i, (w, o) in enumerate(zip(ws, outs)):
                 alone = empty(be, o.shape)
@@ -400,8 +409,10 @@ def test_fused_add_rms_norm(be, ref):
         b = rng.standard_normal((n, E)).astype(np.float32)
         w = rng.standard_normal(E).astype(np.float32)
         ad, out = dev(be, a), empty(be, (n, E))
-        be.add(ad, dev(be, b), ad)  # deferred: fused with the norm of its result
-        be.rms_norm(ad, dev(be, w), 1e-5, out)
+        bd, wd = dev(be, b), dev(be, w)
+        with Launches(be) as launched:
+            be.add_rms_norm(ad, bd, ad, wd, 1e-5, out)  # the add fused with the norm of its result
+        assert launched.n == 1
         fused_x, fused = host(be, ad), host(be, out)
         assert np.array_equal(fused_x, a + b)
         alone = empty(be, (n, E))
@@ -420,8 +431,9 @@ def test_fused_rope_pair(be):
     theta = rng.uniform(0, 50, (n, hd // 2))
     cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     qd, kd = dev(be, q), dev(be, k)
-    be.rope(qd, cos, sin, 9, hd, hd, False)
-    be.rope(kd, cos.copy(), sin.copy(), 3, hd, hd, False)  # equal tables: one launch
+    with Launches(be) as launched:
+        be.rope_qk(qd, kd, cos, sin, 9, 3, hd, hd, False)
+    assert launched.n == 1
     q1, k1 = dev(be, q), dev(be, k)
     be.rope(q1, cos, sin, 9, hd, hd, False)
     host(be, q1)

@@ -117,7 +117,7 @@ def test_greedy_tokens_match_numpy(model, numpy_tokens, backend, tuning):
 
 def test_real_model_batch_invariance_and_argmax(model, backend):
     """Logits of rows decoded together equal, bit for bit, the same rows decoded alone; and
-    argmax_rows agrees with np.argmax on them."""
+    the logits buffer read back holds them."""
     be = backend()
     factory = PairFactory(be)
     pair = factory.load(_request(model))
@@ -127,8 +127,7 @@ def test_real_model_batch_invariance_and_argmax(model, backend):
             ctx.decode(Batch.make(p, range(len(p)), [slot] * len(p), []))
         rows = Batch.make([504, 19161, 260], [len(p) for p in PROMPTS], [0, 1, 2], [0, 1, 2])
         together = ctx.decode(rows)
-        ids = be.argmax_rows(ctx.logits, 3)
-        assert ids.tolist() == np.argmax(together, axis=1).tolist()
+        assert np.array_equal(be.to_host(ctx.logits, 3), together)
         for i in range(3):  # ... and alone (the cells they write are the same)
             alone = ctx.decode(Batch.make(rows.tokens[i:i + 1], rows.positions[i:i + 1], rows.slots[i:i + 1], [0]))
             assert np.array_equal(alone[0], together[i]), f"row {i}"

@@ -10,6 +10,7 @@ import pytest
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
+from service.draft_policy import DraftStats, acceptance, best_k, learn
 from service.engine import Engine
 from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.factory import PairFactory, PairRequest
@@ -319,33 +320,23 @@ def test_engine_survives_a_failing_step(tiny_pair):
         eng.stop()
 
 
-def test_draft_length_follows_acceptance_and_backend_cost(tiny_pair):
-    """The engine drafts the k that yields the most expected tokens per unit of cost."""
-    pair, tok, be = tiny_pair
-    eng = Engine(pair, tok, SpeculativeConfig("ngram", n_max=8))
-    from service.engine import Slot
-
-    s = Slot(0)
+def test_draft_length_follows_acceptance_and_backend_cost():
+    """The draft policy drafts the k that yields the most expected tokens per unit of cost."""
+    s = DraftStats()
     costs = {"tiles": lambda r: float(-(-r // 8)), "per_row": lambda r: float(r),
              "pocl": lambda r: 1.0 if r == 1 else 1.5 * -(-r // 8)}
-    orig = be.row_cost
-    try:
-        be.row_cost = costs["tiles"]
-        assert eng._best_k(s, 8) == 7  # 7 drafts are free in an 8-row tile; the 8th costs a tile
-        be.row_cost = costs["per_row"]
-        assert eng._best_k(s, 8) == 0  # every row costs a decode: drafting never pays
-        be.row_cost = costs["pocl"]
-        for _ in range(6):
-            eng._learn(s, 7, 0)  # all rejected: the estimate falls, drafting stops
-        assert eng._best_k(s, 8) == 0
-        for _ in range(200):
-            eng._learn(s, 0, 0)  # idle steps: the estimate returns to the prior, drafting resumes
-        assert eng._best_k(s, 8) == 7
-        for _ in range(10):
-            eng._learn(s, 7, 7)  # all accepted
-        assert eng._best_k(s, 16) == 7  # 15 drafts would fill two tiles for ~1.8x the tokens: not worth 2x the cost
-    finally:
-        be.row_cost = orig
+    k = lambda cost, k_max: best_k(acceptance(s), k_max, costs[cost])  # noqa: E731
+    assert k("tiles", 8) == 7  # 7 drafts are free in an 8-row tile; the 8th costs a tile
+    assert k("per_row", 8) == 0  # every row costs a decode: drafting never pays
+    for _ in range(6):
+        s = learn(s, 7, 0)  # all rejected: the estimate falls, drafting stops
+    assert k("pocl", 8) == 0
+    for _ in range(200):
+        s = learn(s, 0, 0)  # idle steps: the estimate returns to the prior, drafting resumes
+    assert k("pocl", 8) == 7
+    for _ in range(10):
+        s = learn(s, 7, 7)  # all accepted
+    assert k("pocl", 16) == 7  # 15 drafts would fill two tiles for ~1.8x the tokens: not worth 2x the cost
 
 
 def test_lossless_with_a_repetition_penalty(tiny_pair):

@@ -8,41 +8,41 @@ arrays of a layout are (buffer, element offset) views of it, and kernels take th
 an argument (no sub-buffers and no alignment padding, except the p_* parameter arrays below).
 
 Synchronisation: one in-order queue; nothing in a forward pass waits for the device until
-`to_host` (or `argmax_rows`) reads the result back. Per-call host parameters (token ids,
-slots, positions, the RoPE cos/sin tables, gathered row indices) are uploaded with
-non-blocking writes into the p_* arrays of the context's compute scratch (`param_layout`:
-planned, sized for n_batch rows and n_outputs_max outputs), and skipped when the array
-already holds the same bytes. `forward(scratch)` points the ops at a context's scratch and
-holds the backend's lock for the whole pass. The kernels take those arrays without an offset,
-so each is a sub-buffer: p_* arrays come first in the scratch, each rounded up to the device's
-CL_DEVICE_MEM_BASE_ADDR_ALIGN; `allocate` creates the sub-buffers (views, no new memory).
+`to_host` reads the result back. Per-call host parameters (token ids, slots, positions, the
+RoPE tables, gathered row indices) go up with non-blocking writes into planned p_* arrays of
+the context's compute scratch (compute/opencl/staging.py); `forward(scratch)` points the ops
+at a context's scratch and holds the backend's lock for the whole pass; `allocate` creates
+the p_* sub-buffers (views, no new memory). Kernels and their builds: compute/opencl/programs.py.
 
 Batch invariance: every kernel computes a row's result with the same arithmetic whatever
 the number of rows; the matrix kernel has a mat-vec build (NR=1, used for one row) and a
 mat-mat build (NR=mat_rows rows per work-item) whose per-row operation order is identical.
+
+Fusion: the graph calls the fused operations by name (`matmuls`, `add_rms_norm`, `rope_qk`)
+and each is one launch here (per layer 16 launches become 10; a PoCL launch costs ~20 us);
+every op launches when it is called, nothing is held back for the next call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
 import threading
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 
-from compute.backend import Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.backend import Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger, Proj
 from compute.opencl import runtime
-from compute.opencl.probe import PREFERENCE, first_error_line, runtime_of
+from compute.opencl.probe import PREFERENCE, runtime_of
+from compute.opencl.programs import KERNEL_DIR, TUNINGS, BuildProfile, KernelBuildError, KernelCache, kernel_source
+from compute.opencl.staging import ParamStaging
 from compute.quants import dequantize, tensor_nbytes
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+__all__ = ["KERNEL_DIR", "TUNINGS", "CLArray", "CLWeight", "KernelBuildError", "OpenCLBackend", "cpu_threads",
+           "kernel_source", "list_devices", "select_device"]
 
 if not os.environ.get("PYOPENCL_COMPILER_OUTPUT"):
     # Intel's runtime logs a line for every successful build; a failed build raises with its log.
@@ -57,23 +57,7 @@ KERNEL_TYPES = {
 # Rows of x per work-item in the mat-mat build: a CPU keeps 2 x 8 16-wide accumulators in
 # its 32 vector registers; a GPU work-item holds them in scalar registers, so fewer.
 MAT_ROWS = {"cpu": 8, "gpu": 2}
-# Kernel tuning profiles (the constants live behind these #ifdefs in kernels/common.clh).
-TUNINGS = {
-    "cpu": ("-DDEV_CPU=1", "-DVENDOR_POCL=1"),
-    "nvidia": ("-DVENDOR_NVIDIA=1",),
-    "amd": ("-DVENDOR_AMD=1",),
-    "intel": ("-DVENDOR_INTEL=1",),
-    "generic": ("-DVENDOR_OTHER=1",),
-}
 _NP_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32)}
-# op key -> the scratch array its per-call host parameter is staged into
-_PARAMS = {"ids": "p_ids", "rows": "p_rows", "cos": "p_cos", "sin": "p_sin", "slots": "p_slots",
-           "positions": "p_positions"}
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
-
-
-class KernelBuildError(RuntimeError):
-    """This device's OpenCL runtime could not build or create one of the backend's kernels."""
 
 
 # ---- devices ----
@@ -119,30 +103,6 @@ def select_device(device: str | int | None = None) -> tuple[cl.Platform, cl.Devi
     raise ValueError(f"no OpenCL device matches {device!r}; devices: {list_devices()}")
 
 
-def _vendor_define(platform: cl.Platform, dev: cl.Device) -> str:
-    text = f"{platform.name} {platform.vendor} {dev.vendor}".lower()
-    for key, define in (("portable computing language", "VENDOR_POCL"), ("pocl", "VENDOR_POCL"),
-                        ("nvidia", "VENDOR_NVIDIA"), ("advanced micro devices", "VENDOR_AMD"), ("amd", "VENDOR_AMD"),
-                        ("intel", "VENDOR_INTEL"), ("apple", "VENDOR_APPLE")):
-        if key in text:
-            return define
-    return "VENDOR_OTHER"
-
-
-def kernel_source(name: str) -> str:
-    """A kernel file with its `#include "x.clh"` lines replaced by those files (kernels/ only)."""
-    seen: set[str] = set()
-
-    def expand(fname: str) -> str:
-        if fname in seen:  # include guards in the headers make a second copy harmless; skip it anyway
-            return ""
-        seen.add(fname)
-        text = (KERNEL_DIR / fname).read_text()
-        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
-
-    return expand(name)
-
-
 # ---- arrays ----
 class CLArray:
     """A device array: `shape` elements of `dtype` at element offset `off` of a cl.Buffer.
@@ -184,11 +144,6 @@ class CLWeight:
     shape: tuple[int, int]
 
 
-def _same(a: CLArray, b: CLArray) -> bool:
-    """The same view: buffer, offset, shape."""
-    return a.buf is b.buf and a.off == b.off and a.shape == b.shape and a.dtype == b.dtype
-
-
 def _overlaps(a: CLArray, b: CLArray) -> bool:
     """Whether two views share any byte."""
     if a.buf is not b.buf:
@@ -197,15 +152,73 @@ def _overlaps(a: CLArray, b: CLArray) -> bool:
     return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
-def _same_host(a, b) -> bool:
-    return a is b or (np.shape(a) == np.shape(b) and np.array_equal(a, b))
-
-
 def _check_rows(ids, n_rows: int, what: str) -> None:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
         raise IndexError(f"{what} {int(ids.max()) if ids.max() >= n_rows else int(ids.min())} "
                          f"out of range for {n_rows} rows")
+
+
+def _matmul_groups(x: CLArray, projs) -> list[list[Proj]]:
+    """Consecutive projections of x in launch groups: up to three of one weight type whose
+    outputs overlap neither x nor each other (one -DSEGS=3 launch writes them all at once)."""
+    groups: list[list[Proj]] = []
+    for p in projs:
+        g = groups[-1] if groups else None
+        if (g is not None and len(g) < 3 and g[0].w.ggml_type == p.w.ggml_type and not _overlaps(p.out, x)
+                and not any(_overlaps(p.out, q.out) for q in g)):
+            g.append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def _cpu_row_cost(rows: int, mat_rows: int) -> float:
+    """Relative cost of a forward pass over `rows` rows on a CPU runtime. PoCL, measured on SmolLM2
+    (bench/bench_decode.py --invariance --opencl): the matmul tile is the smallest power of two
+    >= rows, up to mat_rows (8): 1 row 21 ms, 2 rows 1.05x, 3-4 rows 1.27x, 5-8 rows 1.7x, each
+    further 8 rows ~1.7x more."""
+    tile = {1: 1.0, 2: 1.05, 4: 1.27, 8: 1.7}
+    if rows > mat_rows:
+        return tile[8] * -(-rows // mat_rows)
+    nr = 1
+    while nr < rows:
+        nr *= 2
+    return tile.get(nr, 1.7)
+
+
+def _check_size(spec: BufferSpec, has_layout: bool, max_alloc: int) -> None:
+    """AllocationError unless one buffer of spec.nbytes is possible here and addressable by the kernels."""
+    if spec.nbytes > max_alloc:
+        raise AllocationError(
+            f"{spec.owner} {spec.tag}: {spec.nbytes} bytes exceed this device's largest buffer "
+            f"({max_alloc} bytes); use a smaller n_ctx or n_parallel")
+    if spec.nbytes >= 2**31 * (2 if has_layout else 4):
+        raise AllocationError(  # kernels take element offsets as 32-bit ints
+            f"{spec.owner} {spec.tag}: {spec.nbytes} bytes in one buffer is more than the OpenCL kernels "
+            f"address; use a smaller n_ctx or n_parallel")
+
+
+def _carve(buf: cl.Buffer, spec: BufferSpec, layout, align: int) -> dict[str, CLArray]:
+    """The named arrays of a layout as views of one buffer of spec.nbytes: (buffer, element
+    offset) views, except the p_* parameter arrays, sub-buffers at `align`-byte boundaries."""
+    arrays, off = {}, 0
+    for name, (shape, dt) in layout.items():
+        dtype = _NP_DTYPES[dt]
+        nbytes = math.prod(shape) * dtype.itemsize
+        assert off % dtype.itemsize == 0, f"{name} at byte {off} is not {dt}-aligned"
+        if name.startswith("p_"):  # a parameter array: the kernels take it without an offset
+            assert off % align == 0 and nbytes % align == 0 and nbytes, f"{name}: not a {align}-byte aligned sub-buffer"
+            try:
+                sub = buf.get_sub_region(off, nbytes)
+            except cl.Error as e:
+                raise AllocationError(f"{spec.owner} {spec.tag}: sub-buffer {name} ({e})") from e
+            arrays[name] = CLArray(sub, 0, shape, dtype)
+        else:
+            arrays[name] = CLArray(buf, off // dtype.itemsize, shape, dtype)
+        off += nbytes
+    assert off == spec.nbytes, f"layout of {off} bytes for a spec of {spec.nbytes}"
+    return arrays
 
 
 class OpenCLBackend(Backend):
@@ -225,128 +238,23 @@ class OpenCLBackend(Backend):
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.context)  # in-order
         self.mat_rows = int(mat_rows or MAT_ROWS["cpu" if self.is_cpu else "gpu"])
-        if tuning is None:
-            defines = ["-DDEV_CPU=1"] if self.is_cpu else []
-            defines.append(f"-D{_vendor_define(self.platform, self.device)}=1")  # the kernels' #ifdef table
-        else:
-            defines = list(TUNINGS[tuning])
-        vendor = _vendor_define(self.platform, self.device)
-        self.tuning = tuning or ("cpu" if self.is_cpu else
-                                 {"VENDOR_NVIDIA": "nvidia", "VENDOR_AMD": "amd", "VENDOR_INTEL": "intel"}.get(vendor, "generic"))
-        self.build_options = ("-cl-std=CL1.2", *defines)
-        self._kernels: dict[tuple, tuple[cl.Kernel, tuple[int, int, int]]] = {}
-        self._programs: dict[tuple, cl.Program] = {}
-        self._params: dict | None = None  # the scratch of the forward pass in progress
-        self._last_params: dict | None = None  # ... or of the last one (argmax_rows after decode)
-        self._staged: dict[int, tuple[cl.Buffer, bytes]] = {}  # id(p_* sub-buffer) -> (it, bytes last written)
-        self._pending: list = []  # events of non-blocking uploads (they hold the host arrays)
-        self._typed: set = set()  # kernels whose scalar argument types are declared
-        self._deferred = None  # the first op of a fusable pattern, see "Fusion" below
+        profile = BuildProfile.of(self.platform, self.device, tuning)
+        self.tuning, self.build_options = profile.tuning, profile.options
         self._lock = threading.RLock()
+        self.kernels = KernelCache(self.context, self.device, self.queue, profile, self._lock)
+        self.align = max(int(self.device.mem_base_addr_align) // 8, 4)  # sub-buffer alignment: bits -> bytes
+        self.staging = ParamStaging(self.queue, self.align, self._lock)
 
-    # ---- programs: built once per backend, cached by (file, build options) ----
-    def program(self, fname: str, options: tuple[str, ...] = ()) -> cl.Program:
-        key = (fname, options)
-        prg = self._programs.get(key)
-        if prg is None:
-            prg = cl.Program(self.context, kernel_source(fname)).build(options=list(self.build_options + options))
-            self._programs[key] = prg
-        return prg
+    def kernel(self, fname: str, **defines):
+        """The kernel of a file built with -D<k>=<v> for `defines`, and its work-group size."""
+        return self.kernels.kernel(fname, **defines)
 
-    def kernel(self, fname: str, **defines) -> tuple[cl.Kernel, tuple[int, int, int]]:
-        """The kernel named like its file, built with -D<k>=<v> for `defines`, and its required work-group size."""
-        key = (fname, *defines.items())
-        hit = self._kernels.get(key)
-        if hit is None:
-            with self._lock:
-                return self._build_kernel(key, fname, defines)
-        return hit
-
-    def _build_kernel(self, key, fname, defines):
-        hit = self._kernels.get(key)
-        if hit is None:
-            opts = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
-            try:
-                k = cl.Kernel(self.program(fname, opts), fname[:-3])
-            except cl.Error as e:
-                raise KernelBuildError(f"{fname} {' '.join(opts)}: {first_error_line(str(e))}".replace("  ", " ")) from e
-            lws = tuple(k.get_work_group_info(cl.kernel_work_group_info.COMPILE_WORK_GROUP_SIZE, self.device))
-            assert lws[0] > 0, f"{fname} must declare reqd_work_group_size"
-            limit = k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
-            if math.prod(lws) > limit:
-                raise RuntimeError(f"{fname}: work-group {lws} exceeds this device's {limit} for it; "
-                                   f"lower the {self.tuning!r} tuning in kernels/common.clh")
-            hit = self._kernels[key] = (k, lws)
-        return hit
-
-    def _enqueue(self, kl: tuple[cl.Kernel, tuple[int, int, int]], gsize: tuple[int, ...], args: tuple) -> None:
-        """Enqueue a kernel over `gsize` (rounded up to its work-group); no host wait. Scalar
-        arguments are Python ints (int) and floats (float)."""
-        k, lws = kl
-        lsize = lws[:len(gsize)]
-        gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
-        with self._lock:
-            if k not in self._typed:
-                # declared scalar types make set_args ~20x cheaper than numpy scalars one by one
-                k.set_scalar_arg_dtypes([np.float32 if isinstance(a, float) else np.int32 if isinstance(a, int)
-                                         else None for a in args])
-                self._typed.add(k)
-            k.set_args(*args)
-            cl.enqueue_nd_range_kernel(self.queue, k, gsize, lsize)
-
-    # ---- per-call host parameters ----
+    # ---- per-call host parameters (compute/opencl/staging.py) ----
     def param_layout(self, hp, n_batch, n_outputs_max):
-        """The per-call parameters the ops stage (embed: ids; kv_store, attention: slots,
-        positions; rope: cos, sin; gather_rows: rows; argmax_rows: its result), 1-D, each sized
-        for its largest call and rounded up to the sub-buffer alignment."""
-        align = max(int(self.device.mem_base_addr_align) // 8, 4)  # bits -> bytes
-        half = hp.rope_dim // 2
-        sizes = {"p_ids": (n_batch, "i32"), "p_slots": (n_batch, "i32"), "p_positions": (n_batch, "i32"),
-                 "p_cos": (n_batch * half, "f32"), "p_sin": (n_batch * half, "f32"),
-                 "p_rows": (n_outputs_max, "i32"), "p_argmax": (n_outputs_max, "i32")}
-        per = align // 4  # every dtype here has 4-byte elements
-        return {name: ((max(per, -(-n // per) * per),), dt) for name, (n, dt) in sizes.items()}
+        return self.staging.layout(hp, n_batch, n_outputs_max)
 
-    @contextlib.contextmanager
     def forward(self, scratch):
-        """One forward pass over the context whose compute scratch is `scratch`: its ops stage
-        their host parameters there. Holds the lock for the whole pass (one in-order queue:
-        passes are serialised anyway), so no other thread's op writes these arrays meanwhile."""
-        assert all(k in scratch for k in _PARAMS.values()), "scratch without the param_layout arrays"
-        with self._lock:
-            prev, self._params = self._params, scratch
-            self._last_params = scratch
-            try:
-                yield
-            finally:
-                self._params = prev
-
-    def _stage(self, key: str, arr, dtype) -> cl.Buffer:
-        """A device copy of a small host array in the current forward pass's p_* array
-        (non-blocking; skipped when that array already holds these bytes)."""
-        arr = np.ascontiguousarray(arr, dtype=dtype)
-        with self._lock:
-            if self._params is None:
-                raise RuntimeError(f"{key}: ops that take host parameters run inside backend.forward(scratch)")
-            dst: CLArray = self._params[_PARAMS[key]]
-            assert dst.dtype == arr.dtype and arr.nbytes <= dst.nbytes, \
-                f"{key}: {arr.nbytes} bytes of {arr.dtype} for a planned {dst.nbytes} of {dst.dtype}"
-            raw = arr.tobytes()
-            last = self._staged.get(id(dst.buf))
-            if last is not None and last[0] is dst.buf and last[1] == raw:  # same bytes (and the length)
-                return dst.buf
-            arr = np.frombuffer(raw, dtype=arr.dtype)  # ours: the caller may reuse its array
-            # The queue is in order: this write lands after every kernel that read the previous
-            # contents. The event keeps `arr` alive; it is dropped at the next sync point (a
-            # pyopencl event that owns a host buffer waits for completion when it is collected).
-            if arr.nbytes:
-                self._pending.append(cl.enqueue_copy(self.queue, dst.buf, arr, is_blocking=False))
-            self._staged[id(dst.buf)] = (dst.buf, raw)
-            return dst.buf
-
-    def _synced(self) -> None:
-        """After a blocking read: every queued command has completed."""
-        self._pending.clear()
+        return self.staging.forward(scratch)
 
     # ---- sizes ----
     def weight_nbytes(self, ggml_type, shape):
@@ -355,18 +263,7 @@ class OpenCLBackend(Backend):
         return math.prod(shape) * 4  # dequantised to float32 on load
 
     def row_cost(self, rows: int) -> float:
-        if not self.is_cpu:
-            return super().row_cost(rows)
-        # PoCL, measured on SmolLM2 (bench/bench_decode.py --invariance --opencl):
-        # the matmul tile is the smallest power of two >= rows, up to mat_rows (8):
-        # 1 row 21 ms, 2 rows 1.05x, 3-4 rows 1.27x, 5-8 rows 1.7x, each further 8 rows ~1.7x more
-        tile = {1: 1.0, 2: 1.05, 4: 1.27, 8: 1.7}
-        if rows > self.mat_rows:
-            return tile[8] * -(-rows // self.mat_rows)
-        nr = 1
-        while nr < rows:
-            nr *= 2
-        return tile.get(nr, 1.7)
+        return _cpu_row_cost(rows, self.mat_rows) if self.is_cpu else super().row_cost(rows)
 
     def scratch_row_multiple(self) -> int:
         return 1  # kernels take any row count; no padded tiles
@@ -389,14 +286,7 @@ class OpenCLBackend(Backend):
     def _allocate(self, spec: BufferSpec, layout):
         buf = None
         if spec.nbytes:
-            if spec.nbytes > self.device.max_mem_alloc_size:
-                raise AllocationError(
-                    f"{spec.owner} {spec.tag}: {spec.nbytes} bytes exceed this device's largest buffer "
-                    f"({self.device.max_mem_alloc_size} bytes); use a smaller n_ctx or n_parallel")
-            if spec.nbytes >= 2**31 * (4 if layout is None else 2):
-                raise AllocationError(  # kernels take element offsets as 32-bit ints
-                    f"{spec.owner} {spec.tag}: {spec.nbytes} bytes in one buffer is more than the OpenCL kernels "
-                    f"address; use a smaller n_ctx or n_parallel")
+            _check_size(spec, layout is not None, int(self.device.max_mem_alloc_size))
             flags = cl.mem_flags.READ_WRITE
             if spec.device == "host":
                 flags |= cl.mem_flags.ALLOC_HOST_PTR
@@ -404,42 +294,19 @@ class OpenCLBackend(Backend):
                 buf = cl.Buffer(self.context, flags, spec.nbytes)
                 if layout is not None:  # weights are written by load_weight; zero the rest now (pages touched at load)
                     with self._lock:
-                        self._flush()
                         cl.enqueue_fill_buffer(self.queue, buf, np.uint8(0), 0, spec.nbytes)
                         self.queue.finish()  # load time, not decode: surfaces an allocation failure here
-                        self._synced()
+                        self.staging.synced()
             except cl.Error as e:
                 raise AllocationError(f"{spec.owner} {spec.tag}: cannot allocate {spec.nbytes} bytes ({e})") from e
         if layout is None:
             return CLArray(buf, 0, (spec.nbytes,), np.uint8)
-        arrays, off = {}, 0
-        align = max(int(self.device.mem_base_addr_align) // 8, 4)
-        for name, (shape, dt) in layout.items():
-            dtype = _NP_DTYPES[dt]
-            nbytes = math.prod(shape) * dtype.itemsize
-            assert off % dtype.itemsize == 0, f"{name} at byte {off} is not {dt}-aligned"
-            if name.startswith("p_"):  # a parameter array: the kernels take it without an offset
-                assert off % align == 0 and nbytes % align == 0 and nbytes, f"{name}: not a {align}-byte aligned sub-buffer"
-                try:
-                    sub = buf.get_sub_region(off, nbytes)
-                except cl.Error as e:
-                    raise AllocationError(f"{spec.owner} {spec.tag}: sub-buffer {name} ({e})") from e
-                arrays[name] = CLArray(sub, 0, shape, dtype)
-            else:
-                arrays[name] = CLArray(buf, off // dtype.itemsize, shape, dtype)
-            off += nbytes
-        assert off == spec.nbytes, f"layout of {off} bytes for a spec of {spec.nbytes}"
-        return arrays
+        return _carve(buf, spec, layout, self.align)
 
     def _release(self, array) -> None:
-        with self._lock:
-            self._flush()  # a deferred op may use the buffer
-            if array is self._last_params:
-                self._last_params = None
-            bufs = {id(a.buf): a.buf for a in (array.values() if isinstance(array, dict) else [array])
-                    if a.buf is not None}
-            for i in bufs:
-                self._staged.pop(i, None)
+        bufs = {id(a.buf): a.buf for a in (array.values() if isinstance(array, dict) else [array])
+                if a.buf is not None}
+        self.staging.forget(bufs.values())
         for b in sorted(bufs.values(), key=lambda b: b.size):  # sub-buffers before their parent
             b.release()  # OpenCL frees it once the commands that use it have finished
 
@@ -452,7 +319,6 @@ class OpenCLBackend(Backend):
         assert data.nbytes == alloc.spec.nbytes, f"{alloc.spec.tag}: {data.nbytes} bytes for a spec of {alloc.spec.nbytes}"
         buf = alloc.array.buf
         with self._lock:
-            self._flush()
             cl.enqueue_copy(self.queue, buf, data, is_blocking=True)
         if len(shape) == 1:
             return CLArray(buf, 0, shape, np.float32)
@@ -461,116 +327,89 @@ class OpenCLBackend(Backend):
     # ---- ops ----
     # Every op runs under the lock: an op that stages host parameters must enqueue its kernel
     # before another thread's op overwrites the staging buffer (after the enqueue, the in-order
-    # queue keeps them apart), and the deferred op below is shared state.
-    #
-    # Fusion: three patterns of consecutive ops become one launch each (per layer 16 launches
-    # become 10; a PoCL launch costs ~20 us): matmuls of the same x (q, k, v; gate, up),
-    # rope(q) then rope(k), add(a, b, x) then rms_norm(x). The first op of a pattern is
-    # deferred; the next op either joins it or flushes it first, and every op that is not
-    # part of a pattern, every read-back and every release flushes. The fused kernels compute
-    # each element exactly as the separate ones do.
-
-    def _flush(self) -> None:
-        """Enqueue the deferred op, if any (call with the lock held)."""
-        d, self._deferred = self._deferred, None
-        if d is None:
-            return
-        kind, item = d
-        if kind == "matmul":
-            self._launch_matmuls(item)
-        elif kind == "add":
-            self._launch_add(*item)
-        else:
-            self._launch_rope(item, None)
+    # queue keeps them apart). Every op launches when it is called.
 
     def embed(self, table: CLWeight, ids, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(ids, table.shape[0], "token id")  # a device read out of bounds would not raise
         with self._lock:
-            self._flush()
-            self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, self._stage("ids", ids, np.int32), out, K, n)
+            self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, self.staging.stage("ids", ids, np.int32), out, K, n)
 
     def gather_rows(self, x: CLArray, rows, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(rows, x.shape[0], "row")
         with self._lock:
-            self._flush()
-            self._get_rows("f32", x.buf, x.off, self._stage("rows", rows, np.int32), out, K, n)
+            self._get_rows("f32", x.buf, x.off, self.staging.stage("rows", rows, np.int32), out, K, n)
 
     def _get_rows(self, suffix, buf, w_off, ids_buf, out, K, n):
         qk = {"f16": 16, "f32": 16, "q4_k": 256, "q5_k": 256, "q6_k": 256}.get(suffix, 32)
-        self._enqueue(self.kernel(f"get_rows_{suffix}.cl"), (K // qk + 1, n),
+        self.kernels.enqueue(self.kernel(f"get_rows_{suffix}.cl"), (K // qk + 1, n),
                       (buf, w_off, ids_buf, out.buf, out.off, K, n))
 
     def rms_norm(self, x: CLArray, w: CLArray, eps, out: CLArray) -> None:
         n, E = x.shape
-        with self._lock:
-            d = self._deferred
-            if d is not None and d[0] == "add" and _same(d[1][2], x) and d[1][0].shape == x.shape \
-                    and not any(_overlaps(out, t) for t in d[1]):
-                self._deferred = None
-                a, b, _ = d[1]
-                kl = self.kernel("add_rms_norm_f32.cl")
-                self._enqueue(kl, (kl[1][0] * n,), (a.buf, a.off, b.buf, b.off, x.buf, x.off, w.buf, w.off,
-                                                    out.buf, out.off, E, float(eps), n))
-                return
-            self._flush()
-            kl = self.kernel("rms_norm_f32.cl")
-            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, w.buf, w.off, out.buf, out.off, E, float(eps), n))
+        kl = self.kernel("rms_norm_f32.cl")
+        self.kernels.enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, w.buf, w.off, out.buf, out.off, E, float(eps), n))
+
+    def add_rms_norm(self, a: CLArray, b: CLArray, x: CLArray, w: CLArray, eps, out: CLArray) -> None:
+        """x = a + b and out = rms_norm(x) * w in one launch (add_rms_norm_f32.cl: the same
+        tree sum as rms_norm_f32.cl, so out equals the two ops' result bit for bit)."""
+        if a.shape != x.shape or any(_overlaps(out, t) for t in (a, b, x)):
+            return super().add_rms_norm(a, b, x, w, eps, out)
+        n, E = x.shape
+        kl = self.kernel("add_rms_norm_f32.cl")
+        self.kernels.enqueue(kl, (kl[1][0] * n,), (a.buf, a.off, b.buf, b.off, x.buf, x.off, w.buf, w.off,
+                                            out.buf, out.off, E, float(eps), n))
 
     def matmul(self, x: CLArray, w: CLWeight, out: CLArray, bias=None, pad=None) -> None:
-        n, K = x.shape
-        assert w.shape[1] == K and out.shape == (n, w.shape[0]), f"matmul {x.shape} @ {w.shape}^T -> {out.shape}"
-        with self._lock:
-            d = self._deferred
-            if d is not None and d[0] == "matmul":
-                group = d[1]
-                if (len(group) < 3 and _same(group[0][0], x) and group[0][1].ggml_type == w.ggml_type
-                        and not _overlaps(out, x) and not any(_overlaps(out, g[2]) for g in group)):
-                    group.append((x, w, out, bias))
-                    return
-            self._flush()
-            self._deferred = ("matmul", [(x, w, out, bias)])
+        self.matmuls(x, [Proj(w, out, bias)])
 
-    def _launch_matmuls(self, group) -> None:
-        """out_s = x @ W_s^T (+ bias_s) for up to three (W_s, out_s, bias_s) of one x: one launch."""
-        x = group[0][0]
+    def matmuls(self, x: CLArray, projs, pad=None) -> None:
+        """Each run of up to three matrices of one weight type is one launch (`-DSEGS=3`: one
+        segment of output rows per matrix); each output equals its own launch bit for bit."""
+        for group in _matmul_groups(x, projs):
+            for p in group:
+                assert p.w.shape[1] == x.shape[1] and p.out.shape == (x.shape[0], p.w.shape[0]), \
+                    f"matmul {x.shape} @ {p.w.shape}^T -> {p.out.shape}"
+            self._launch_matmuls(x, group)
+
+    def _launch_matmuls(self, x: CLArray, group: list[Proj]) -> None:
+        """out_s = x (n, K) @ W_s^T (+ bias_s) for the (up to three) projections of group: one launch."""
         n, K = x.shape
         nr = 1  # mat-vec for one row; mat-mat tiles of the smallest power of two >= n, up to mat_rows
         while nr < min(n, self.mat_rows):
             nr *= 2
         segs = 1 if len(group) == 1 else 3
-        kl = self.kernel(f"mul_mv_{KERNEL_TYPES[group[0][1].ggml_type]}_f32.cl", NR=nr, SEGS=segs)
+        kl = self.kernel(f"mul_mv_{KERNEL_TYPES[group[0].w.ggml_type]}_f32.cl", NR=nr, SEGS=segs)
         lx, outs = kl[1][0], kl[1][1]
         args, rows = [x.buf, x.off, K, n], 0
         for i in range(segs):
-            _, w, out, bias = group[min(i, len(group) - 1)]
-            N = w.shape[0] if i < len(group) else 0  # a padding segment is empty
-            b = bias if bias is not None else out
-            args += [w.buf, out.buf, out.off, b.buf, b.off, int(bias is not None), N]
+            p = group[min(i, len(group) - 1)]
+            N = p.w.shape[0] if i < len(group) else 0  # a padding segment is empty
+            b = p.bias if p.bias is not None else p.out
+            args += [p.w.buf, p.out.buf, p.out.off, b.buf, b.off, int(p.bias is not None), N]
             rows += -(-N // outs) * outs
-        self._enqueue(kl, (lx, rows, -(-n // nr)), tuple(args))
+        self.kernels.enqueue(kl, (lx, rows, -(-n // nr)), tuple(args))
 
     def rope(self, x: CLArray, cos, sin, n_heads, head_dim, rope_dim, neox) -> None:
-        n = x.shape[0]
         with self._lock:
-            d = self._deferred
-            if d is not None and d[0] == "rope":
-                px, cb, sb, ph, pd, prd, pneox, pcos, psin = d[1]
-                if (px.shape[0] == n and (pd, prd, bool(pneox)) == (head_dim, rope_dim, bool(neox))
-                        and not _overlaps(px, x) and _same_host(pcos, cos) and _same_host(psin, sin)):
-                    self._deferred = None
-                    self._launch_rope(d[1], (x, n_heads))
-                    return
-            self._flush()
-            cb, sb = self._stage("cos", cos, np.float32), self._stage("sin", sin, np.float32)
-            self._deferred = ("rope", (x, cb, sb, n_heads, head_dim, rope_dim, neox, cos, sin))
+            cb, sb = self.staging.stage("cos", cos, np.float32), self.staging.stage("sin", sin, np.float32)
+            self._launch_rope(x, n_heads, None, 0, cb, sb, head_dim, rope_dim, neox)
 
-    def _launch_rope(self, item, second) -> None:
-        x, cb, sb, n_heads, head_dim, rope_dim, neox, _, _ = item
-        x1, h1 = second if second is not None else (x, 0)
+    def rope_qk(self, q: CLArray, k: CLArray, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox) -> None:
+        """RoPE of q and k in one launch (rope_f32.cl over n_head + n_head_kv heads per row)."""
+        if q.shape[0] != k.shape[0] or _overlaps(q, k):
+            return super().rope_qk(q, k, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox)
+        with self._lock:
+            cb, sb = self.staging.stage("cos", cos, np.float32), self.staging.stage("sin", sin, np.float32)
+            self._launch_rope(q, n_head, k, n_head_kv, cb, sb, head_dim, rope_dim, neox)
+
+    def _launch_rope(self, x: CLArray, n_heads: int, x1: CLArray | None, h1: int, cb, sb, head_dim, rope_dim,
+                     neox) -> None:
+        """Rotate n_heads heads of x and h1 heads of x1 (none: h1 = 0) per row; cb, sb: staged tables."""
+        x1 = x if x1 is None else x1
         n = x.shape[0]
-        self._enqueue(self.kernel("rope_f32.cl"), (n * (n_heads + h1) * (rope_dim // 2),),
+        self.kernels.enqueue(self.kernel("rope_f32.cl"), (n * (n_heads + h1) * (rope_dim // 2),),
                       (x.buf, x.off, n_heads, x1.buf, x1.off, h1, cb, sb, head_dim, rope_dim, int(bool(neox)), n))
 
     def kv_store(self, k_cache: CLArray, v_cache: CLArray, layer, slots, positions, k: CLArray, v: CLArray) -> None:
@@ -578,9 +417,8 @@ class OpenCLBackend(Backend):
         n = k.shape[0]
         kl = self.kernel("kv_store_f32.cl", KV_F16=int(k_cache.dtype == np.float16))
         with self._lock:
-            self._flush()
-            sb, pb = self._stage("slots", slots, np.int32), self._stage("positions", positions, np.int32)
-            self._enqueue(kl, (n * E,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, k.buf, k.off,
+            sb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
+            self.kernels.enqueue(kl, (n * E,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, k.buf, k.off,
                                          v.buf, v.off, sb, pb, int(layer), n_slots, n_ctx, E, n))
 
     def attention(self, k_cache: CLArray, v_cache: CLArray, layer, q: CLArray, slots, positions,
@@ -590,82 +428,42 @@ class OpenCLBackend(Backend):
         scale = float(np.float32(1.0 / math.sqrt(head_dim)))  # as the NumPy reference rounds it
         kl = self.kernel("attn_f32.cl", HEAD_DIM=head_dim, KV_F16=int(k_cache.dtype == np.float16))
         with self._lock:
-            self._flush()
-            sb, pb = self._stage("slots", slots, np.int32), self._stage("positions", positions, np.int32)
-            self._enqueue(kl, (n * n_head,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, q.buf, q.off,
+            sb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
+            self.kernels.enqueue(kl, (n * n_head,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, q.buf, q.off,
                                               out.buf, out.off, sb, pb, int(layer), n_slots, n_ctx, n_head,
                                               n_head_kv, scale, n))
 
     def swiglu(self, gate: CLArray, up: CLArray, out: CLArray) -> None:
         total = gate.size
-        with self._lock:
-            self._flush()
-            self._enqueue(self.kernel("swiglu_f32.cl"), (-(-total // 16),),
-                          (gate.buf, gate.off, up.buf, up.off, out.buf, out.off, total))
+        self.kernels.enqueue(self.kernel("swiglu_f32.cl"), (-(-total // 16),),
+                      (gate.buf, gate.off, up.buf, up.off, out.buf, out.off, total))
 
     def add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
-        with self._lock:
-            self._flush()
-            self._deferred = ("add", (a, b, out))
-
-    def _launch_add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
         total = a.size
-        self._enqueue(self.kernel("add_f32.cl"), (-(-total // 16),), (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
-
-    def argmax_rows(self, x: CLArray, n: int, scratch: dict | None = None) -> np.ndarray:
-        """Index of the largest value of each of the first n rows of x (n,) int64, as np.argmax;
-        reads back n ints instead of n rows (a synchronisation point). The n ints go through
-        the p_argmax array of `scratch` (default: the forward pass in progress, else the last
-        one: the context whose logits x usually is; the array is only used under the lock, so
-        any context's serves)."""
-        V = x.shape[1]
-        kl = self.kernel("argmax_f32.cl")
-        with self._lock:
-            scratch = scratch if scratch is not None else self._params if self._params is not None else self._last_params
-            if scratch is None:
-                raise RuntimeError("argmax_rows needs a context's scratch: pass scratch= or decode first")
-            dst: CLArray = scratch["p_argmax"]
-            assert n <= dst.shape[0], f"argmax of {n} rows, p_argmax holds {dst.shape[0]}"
-            self._flush()
-            self._enqueue(kl, (kl[1][0] * n,), (x.buf, x.off, V, dst.buf, n))
-            out = np.empty(n, np.int32)
-            cl.enqueue_copy(self.queue, out, dst.buf, is_blocking=True)
-            self._synced()
-        return out.astype(np.int64)
+        self.kernels.enqueue(self.kernel("add_f32.cl"), (-(-total // 16),), (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
 
     def to_host(self, x: CLArray, n: int) -> np.ndarray:
         v = x[:n]
         out = np.empty(v.shape, v.dtype)
         with self._lock:
-            self._flush()
             if out.nbytes:
                 cl.enqueue_copy(self.queue, out, v.buf, src_offset=v.off * v.dtype.itemsize, is_blocking=True)
             else:
                 self.queue.finish()
-            self._synced()
+            self.staging.synced()
         return out.astype(np.float32, copy=False)
 
     def kv_read(self, k_cache: CLArray, v_cache: CLArray, layer, slot, n):
         n_layer, n_slots, n_ctx, E = k_cache.shape
-        cell0 = (layer * n_slots + slot) * n_ctx
-        out = []
-        with self._lock:
-            self._flush()
-            for c in (k_cache, v_cache):
-                h = np.empty((n, E), c.dtype)
-                if h.nbytes:
-                    cl.enqueue_copy(self.queue, h, c.buf, src_offset=(c.off + cell0 * E) * c.dtype.itemsize,
-                                    is_blocking=True)
-                out.append(h.astype(np.float32))
-            self._synced()
-        return out[0], out[1]
+        cell0 = (layer * n_slots + slot) * n_ctx  # the slot's first cell in this layer
+        k, v = (self.to_host(CLArray(c.buf, c.off + cell0 * E, (n, E), c.dtype), n) for c in (k_cache, v_cache))
+        return k, v
 
     def finish(self) -> None:
         """Wait for every queued command (benchmarks; the graph never needs it)."""
         with self._lock:
-            self._flush()
             self.queue.finish()
-            self._synced()
+            self.staging.synced()
 
     def __repr__(self) -> str:
         return f"OpenCLBackend({self.device.name.strip()!r}, cpu={self.is_cpu})"

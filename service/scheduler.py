@@ -1,0 +1,147 @@
+"""The scheduler: the waiting queue, the slots, and each step's plan of one target batch.
+
+A step's plan gives every busy slot its rows in ONE target batch: its pending tokens (a
+prefill chunk, or the last sampled token) followed by its drafts, within n_batch rows and
+n_outputs_max logits rows. Decoding slots come first (latency), then prefill chunks. A slot
+whose pending tokens all fit gets output rows: the last pending token's and one per draft
+(row i verifies draft i+1; the last row gives the bonus token).
+
+Not thread-safe by itself: the engine calls it with its lock held (enqueue, admit, idle) or
+from its worker thread only (plan).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from compute.llama import Batch
+from service.errors import ResourceExhausted
+from service.output import Stream
+from service.sequence import Slot
+
+
+@dataclass(frozen=True)
+class SlotStart:
+    """A queued request that starts now in a free slot."""
+
+    slot: Slot
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What `admit` decided: requests that start now, and cancelled ones dropped from the queue."""
+
+    started: tuple[SlotStart, ...]
+    dropped: tuple[Stream, ...]
+
+
+@dataclass(frozen=True)
+class SlotWork:
+    """One slot's rows in a step's target batch."""
+
+    slot: Slot
+    n_fed: int  # pending tokens fed: tokens[n_past : n_past + n_fed]
+    drafts: tuple[int, ...]  # draft tokens fed after them, to verify
+    complete: bool  # every pending token is fed: the slot gets logits rows and samples from them
+    first_logit: int = 0  # its first row of the step's logits (when complete)
+
+    @property
+    def logit_rows(self) -> range:
+        """Rows of the step's logits for this slot: the last fed token's, then one per draft."""
+        return range(self.first_logit, self.first_logit + 1 + len(self.drafts)) if self.complete else range(0)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: every scheduled slot's work and the target batch that does it."""
+
+    work: tuple[SlotWork, ...]
+    batch: Batch | None  # None: nothing to run
+
+
+class Scheduler:
+    """Queue, slots and step plans for n_slots sequences over a context of n_batch rows and
+    n_outputs_max logits rows, whose backend pays for rows in tiles of row_multiple."""
+
+    def __init__(self, n_slots: int, n_batch: int, n_outputs_max: int, row_multiple: int = 1, queue_max: int = 64):
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.waiting: deque[Stream] = deque()
+        self.n_batch, self.n_outputs_max = n_batch, n_outputs_max
+        self.row_multiple, self.queue_max = row_multiple, queue_max
+
+    # ---- admission ----
+    def enqueue(self, stream: Stream) -> None:
+        """Queue a request; ResourceExhausted when queue_max are already waiting."""
+        if len(self.waiting) >= self.queue_max:
+            raise ResourceExhausted(
+                f"all {len(self.slots)} slots are busy and the queue is full ({self.queue_max} waiting)")
+        self.waiting.append(stream)
+
+    def admit(self) -> Admission:
+        """Drop cancelled requests from the queue, then pair free slots (lowest index first) with
+        the oldest waiting requests. The caller assigns each started request to its slot."""
+        dropped = tuple(st for st in self.waiting if st.cancelled.is_set())
+        for st in dropped:
+            self.waiting.remove(st)
+        free = [s for s in self.slots if not s.busy]
+        started = tuple(SlotStart(s, self.waiting.popleft()) for s in free[:len(self.waiting)])
+        return Admission(started, dropped)
+
+    def busy(self) -> list[Slot]:
+        """The slots generating a request, by index."""
+        return [s for s in self.slots if s.busy]
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing generating."""
+        return not self.waiting and not any(s.busy for s in self.slots)
+
+    # ---- a step's plan ----
+    def plan(self, drafts: Mapping[int, Sequence[int]]) -> StepPlan:
+        """The step's batch for the busy slots; drafts: slot index -> its proposed draft tokens."""
+        work = self._trim_to_tiles(self._choose(drafts))
+        tokens, positions, slots, outputs = [], [], [], []  # per batch row; outputs: rows whose logits return
+        out = []
+        for w in work:
+            s, n = w.slot, w.n_fed + len(w.drafts)
+            base = len(tokens)  # batch row of this slot's first token
+            out.append(replace(w, first_logit=len(outputs)))
+            tokens += s.tokens[s.n_past:s.n_past + w.n_fed] + list(w.drafts)
+            positions += range(s.n_past, s.n_past + n)
+            slots += [s.idx] * n
+            if w.complete:  # the last fed token's row, then one per draft
+                outputs += range(base + w.n_fed - 1, base + n)
+        batch = Batch.make(tokens, positions, slots, outputs) if tokens else None
+        return StepPlan(tuple(out), batch)
+
+    def _choose(self, drafts: Mapping[int, Sequence[int]]) -> list[SlotWork]:
+        """Each busy slot's fed tokens and drafts within n_batch rows and n_outputs_max outputs."""
+        rows_left, outs_left = self.n_batch, self.n_outputs_max
+        work = []
+        for s in sorted(self.busy(), key=lambda s: s.n_pending):  # decoding slots first
+            m = min(s.n_pending, rows_left)
+            complete = m == s.n_pending
+            if m == 0 or (complete and outs_left == 0):
+                continue
+            dt = tuple(drafts.get(s.idx, ()) if complete else ())[:max(0, min(rows_left - m, outs_left - 1))]
+            rows_left -= m + len(dt)
+            outs_left -= (1 + len(dt)) if complete else 0
+            work.append(SlotWork(s, m, dt, complete))
+        return work
+
+    def _trim_to_tiles(self, work: list[SlotWork]) -> list[SlotWork]:
+        """A backend that computes rows in tiles of T pays for whole tiles: drop the drafts that would
+        spill into a mostly empty extra tile (the last drafts are the least likely to be accepted)."""
+        t = self.row_multiple
+        total = sum(w.n_fed + len(w.drafts) for w in work)
+        excess = total % t if t > 1 and total > t else 0
+        if excess == 0 or sum(len(w.drafts) for w in work) < excess:
+            return work
+        out = []
+        for w in reversed(work):  # cut from the last slots' last drafts
+            cut = min(excess, len(w.drafts))
+            excess -= cut
+            out.append(replace(w, drafts=w.drafts[:len(w.drafts) - cut]))
+        return out[::-1]
