@@ -26,6 +26,7 @@ every op launches when it is called, nothing is held back for the next call.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass
