@@ -94,3 +94,39 @@ def learn(st: DraftStats, k: int, j: int) -> DraftStats:
 def back_off(st: DraftStats, accepted: bool) -> DraftStats:
     """After an exploration: an accepted one resets the gap, a rejected one doubles it (up to EXPLORE_MAX)."""
     return replace(st, gap=EXPLORE_EVERY if accepted else min(2 * st.gap, EXPLORE_MAX))
+
+
+@dataclass(frozen=True)
+class MeasuredRowCost:
+    """A row-cost curve measured on the device (service/warmup.py times decode calls of 1..n rows).
+
+    `seconds[r - 1]` is the fastest of a few timed r-row calls. Timing noise only ever adds
+    time, so the curve is made non-decreasing from the right: r rows cost no more than any
+    larger call measured (a stall during the 2-row call must not make every batch look dear).
+    Costs are relative to one row; beyond the largest measured row count they grow in
+    proportion to the rows."""
+
+    seconds: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.seconds or min(self.seconds) <= 0:
+            raise ValueError(f"row timings must be positive, got {self.seconds}")
+
+    def __call__(self, rows: int) -> float:
+        costs = self.table()
+        if rows <= len(costs):
+            return costs[max(rows, 1) - 1]
+        return costs[-1] * rows / len(costs)
+
+    def table(self) -> tuple[float, ...]:
+        """Cost of 1, 2, ... rows relative to one row, non-decreasing."""
+        out, low = [], float("inf")
+        for s in reversed(self.seconds):
+            low = min(low, s)
+            out.append(low)
+        out.reverse()
+        return tuple(c / out[0] for c in out)
+
+    def describe(self) -> str:
+        """"1:1.00 2:1.05 ..." for logs and --stats."""
+        return " ".join(f"{r}:{c:.2f}" for r, c in enumerate(self.table(), 1))

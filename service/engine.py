@@ -63,6 +63,7 @@ class Engine:
         self.max_n_max = max(0, self.n_outputs_max // self.n_slots - 1)  # drafts per slot the plan has room for
         self.eog = frozenset(tokenizer.eog_ids)
         self.metrics = metrics
+        self.row_cost: policy.RowCost | None = None  # measured at warm-up; None: the backend's model
         self.queue_max = queue_max
         self._speculative = self.check_speculative(speculative)
         self.scheduler = Scheduler(self.n_slots, self.n_batch, self.n_outputs_max,
@@ -221,7 +222,7 @@ class Engine:
 
     def _propose(self, busy: list[Slot]) -> dict[int, Draft]:
         """Each decoding slot's drafts: their number from the draft policy, the tokens from the runner."""
-        row_cost = self.target.backend.row_cost
+        row_cost = self.row_cost or self.target.backend.row_cost
         asks = []
         for s in busy:
             if s.n_pending != 1:

@@ -217,7 +217,9 @@ class PairRegistry:
                 raise FailedPrecondition(f"pair {sp.name!r} cannot serve on {self.factory.backend.device_memory().name}: "
                                          f"its warm-up failed: {e}") from e
             raise
-        log.info("pair warmed up", extra={"kv": {"pair": sp.name, "warmup_s": round(warm_s, 3)}})
+        measured = getattr(engine, "row_cost", None)
+        cost = measured.describe() if measured is not None else "the backend's model"
+        log.info("pair warmed up", extra={"kv": {"pair": sp.name, "warmup_s": round(warm_s, 3), "row_cost": cost}})
         with self._lock:
             abandoned = sp.abandoned
             if not abandoned:

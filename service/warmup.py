@@ -8,7 +8,10 @@ pair is marked ready, `warm_up`:
    the scheduler sends (1 row: a decode step; 2, 4, 8 and the verify size 1 + n_max: the
    matrix kernel's tile builds; n_batch: a prefill chunk), so every kernel is built and run,
    and checks the logits are finite;
-2. generates two tokens through the engine (queue, scheduler, drafting, verification,
+2. times decode calls of 1, 2, ... 1 + n_max rows on the target (the fastest of ROW_COST_REPS each)
+   and gives the engine that measured row-cost curve for its draft-length policy, so the
+   draft length adapts to the machine it runs on (service/draft_policy.py: MeasuredRowCost);
+3. generates two tokens through the engine (queue, scheduler, drafting, verification,
    sampling, detokenising), as a request would.
 
 Any failure becomes one line: the pair is not served (Load gets FAILED_PRECONDITION).
@@ -22,11 +25,13 @@ import time
 import numpy as np
 
 from compute.llama import Batch, LlamaContext
+from service.draft_policy import MeasuredRowCost
 from service.requests import GenRequest, SamplingParams
 
 log = logging.getLogger("specserve.warmup")
 
 WARMUP_TIMEOUT = 600.0  # seconds for the engine request (cold kernel builds on a slow CPU)
+ROW_COST_REPS = 3  # timed calls per row count; the fastest is kept (noise only adds time)
 
 
 class WarmupError(RuntimeError):
@@ -39,25 +44,47 @@ def batch_sizes(ctx: LlamaContext, verify_rows: int) -> list[int]:
     return sorted({n for n in (1, 2, 4, 8, verify_rows, ctx.n_batch) if 1 <= n <= limit})
 
 
+def _batch(ctx: LlamaContext, n: int) -> Batch:
+    """n rows of slot 0 from position 0, logits for the last min(n, n_outputs_max) rows."""
+    n_out = min(n, ctx.n_outputs_max)
+    return Batch.make(np.arange(n) % ctx.hp.n_vocab, np.arange(n), np.zeros(n), np.arange(n - n_out, n))
+
+
+def measure_row_cost(ctx: LlamaContext, max_rows: int, reps: int = ROW_COST_REPS) -> MeasuredRowCost:
+    """The fastest of `reps` timed decode calls of 1..max_rows rows each (kernels already built)."""
+    limit = min(max_rows, ctx.n_batch, ctx.n_ctx_slot, ctx.n_outputs_max)
+    seconds = []
+    for n in range(1, max(limit, 1) + 1):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ctx.decode(_batch(ctx, n))
+            times.append(time.perf_counter() - t0)
+        seconds.append(min(times))
+    return MeasuredRowCost(tuple(seconds))
+
+
 def warm_context(ctx: LlamaContext, verify_rows: int) -> None:
     """Decode one batch of each size in slot 0 from position 0 (the cells are overwritten later:
     a request's own positions start at 0 and attention reads only up to its position)."""
     for n in batch_sizes(ctx, verify_rows):
         n_out = min(n, ctx.n_outputs_max)
-        tokens = np.arange(n) % ctx.hp.n_vocab
-        logits = ctx.decode(Batch.make(tokens, np.arange(n), np.zeros(n), np.arange(n - n_out, n)))
+        logits = ctx.decode(_batch(ctx, n))
         if logits.shape != (n_out, ctx.hp.n_vocab) or not np.isfinite(logits).all():
             raise WarmupError(f"a decode of {n} rows gave {'non-finite' if logits.size else 'no'} logits")
 
 
 def warm_up(pair, engine, tokenizer) -> float:
-    """Run the pair's kernels and one request through `engine`; returns the seconds it took."""
+    """Run the pair's kernels, measure its row costs (set on `engine`) and run one request through
+    `engine`; returns the seconds it took."""
     t0 = time.monotonic()
     verify_rows = 1 + engine.max_n_max
     try:
         warm_context(pair.target.context, verify_rows)
         if pair.draft is not None:
             warm_context(pair.draft.context, verify_rows)
+        if verify_rows > 1:
+            engine.row_cost = measure_row_cost(pair.target.context, verify_rows)
         prompt = tuple(tokenizer.encode("Hello, world. Hello, world.", add_special=True))
         stream = engine.submit(GenRequest(prompt, max_tokens=2, sampling=SamplingParams(temperature=0.0)))
         result = stream.result(timeout=WARMUP_TIMEOUT)

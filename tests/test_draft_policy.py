@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from service import draft_policy as policy
 from service.draft_policy import (ALPHA_MAX, EXPLORE_EVERY, EXPLORE_MAX, PRIOR, DraftStats, acceptance, back_off,
                                   best_k, choose, drafted, learn, tick)
 
@@ -87,3 +88,25 @@ def test_policy_state_is_never_mutated():
     assert s == DraftStats()
     with pytest.raises(AttributeError):
         s.tries = 1.0  # frozen
+
+
+# ---- the row-cost curve measured at warm-up ----
+def test_measured_row_cost_is_relative_to_one_row_and_never_decreases():
+    m = policy.MeasuredRowCost((0.010, 0.013, 0.011, 0.015, 0.020))
+    assert m.table() == pytest.approx((1.0, 1.1, 1.1, 1.5, 2.0))  # 2 rows timed slower than 3: a stall
+    assert m(1) == 1.0 and m(2) == pytest.approx(1.1) and m(5) == pytest.approx(2.0)
+    assert m(10) == pytest.approx(4.0)  # beyond the table: in proportion to the rows
+    assert m.describe() == "1:1.00 2:1.10 3:1.10 4:1.50 5:2.00"
+
+
+def test_measured_row_cost_drives_the_choice_like_any_cost_curve():
+    cheap = policy.MeasuredRowCost((0.01,) * 9)  # a batch of 9 costs what one row costs
+    dear = policy.MeasuredRowCost(tuple(0.01 * r for r in range(1, 10)))  # each row costs a full step
+    assert policy.best_k(0.9, 8, cheap) == 8
+    assert policy.best_k(0.9, 8, dear) == 0
+
+
+@pytest.mark.parametrize("bad", [(), (0.0, 1.0), (0.01, -1.0)])
+def test_measured_row_cost_refuses_non_positive_timings(bad):
+    with pytest.raises(ValueError):
+        policy.MeasuredRowCost(bad)

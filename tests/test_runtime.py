@@ -290,3 +290,21 @@ def test_probe_workload_matches_numpy_on_every_working_device():
     for s in probe_devices():
         if s.ok and s.runtime != "pocl":  # PoCL's teardown of a program may abort a process
             run_probe(s.index)  # raises on a build failure or a result that differs from NumPy
+
+
+def test_warm_up_measures_the_row_cost_the_draft_policy_uses(tiny_models_dir, caplog):
+    """Issue 13 item 7: the cost model is measured on the device at warm-up, not a constant."""
+    from service.draft_policy import MeasuredRowCost
+
+    with caplog.at_level(logging.INFO, logger="specserve.registry"):
+        c = start_server(tiny_config(tiny_models_dir, spec_type="ngram", n_max=4))
+    try:
+        engine = c.server.registry.get("default").engine
+        assert isinstance(engine.row_cost, MeasuredRowCost)
+        table = engine.row_cost.table()
+        assert len(table) == 1 + engine.max_n_max and table[0] == 1.0
+        assert all(b >= a for a, b in zip(table, table[1:]))
+        logged = [r.kv for r in caplog.records if r.getMessage() == "pair warmed up"]
+        assert logged and logged[-1]["row_cost"] == engine.row_cost.describe()
+    finally:
+        stop_server(c)
