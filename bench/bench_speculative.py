@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=SpeculativeConfig().ngram_min)
     ap.add_argument("--ngram-max", type=int, default=SpeculativeConfig().ngram_max)
     ap.add_argument("--skip-streams", action="store_true")
+    ap.add_argument("--row-cost", choices=("measured", "backend"), default="measured",
+                    help="draft-length cost model: measured at warm-up as the server does (default), "
+                         "or the backend's built-in constants")
     args = ap.parse_args()
 
     be = make_backend(args.backend, args.threads, args.row_tile)
@@ -95,7 +98,13 @@ def main() -> None:
     off = SpeculativeConfig("none")
     on = SpeculativeConfig("ngram", n_max=args.n_max, n_min=args.n_min, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
     print(f"backend={args.backend} row_tile={getattr(be, 'row_tile', '-')} threads={args.threads} tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
-    timed(eng, [encode(tok, "Hello")], off, 4)  # warm-up
+    from service.warmup import warm_up
+
+    warm_up(pair, eng, tok)  # as the server does before a pair is ready: kernels, row-cost curve, one request
+    if args.row_cost == "backend":
+        eng.row_cost = None
+    print(f"row cost ({args.row_cost}): " + (eng.row_cost.describe() if eng.row_cost is not None else
+                                             " ".join(f"{r}:{be.row_cost(r):.2f}" for r in range(1, args.n_max + 2))))
 
     print("\n== single stream, speculation off vs n-gram (decode tok/s, medians) ==")
     print(f"{'prompt':18} {'kind':5} {'off tok/s':>10} {'ngram tok/s':>12} {'ratio':>6} {'accept':>7} {'same':>5}")
