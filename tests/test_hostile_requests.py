@@ -55,7 +55,8 @@ def test_an_oversize_prompt_is_refused_at_once_beside_a_normal_request(server, m
     normal = c.gen.Generate(_greedy(prompt="the cat"), timeout=30)
     normal_seconds = time.monotonic() - t0
     sender.join(30)
-    assert normal.usage.completion_tokens == 4 and normal_seconds < 5.0
+    print(f"normal request beside the 15 MB one: {normal_seconds:.3f} s")
+    assert normal.usage.completion_tokens == 4 and normal_seconds < 1.0  # issue 14: "stays under 1 s"
     e = refused["error"]
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
     assert "prompt is 15000000 bytes" in e.details() and "--max-prompt-bytes" in e.details()
