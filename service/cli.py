@@ -25,6 +25,8 @@ import signal
 import sys
 import threading
 
+from service.vocab import DRAFTER_TYPES, KV_TYPES
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 log = logging.getLogger("specserve.cli")
@@ -70,12 +72,12 @@ def _add_pair_flags(p: argparse.ArgumentParser, serve: bool) -> None:
                    help="KV cells in total, shared by the slots (0 = 4096 per slot, capped by the model)")
     g.add_argument("-np", "--parallel", type=int, default=4 if serve else 0, help="slots (concurrent sequences)")
     g.add_argument("-b", "--batch-size", type=int, default=0, help="most tokens per forward pass (0 = 256)")
-    g.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", choices=("f16", "f32"), default="",
+    g.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", choices=KV_TYPES, default="",
                    help="KV cache element type (default f16)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
                    help="layers whose weights live in device memory (default all)")
     s = p.add_argument_group("speculative decoding")
-    s.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="",
+    s.add_argument("--spec-type", choices=DRAFTER_TYPES, default="",
                    help="drafter (default: draft with -md, else ngram)")
     s.add_argument("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max", dest="draft_max", type=int,
                    default=None, help="most tokens drafted per step (default 8)")
@@ -604,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("spec", "read or change a pair's live speculative config", cmd_spec)
     p.add_argument("action", choices=("get", "set"))
     p.add_argument("--pair", default="", help="pair name (default: default)")
-    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="")
+    p.add_argument("--spec-type", choices=DRAFTER_TYPES, default="")
     p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
     p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
     p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)
@@ -618,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system message (implies --chat)")
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0)
     _add_sampling_flags(p)
-    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="", help="per-request drafter")
+    p.add_argument("--spec-type", choices=DRAFTER_TYPES, default="", help="per-request drafter")
     p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
     p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
     p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)

@@ -18,6 +18,7 @@ from service.params import ContextParams, SpeculativeConfig, validate_speculativ
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.plan import Plan
 from service.requests import GenRequest, GenResult, SamplingParams
+from service.vocab import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 
 DEFAULT_PAIR = "default"
 PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -31,6 +32,9 @@ KV_TO_PB = {v: k for k, v in KV_FROM_PB.items()}
 FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                 "cancelled": pb.FINISH_REASON_CANCELLED}
 STATE_TO_PB = {"loading": pb.PAIR_STATE_LOADING, "ready": pb.PAIR_STATE_READY, "draining": pb.PAIR_STATE_DRAINING}
+# every value of each vocabulary (service/vocab.py) has its proto twin
+assert (set(DRAFTER_TO_PB), set(KV_TO_PB), set(FINISH_TO_PB), set(STATE_TO_PB)) == \
+    (set(DRAFTER_TYPES), set(KV_TYPES), set(FINISH_REASONS), set(PAIR_STATES))
 
 
 # ---- names ----

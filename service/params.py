@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from service.errors import InvalidArgument
-
-DRAFTER_TYPES = ("none", "draft", "ngram")
-KV_TYPES = ("f32", "f16")
+from service.vocab import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 256
@@ -33,7 +31,7 @@ class ContextParams:
     n_parallel: int = 1  # slots: sequences decoded together
     n_batch: int = 0  # most tokens in one forward pass (prefill chunk, verify batch, all slots)
     n_outputs_max: int = 0  # most logits rows one forward pass returns; 0 = derive
-    kv_type: str = "f16"  # "f32" | "f16"
+    kv_type: KvType = "f16"
     n_gpu_layers: int = -1  # layers whose weights live in device memory; -1 = all
     n_ctx_min: int = 0  # Fit never shrinks n_ctx below this (0: one cell per slot... see fit)
 
@@ -46,7 +44,7 @@ class ContextParams:
 class SpeculativeConfig:
     """How a pair drafts. `type` "none" turns speculation off."""
 
-    type: str = "ngram"  # "none" | "draft" (a draft model) | "ngram" (prompt lookup)
+    type: DrafterType = "ngram"
     n_max: int = 8  # most tokens drafted per step
     n_min: int = 1  # fewer proposals than this: decode normally this step
     p_min: float = 0.5  # draft model: stop drafting when its top probability is below this

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from service.params import SpeculativeConfig
+from service.vocab import FinishReason
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
 # Largest prompt a server takes (--max-prompt-bytes), counted before tokenizing: text as UTF-8,
@@ -57,7 +58,7 @@ class GenResult:
 
     text: str
     tokens: tuple[int, ...]
-    finish_reason: str  # "stop" (EOG token or stop string), "length" (max_tokens or context full), "cancelled"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     drafted: int  # draft tokens proposed for this request
