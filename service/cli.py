@@ -124,13 +124,13 @@ def serve_config(args):
     from dataclasses import replace
 
     from service.factory import PairRequest
-    from service.params import ContextParams, SpeculativeConfig, validate_speculative
+    from service.params import ContextParams, SpeculativeConfig
     from service.server import ServerConfig
 
     model = args.model or find_packaged_model()
     models_dir = args.models_dir or os.path.dirname(os.path.abspath(model))
     spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
-    speculative = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
+    speculative = replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args))
     params = ContextParams(n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size,
                            kv_type=args.kv_type or "f16",
                            n_gpu_layers=-1 if args.n_gpu_layers is None else args.n_gpu_layers)
@@ -423,13 +423,13 @@ def cmd_run(args) -> int:
 
     from service.engine import Engine
     from service.factory import PairFactory, PairRequest
-    from service.params import ContextParams, SpeculativeConfig, validate_speculative
+    from service.params import ContextParams, SpeculativeConfig
     from service.requests import GenRequest, SamplingParams
     from service.tokenizer import Tokenizer
 
     model = os.path.abspath(args.model or find_packaged_model())
     spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
-    spec = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
+    spec = replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args))
     params = ContextParams(n_ctx=args.ctx_size, n_parallel=1, n_batch=args.batch_size, kv_type=args.kv_type or "f16")
     if args.list_devices:
         return _list_devices(args.threads)
