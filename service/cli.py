@@ -122,13 +122,14 @@ SPECULATIVE_FLAGS = (
 )
 
 
-def _add_speculative_flags(p: argparse.ArgumentParser, type_help: str) -> None:
-    """The speculative config: a pair's (serve, run, fit, load), its live one (spec set) or a request's (generate)."""
+def _add_speculative_flags(p: argparse.ArgumentParser, type_help: str, unset: str = "") -> None:
+    """The speculative config: a pair's (serve, run, fit, load), its live one (spec set) or a request's
+    (generate). `unset`: what an unset flag means, when not SpeculativeConfig's default."""
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--spec-type", choices=DRAFTER_TYPES, default="", help=type_help)
     for flags, dest, type_, field, help_ in SPECULATIVE_FLAGS:
         s.add_argument(*flags, dest=dest, type=type_, default=None,
-                       help=f"{help_} (default {getattr(SpeculativeConfig, field)})")
+                       help=f"{help_} ({unset or f'default {getattr(SpeculativeConfig, field)}'})")
 
 
 def _speculative_changes(args) -> dict:
@@ -647,7 +648,7 @@ def _server_commands(command) -> None:
                               ("load", "load a pair", cmd_load)):
         p = command(name, help_, func)
         _add_model_flags(p, slots_default=0)
-        _add_speculative_flags(p, "drafter (default: draft with -md, else the server's)")
+        _add_speculative_flags(p, "drafter (default: draft with -md, else the server's)", "unset: the server's")
         p.add_argument("--name", default="", help="pair name (default: default)")
         p.add_argument("--memory-budget", type=parse_bytes, default=0, help="device memory budget for this pair")
         p.add_argument("--json", action="store_true", help="print the whole response as JSON")
@@ -660,7 +661,7 @@ def _server_commands(command) -> None:
     p = command("spec", "read or change a pair's live speculative config", cmd_spec)
     p.add_argument("action", choices=("get", "set"))
     p.add_argument("--pair", default="", help="pair name (default: default)")
-    _add_speculative_flags(p, "drafter (default: unchanged)")
+    _add_speculative_flags(p, "drafter (default: unchanged)", "unset: unchanged")
 
 
 def _generation_commands(command) -> None:
@@ -668,7 +669,7 @@ def _generation_commands(command) -> None:
     p = command("generate", "generate text, streamed as it comes", cmd_generate)
     _add_prompt_flags(p, "most tokens generated (default 0: the server's -n)")
     p.add_argument("--pair", default="", help="pair name (default: default)")
-    _add_speculative_flags(p, "per-request drafter (default: the pair's)")
+    _add_speculative_flags(p, "per-request drafter (default: the pair's)", "unset: the pair's")
     p.add_argument("--request-id", default="", help="id for the server's logs")
     p.add_argument("--no-stream", action="store_true", help="use the unary Generate RPC")
     p.add_argument("--json", action="store_true", help="print the final response as JSON")
