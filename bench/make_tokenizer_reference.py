@@ -17,9 +17,9 @@ import pathlib
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from tests.models import packaged_model_path  # noqa: E402
+from service.models import packaged_model_path  # noqa: E402
 OUTPUT = REPO / "tests" / "data" / "tokenizer_reference.json"
 
 CASES = (
@@ -49,11 +49,8 @@ def llama_cpp_ids(model: pathlib.Path) -> list[list[int]]:
 
 def specserve_ids(model: pathlib.Path) -> list[list[int]]:
     """Token ids from service.tokenizer, with the same settings."""
-    import sys
-
     import gguf
 
-    sys.path.insert(0, str(REPO))
     from service.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(model))

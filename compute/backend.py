@@ -20,21 +20,33 @@ import contextlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, get_args
 
 import numpy as np
 
-KV_TYPES = {"f32": 4, "f16": 2}
+# Closed vocabularies of a plan, each spelled once. Plain strings (logs, the proto's Buffer
+# fields and the ledger compare them as text); a type checker holds the code to these sets.
+Owner = Literal["target", "draft"]  # which model of the pair a buffer belongs to
+BufferKind = Literal["weights", "kv_cache", "outputs", "compute"]
+Placement = Literal["device", "host"]  # the backend's memory, or a separate host memory
+DType = Literal["f32", "f16", "i32"]  # element types of the per-context arrays (layouts)
+KvType = Literal["f32", "f16"]  # element types of the KV cache
+
+# THE element-type table: every layout byte count and every array a backend makes from a layout
+# take their dtype (and so their element size) from here.
+DTYPES: dict[str, np.dtype] = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32)}
+KV_TYPES: tuple[str, ...] = get_args(KvType)
+assert set(DTYPES) == set(get_args(DType)) and set(KV_TYPES) <= set(DTYPES)
 
 
 @dataclass(frozen=True)
 class BufferSpec:
     """One planned (or allocated) buffer."""
 
-    owner: str  # "target" | "draft"
-    kind: str  # "weights" | "kv_cache" | "outputs" | "compute"
+    owner: Owner
+    kind: BufferKind
     tag: str  # tensor name for weights; "k", "v", "logits", "scratch" otherwise
-    device: str  # "device" (the backend's memory) or "host"
+    device: Placement
     nbytes: int
 
 

@@ -146,15 +146,7 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
     if not 2 <= rope_dim <= head_dim or rope_dim % 2:
         raise ModelFileError(f"{arch}.rope.dimension_count is {rope_dim}: it must be even and within "
                              f"[2, {head_dim}] (the head size)")
-    n_vocab = _int(fields, f"{arch}.vocab_size", token_count or 0)
-    if n_vocab < 1:
-        raise ModelFileError("cannot tell the vocabulary size: no vocab_size and no tokenizer.ggml.tokens")
-    if token_count is not None and token_count != n_vocab:
-        raise ModelFileError(f"tokenizer.ggml.tokens holds {token_count} tokens, {arch}.vocab_size says {n_vocab}")
-    embd = tensor_shapes.get("token_embd.weight")
-    if embd is not None and embd != (n_vocab, n_embd):
-        raise ModelFileError(f"token_embd.weight has shape {embd}, the metadata says {n_vocab} tokens of "
-                             f"{n_embd} (vocabulary x embedding_length)")
+    n_vocab = _n_vocab(fields, arch, n_embd, tensor_shapes, token_count)
     scaling_type = _value(fields, f"{arch}.rope.scaling.type") or "none"
     scale = _float(fields, f"{arch}.rope.scaling.factor", 1.0, zero_is_unset=True)
     return HParams(
@@ -174,6 +166,21 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
         tied_output="output.weight" not in tensor_shapes,
         qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
     )
+
+
+def _n_vocab(fields: Mapping, arch: str, n_embd: int, tensor_shapes: Mapping[str, tuple[int, ...]],
+             token_count: int | None) -> int:
+    """The vocabulary size: vocab_size, else the tokenizer's token count; both agree, and so does token_embd."""
+    n_vocab = _int(fields, f"{arch}.vocab_size", token_count or 0)
+    if n_vocab < 1:
+        raise ModelFileError("cannot tell the vocabulary size: no vocab_size and no tokenizer.ggml.tokens")
+    if token_count is not None and token_count != n_vocab:
+        raise ModelFileError(f"tokenizer.ggml.tokens holds {token_count} tokens, {arch}.vocab_size says {n_vocab}")
+    embd = tensor_shapes.get("token_embd.weight")
+    if embd is not None and embd != (n_vocab, n_embd):
+        raise ModelFileError(f"token_embd.weight has shape {embd}, the metadata says {n_vocab} tokens of "
+                             f"{n_embd} (vocabulary x embedding_length)")
+    return n_vocab
 
 
 def expected_tensors(hp: HParams) -> dict[str, tuple[int, ...]]:

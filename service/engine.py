@@ -21,9 +21,9 @@ import time
 from compute.llama import LlamaContext
 from service import draft_policy as policy
 from service.draft_runner import Draft, DraftAsk, DraftRunner
-from service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from service.errors import InvalidArgument, Unavailable
 from service.output import Stream, TextOutput
-from service.params import SpeculativeConfig, validate_speculative
+from service.params import SpeculativeConfig, check_draft_model
 from service.requests import GenRequest, TokenDelta
 from service.sampling import logits_to_probs, penalty_history
 from service.scheduler import Scheduler, SlotWork
@@ -35,7 +35,8 @@ STOP_GRACE = 5.0  # seconds stop() waits for cancelled requests to leave their s
 
 
 def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
-    """InvalidArgument unless the prompt is non-empty, fits a slot and holds valid token ids."""
+    """InvalidArgument unless the prompt is non-empty, fits a slot and holds valid token ids (GenRequest
+    checks what does not depend on the pair)."""
     n = len(req.prompt)
     if n == 0:
         raise InvalidArgument("the prompt is empty")
@@ -45,8 +46,6 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
             f"so a prompt may have at most {n_ctx_slot - 1}")
     if max(req.prompt) >= n_vocab or min(req.prompt) < 0:
         raise InvalidArgument(f"prompt token ids must be in [0, {n_vocab})")
-    if req.max_tokens < 0:
-        raise InvalidArgument("max_tokens must be >= 0")
 
 
 class Engine:
@@ -81,9 +80,7 @@ class Engine:
 
     def check_speculative(self, cfg: SpeculativeConfig) -> SpeculativeConfig:
         """Validate a config against this pair: its plan's output rows and whether it has a draft model."""
-        validate_speculative(cfg)
-        if cfg.type == "draft" and self.draft is None:
-            raise FailedPrecondition("speculative type 'draft' needs a pair loaded with a draft model")
+        check_draft_model(cfg, self.draft is not None, pair_loaded=True)
         if cfg.enabled and cfg.n_max > self.max_n_max:
             raise InvalidArgument(
                 f"speculative n_max {cfg.n_max} exceeds {self.max_n_max}, what the plan sized the outputs for "

@@ -20,7 +20,7 @@ import stat
 import threading
 from dataclasses import dataclass, field, replace
 
-from compute.backend import Allocation, Backend, release_all
+from compute.backend import Allocation, Backend, Owner, release_all
 from compute.gguf_model import ModelFile, ModelFileError, open_model
 from compute.llama import LlamaContext, LlamaWeights
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
@@ -193,7 +193,7 @@ class PairFactory:
         log.info("loaded pair %s: %d buffers, %d bytes", req.name, len(allocs), plan.total_bytes)
         return LoadedPair(req, result, target, draft, allocs, self.backend)
 
-    def _build(self, pair: str, owner: str, mf: ModelFile, plan: Plan, cp: ContextParams,
+    def _build(self, pair: str, owner: Owner, mf: ModelFile, plan: Plan, cp: ContextParams,
                allocs: list[Allocation]) -> ContextModel:
         """Allocate one context's planned buffers in plan order and wrap them in a LlamaContext."""
         handles, ctx_bufs = {}, {}

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from service.errors import InvalidArgument
-
-DRAFTER_TYPES = ("none", "draft", "ngram")
-KV_TYPES = ("f32", "f16")
+from service.errors import FailedPrecondition, InvalidArgument
+from service.vocab import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 256
@@ -33,7 +31,7 @@ class ContextParams:
     n_parallel: int = 1  # slots: sequences decoded together
     n_batch: int = 0  # most tokens in one forward pass (prefill chunk, verify batch, all slots)
     n_outputs_max: int = 0  # most logits rows one forward pass returns; 0 = derive
-    kv_type: str = "f16"  # "f32" | "f16"
+    kv_type: KvType = "f16"
     n_gpu_layers: int = -1  # layers whose weights live in device memory; -1 = all
     n_ctx_min: int = 0  # Fit never shrinks n_ctx below this (0: one cell per slot... see fit)
 
@@ -46,32 +44,48 @@ class ContextParams:
 class SpeculativeConfig:
     """How a pair drafts. `type` "none" turns speculation off."""
 
-    type: str = "ngram"  # "none" | "draft" (a draft model) | "ngram" (prompt lookup)
+    type: DrafterType = "ngram"
     n_max: int = 8  # most tokens drafted per step
     n_min: int = 1  # fewer proposals than this: decode normally this step
     p_min: float = 0.5  # draft model: stop drafting when its top probability is below this
     ngram_min: int = 2  # shortest suffix the n-gram drafter matches (1 proposes often and is mostly rejected)
     ngram_max: int = 4  # longest suffix the n-gram drafter matches
 
+    def __post_init__(self):
+        """Refuse a malformed config with InvalidArgument, whoever builds it (gRPC, the CLI, a test).
+        Limits that depend on a pair (its plan's rows, its draft model) are checked against the pair."""
+        if self.type not in DRAFTER_TYPES:
+            raise InvalidArgument(f"speculative type {self.type!r}: use one of {', '.join(DRAFTER_TYPES)}")
+        if self.n_max < 0 or self.n_min < 0:
+            raise InvalidArgument("speculative n_max and n_min must be >= 0")
+        if self.n_min > self.n_max:
+            raise InvalidArgument(f"speculative n_min ({self.n_min}) must be <= n_max ({self.n_max})")
+        if not 0.0 <= self.p_min <= 1.0:  # NaN fails this too
+            raise InvalidArgument(f"speculative p_min ({self.p_min}) must be within [0, 1]")
+        if self.ngram_min < 1 or self.ngram_max < self.ngram_min:
+            raise InvalidArgument(
+                f"speculative ngram sizes need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
+
     @property
     def enabled(self) -> bool:
         return self.type != "none" and self.n_max > 0
 
 
-def validate_speculative(spec: SpeculativeConfig) -> SpeculativeConfig:
-    """Refuse a malformed config with InvalidArgument (limits that depend on a plan are checked elsewhere)."""
-    if spec.type not in DRAFTER_TYPES:
-        raise InvalidArgument(f"speculative type {spec.type!r}: use one of {', '.join(DRAFTER_TYPES)}")
-    if spec.n_max < 0 or spec.n_min < 0:
-        raise InvalidArgument("speculative n_max and n_min must be >= 0")
-    if spec.n_min > spec.n_max:
-        raise InvalidArgument(f"speculative n_min ({spec.n_min}) must be <= n_max ({spec.n_max})")
-    if not 0.0 <= spec.p_min <= 1.0:
-        raise InvalidArgument(f"speculative p_min ({spec.p_min}) must be within [0, 1]")
-    if spec.ngram_min < 1 or spec.ngram_max < spec.ngram_min:
-        raise InvalidArgument(
-            f"speculative ngram sizes need 1 <= ngram_min <= ngram_max (got {spec.ngram_min}, {spec.ngram_max})")
-    return spec
+def check_draft_model(spec: SpeculativeConfig, has_draft_model: bool, pair_loaded: bool) -> None:
+    """THE rule "type draft needs a draft model", for a pair being made and for a loaded one.
+
+    The status code says whose move it is (gRPC's guide: INVALID_ARGUMENT is wrong whatever the
+    server's state; FAILED_PRECONDITION depends on it). A Fit/Load PairSpec or `serve`/`run`
+    flags that ask for type draft and name no draft model contradict themselves: no server
+    state could make them work, so INVALID_ARGUMENT. A Generate or UpdateSpeculativeConfig for
+    a pair already loaded without a draft model is well formed; it fails because of how that
+    pair was loaded (Load it again with a draft model), so FAILED_PRECONDITION.
+    """
+    if spec.type != "draft" or has_draft_model:
+        return
+    if pair_loaded:
+        raise FailedPrecondition("speculative type 'draft' needs a pair loaded with a draft model")
+    raise InvalidArgument("speculative type 'draft' needs a draft model (draft_path)")
 
 
 @dataclass(frozen=True)
@@ -113,9 +127,7 @@ def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_m
     draft shares n_ctx, n_parallel, n_batch and kv_type with the target (it holds the same
     sequences). An explicit base n_outputs_max raises the target's (never the draft's).
     """
-    validate_speculative(spec)
-    if spec.type == "draft" and not has_draft_model:
-        raise InvalidArgument("speculative type 'draft' needs a draft model (draft_path)")
+    check_draft_model(spec, has_draft_model, pair_loaded=False)
     n_out = base.n_parallel * (spec.n_max + 1) if spec.enabled else base.n_parallel
     n_out = max(n_out, base.n_outputs_max)
     target = replace(base, n_outputs_max=min(n_out, base.n_batch))

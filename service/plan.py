@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compute.backend import Backend, BufferSpec
+from compute.backend import Backend, BufferSpec, Owner
 from compute.gguf_model import ModelFile
 from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout, scratch_layout
 from service.params import ContextParams, PairParams
@@ -41,7 +41,7 @@ class Plan:
     def device_bytes(self, device: str = "device") -> int:
         return sum(b.spec.nbytes for b in self.buffers if b.spec.device == device)
 
-    def specs(self, owner: str | None = None) -> list[BufferSpec]:
+    def specs(self, owner: Owner | None = None) -> list[BufferSpec]:
         return [b.spec for b in self.buffers if owner is None or b.spec.owner == owner]
 
     def summary(self) -> dict[tuple[str, str], int]:
@@ -57,7 +57,7 @@ def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
 
 
-def _context_buffers(owner: str, mf: ModelFile, cp: ContextParams, backend: Backend) -> list[PlannedBuffer]:
+def _context_buffers(owner: Owner, mf: ModelFile, cp: ContextParams, backend: Backend) -> list[PlannedBuffer]:
     hp = mf.hparams
     out: list[PlannedBuffer] = []
     n_dev = hp.n_layer if cp.n_gpu_layers < 0 else min(cp.n_gpu_layers, hp.n_layer)

@@ -27,6 +27,7 @@ from typing import Callable
 from service.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from service.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.params import SpeculativeConfig
+from service.vocab import PairState
 from service.warmup import WarmupError, warm_up
 
 log = logging.getLogger("specserve.registry")
@@ -61,7 +62,7 @@ class ServedPair:
 
     name: str
     request: PairRequest
-    state: str = "loading"  # "loading" | "ready" | "draining"
+    state: PairState = "loading"
     pair: LoadedPair | None = None
     tokenizer: object | None = None  # service.tokenizer.Tokenizer
     engine: object | None = None  # service.engine.Engine

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from service.errors import InvalidArgument
 from service.params import SpeculativeConfig
+from service.vocab import FinishReason
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
+DEFAULT_MAX_TOKENS = 128  # a request that sets none (a server's -n / --n-predict overrides it)
 # Largest prompt a server takes (--max-prompt-bytes), counted before tokenizing: text as UTF-8,
 # messages and token ids as encoded on the wire. A flat 1 MiB holds ~250k tokens of English
 # (~4 bytes a token) and 32k tokens even at 32 bytes a token: more than the largest contexts
 # served, while the tokenizer's time on one request stays bounded.
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+
+
+# (field, test, what the message says): the rules of the float fields of SamplingParams
+SAMPLING_RULES = (
+    ("temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    ("top_p", lambda v: 0 < v <= 1, "must be within (0, 1] (1 = off)"),
+    ("min_p", lambda v: 0 <= v <= 1, "must be within [0, 1] (0 = off)"),
+    ("repeat_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,15 @@ class SamplingParams:
     repeat_last_n: int = 64  # tokens the repetition penalty looks back over
     seed: int | None = None  # None: a random seed; a seed makes sampling reproducible
 
+    def __post_init__(self):
+        """Refuse values no sampler can use, with InvalidArgument naming the field (every door: gRPC, CLI)."""
+        for name, ok, rule in SAMPLING_RULES:
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise InvalidArgument(f"sampling.{name} must be a finite number")
+            if not ok(v):
+                raise InvalidArgument(f"sampling.{name} {v}: {rule}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
@@ -36,11 +58,18 @@ class GenRequest:
     """One generation: prompt token ids in, up to max_tokens out."""
 
     prompt: tuple[int, ...]
-    max_tokens: int = 128
+    max_tokens: int = DEFAULT_MAX_TOKENS
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     speculative: SpeculativeConfig | None = None  # per-request override of the pair's live config
     request_id: str = ""
+
+    def __post_init__(self):
+        """Refuse what no pair could serve (checks that depend on the pair are the engine's)."""
+        if self.max_tokens < 0:
+            raise InvalidArgument("max_tokens must be >= 0")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop: a stop string is empty")
 
 
 @dataclass(frozen=True)
@@ -57,7 +86,7 @@ class GenResult:
 
     text: str
     tokens: tuple[int, ...]
-    finish_reason: str  # "stop" (EOG token or stop string), "length" (max_tokens or context full), "cancelled"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     drafted: int  # draft tokens proposed for this request

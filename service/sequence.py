@@ -17,6 +17,7 @@ from service.draft_policy import DraftStats
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
 from service.requests import GenResult
+from service.vocab import FinishReason
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Slot:
         """Tokens not yet in the target KV cache (1 in decode)."""
         return len(self.tokens) - self.n_past
 
-    def result(self, reason: str) -> GenResult:
+    def result(self, reason: FinishReason) -> GenResult:
         """The summary of this slot's generation, ending now for `reason`."""
         now = time.perf_counter()
         first = self.t_first or now
@@ -68,7 +69,7 @@ class Slot:
                          first - self.t_admit, now - first)
 
 
-def unstarted_result(stream: Stream, reason: str) -> GenResult:
+def unstarted_result(stream: Stream, reason: FinishReason) -> GenResult:
     """The summary of a request that ended before it reached a slot (cancelled while queued)."""
     waited = time.perf_counter() - stream.submitted_at
     return GenResult("", (), reason, len(stream.request.prompt), 0, 0, 0, waited, 0.0, 0.0)

@@ -36,8 +36,8 @@ from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
-from service.requests import DEFAULT_MAX_PROMPT_BYTES
-from service.servicers import DEFAULT_MAX_TOKENS, Defaults, GenerationServicer, ModelServicer
+from service.requests import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS
+from service.servicers import GenerationServicer, ModelServicer
 
 log = logging.getLogger("specserve.server")
 
@@ -309,16 +309,13 @@ class SpecServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.registry = PairRegistry(self.factory, self.metrics, config.queue_max, on_change=self._update_health,
                                      load_timeout=config.load_timeout)
-        defaults = Defaults(params=config.params, speculative=config.speculative,
-                            target_path=config.default_target, max_tokens=config.max_tokens,
-                            max_prompt_bytes=config.max_prompt_bytes, drain_timeout=config.drain_timeout)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                                              thread_name_prefix="rpc"),
                                   interceptors=self._interceptors(config), options=grpc_options(config),
                                   maximum_concurrent_rpcs=config.max_workers)
-        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, defaults), self.server)
+        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, config), self.server)
         pb_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self.registry, defaults, self.metrics), self.server)
+            GenerationServicer(self.registry, config, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=_MethodAwarePool())

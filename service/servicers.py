@@ -11,33 +11,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service import convert
 from service.errors import Unavailable
 from service.logging_setup import request_id_var
 from service.metadata import check_request_id, trailers
-from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import DEFAULT_DRAIN_TIMEOUT, PairRegistry, ServedPair
-from service.requests import DEFAULT_MAX_PROMPT_BYTES
+from service.registry import PairRegistry, ServedPair
+
+if TYPE_CHECKING:  # server.py imports this module
+    from service.server import ServerConfig
 
 log = logging.getLogger("specserve.rpc")
-
-DEFAULT_MAX_TOKENS = 128
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """What empty request fields mean on this server (its command-line flags)."""
-
-    params: ContextParams = field(default_factory=ContextParams)
-    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    target_path: str = ""  # the model a PairSpec without target_path loads
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # checked before the tokenizer runs
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 def _pair_info(sp: ServedPair) -> pb.PairInfo:
@@ -59,12 +46,12 @@ def _pair_info(sp: ServedPair) -> pb.PairInfo:
 class ModelServicer(pb_grpc.ModelServiceServicer):
     """Fit, Load, Unload, ListPairs and the live speculative config."""
 
-    def __init__(self, registry: PairRegistry, defaults: Defaults):
-        self.registry, self.defaults = registry, defaults
+    def __init__(self, registry: PairRegistry, config: ServerConfig):
+        self.registry, self.config = registry, config  # the config says what empty request fields mean
 
     def _pair_request(self, spec: pb.PairSpec):
-        d = self.defaults
-        return convert.pair_request_from_pb(spec, d.params, d.speculative, d.target_path)
+        c = self.config
+        return convert.pair_request_from_pb(spec, c.params, c.speculative, c.default_target)
 
     def Fit(self, request, context):
         return convert.fit_to_pb(self.registry.fit(self._pair_request(request.pair)))
@@ -77,7 +64,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     def Unload(self, request, context):
         name = convert.pair_name(request.name)
-        timeout = request.drain_timeout_seconds if request.drain_timeout_seconds > 0 else self.defaults.drain_timeout
+        timeout = request.drain_timeout_seconds if request.drain_timeout_seconds > 0 else self.config.drain_timeout
         released = self.registry.unload(name, timeout)
         return pb.UnloadResponse(name=name, released_bytes=released)
 
@@ -106,10 +93,10 @@ class _Generation:
             request_id_var.set(check_request_id(request.request_id, "request_id"))
             context.set_trailing_metadata(trailers(request.request_id))
         self.request_id = request_id_var.get()
-        convert.check_prompt_bytes(request, servicer.defaults.max_prompt_bytes)
+        convert.check_prompt_bytes(request, servicer.config.max_prompt_bytes)
         self.sp = servicer.registry.get(convert.pair_name(request.pair))
         req = convert.gen_request_from_pb(request, self.sp.tokenizer, self.sp.engine.speculative,
-                                          servicer.defaults.max_tokens, self.request_id)
+                                          servicer.config.max_tokens, self.request_id)
         self.req = req
         self.ttft = 0.0
         self._finished = threading.Event()
@@ -157,8 +144,8 @@ class _Generation:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Generate, GenerateStream, Tokenize, Detokenize."""
 
-    def __init__(self, registry: PairRegistry, defaults: Defaults, metrics=None):
-        self.registry, self.defaults, self.metrics = registry, defaults, metrics
+    def __init__(self, registry: PairRegistry, config: ServerConfig, metrics=None):
+        self.registry, self.config, self.metrics = registry, config, metrics
 
     def Generate(self, request, context):
         gen = _Generation(self, request, context)
@@ -188,7 +175,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gen.close()
 
     def Tokenize(self, request, context):
-        convert.check_text_bytes(request.text, "text", self.defaults.max_prompt_bytes)
+        convert.check_text_bytes(request.text, "text", self.config.max_prompt_bytes)
         sp = self.registry.get(convert.pair_name(request.pair))
         ids = sp.tokenizer.encode(request.text, add_special=request.add_special, parse_special=request.parse_special)
         return pb.TokenizeResponse(tokens=ids)

@@ -32,3 +32,28 @@ def test_run_prints_the_greedy_continuation(tmp_path):
     assert out.stdout == res.text + "\n"
     assert f"completion {res.completion_tokens} tok" in out.stderr
 
+
+
+def _run(*argv):
+    return subprocess.run([sys.executable, "-m", "service.cli", "run", *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_run_refuses_bad_flag_values_before_reading_the_model(tmp_path):
+    """The params dataclasses check `run`'s flags as they check gRPC fields: exit status 2 (a usage error,
+    as argparse's own) with the rule in one line, before the model file is opened (it does not exist)."""
+    missing = str(tmp_path / "missing.gguf")
+    for flags, message in [(["--top-p", "0"], "sampling.top_p 0.0: must be within (0, 1] (1 = off)"),
+                           (["--temp", "-1"], "sampling.temperature -1.0: must be >= 0 (0 = greedy)"),
+                           (["--draft-max", "2", "--draft-min", "5"], "speculative n_min (5) must be <= n_max (2)")]:
+        out = _run("-m", missing, *flags, "the theme")
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip() == f"specserve run: error: {message}", out.stderr
+        assert out.stdout == ""
+
+
+def test_run_takes_no_slot_count():
+    """`run` decodes one prompt in one slot: -np is refused, not silently ignored."""
+    for flag in ("-np", "--parallel"):
+        out = _run(flag, "4", "the theme")
+        assert out.returncode == 2 and f"{flag}: run decodes one prompt in one slot" in out.stderr, out.stderr

@@ -81,4 +81,4 @@ def test_ngram_drafts_need_no_model_and_leave_the_draft_kv_alone():
     assert d.tokens == (9, 1) and d.probs is None and runner.valid == [0]
     runner.accept(0, d, 2)
     assert runner.valid == [0]
-    assert runner.propose([DraftAsk(s, 2, SpeculativeConfig("ngram", n_max=2, n_min=3))]) == {}  # fewer than n_min
+    assert runner.propose([DraftAsk(s, 2, SpeculativeConfig("ngram", n_max=4, n_min=3))]) == {}  # k=2: fewer than n_min
