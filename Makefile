@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup serve test proto bench-ghz image-test clean distclean
+.PHONY: help setup serve test lint proto bench-ghz image-test clean distclean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -19,8 +19,11 @@ serve:  ## run the server with the packaged SmolLM2 model on 127.0.0.1:50051 (AR
 	@scripts/setup.sh runtime
 	$(VENV)/bin/specserve serve $(ARGS)
 
-test: setup  ## run every test (pytest: unit, property, gRPC integration, Node.js client, ghz)
+test: setup lint  ## run every test (ruff, then pytest: unit, property, fuzz, gRPC integration, Node.js client, ghz)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup  ## ruff over the whole tree (pyproject.toml [tool.ruff]: one line length, import order)
+	$(VENV)/bin/ruff check .
 
 proto:  ## regenerate the Python stubs in service/pb from proto/
 	$(PY) scripts/gen_proto.py

@@ -151,7 +151,8 @@ def run_speed(args, model):
     for e in engines:
         t = toks[e.name]
         agree = next((i for i, (a, b) in enumerate(zip(t, ref)) if a != b), len(ref))
-        print(f"greedy tokens of {e.name}: first {agree}/{len(ref)} equal to {llama.name if llama else engines[0].name}'s")
+        ref_name = llama.name if llama else engines[0].name
+        print(f"greedy tokens of {e.name}: first {agree}/{len(ref)} equal to {ref_name}'s")
     for e in engines:
         if isinstance(e, (NumpyEngine, OpenCLEngine)):
             e.pair.release()
@@ -242,7 +243,8 @@ def run_invariance(args, model):
         cells = [f"{common.median(times[(m, k)]) * 1e3:.1f}" for k in ks]
         pf = common.median(times[(m, "prefill")])
         inv_cells = ["yes" if eq else f"no ({d:.1e})" for eq, d in (inv[m][k] for k in [2, 5, 9, 64])]
-        print(f"| {label[m]} | " + " | ".join(cells) + f" | {pf * 1e3:.1f} | {64 / pf:.0f} | " + " | ".join(inv_cells) + " |")
+        print(f"| {label[m]} | " + " | ".join(cells) + f" | {pf * 1e3:.1f} | {64 / pf:.0f} | "
+              + " | ".join(inv_cells) + " |")
     print(f"cost relative to {label[base]} (ratio of medians):")
     for m in modes:
         rs = [common.median(times[(m, k)]) / common.median(times[(base, k)]) for k in ks + ["prefill"]]

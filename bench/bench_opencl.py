@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--skip-numpy", action="store_true")
     args = ap.parse_args()
 
-    from compute.opencl.backend import OpenCLBackend, list_devices, cpu_threads
+    from compute.opencl.backend import OpenCLBackend, cpu_threads, list_devices
 
     if args.list:
         print("\n".join(list_devices()))

@@ -96,8 +96,10 @@ def main() -> None:
     tok = Tokenizer.from_gguf(pair.target.file.reader)
     eng = Engine(pair, tok, SpeculativeConfig("none")).start()
     off = SpeculativeConfig("none")
-    on = SpeculativeConfig("ngram", n_max=args.n_max, n_min=args.n_min, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
-    print(f"backend={args.backend} row_tile={getattr(be, 'row_tile', '-')} threads={args.threads} tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
+    on = SpeculativeConfig("ngram", n_max=args.n_max, n_min=args.n_min, ngram_min=args.ngram_min,
+                           ngram_max=args.ngram_max)
+    print(f"backend={args.backend} row_tile={getattr(be, 'row_tile', '-')} threads={args.threads} "
+          f"tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
     from service.warmup import warm_up
 
     warm_up(pair, eng, tok)  # as the server does before a pair is ready: kernels, row-cost curve, one request

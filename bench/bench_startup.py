@@ -89,7 +89,8 @@ def main() -> None:
         warm.append(w)
         print(f"rep {rep}: cold {c:6.2f} s ({log_figures(text_c)})")
         print(f"       warm {w:6.2f} s ({log_figures(text_w)})")
-    print(f"start to SERVING, median of {args.reps}: cold {common.median(cold):.2f} s, warm {common.median(warm):.2f} s")
+    print(f"start to SERVING, median of {args.reps}: cold {common.median(cold):.2f} s, "
+          f"warm {common.median(warm):.2f} s")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
 from service.models import packaged_model_path  # noqa: E402
+
 # The one bench script that imports tests/: what it checks IS the test emulation of ggml's CPU
 # rounding (tests/ggml_cpu.py, used by tests/test_reference.py), against llama.cpp's own tensors.
 # The emulation is test code, not product, so it stays in tests/ and this script reaches into it.
@@ -140,7 +141,8 @@ def main() -> None:
         check("rope -> Qcur" + s, q, got("Qcur" + s, -1))
         kq, sm = got("kq" + s), got("kq_soft_max" + s)  # (n_head, n, n_kv)
         n_kv = kq.shape[-1]
-        qh = G.f16(got("Qcur" + s, -1).reshape(n, n_head_kv, n_head // n_head_kv, hd)).transpose(1, 2, 0, 3)[..., None, :]
+        q4 = got("Qcur" + s, -1).reshape(n, n_head_kv, n_head // n_head_kv, hd)
+        qh = G.f16(q4).transpose(1, 2, 0, 3)[..., None, :]
         K = np.zeros((n_kv, n_head_kv, hd), np.float32)
         K[:n] = G.f16(got("Kcur" + s, -1).reshape(n, n_head_kv, hd))
         Kt = K.transpose(1, 0, 2)[:, None, None]
@@ -160,7 +162,8 @@ def main() -> None:
         be.rms_norm(got("ffn_inp" + s), norm_w(f"blk.{L}.ffn_norm.weight"), 1e-5, out)
         check("rms_norm * w -> ffn_norm" + s, out, got("ffn_norm" + s))
         fn = got("ffn_norm" + s)
-        check("Q4_1 matmul -> ffn_gate" + s, G.quant_matmul(fn, weight(f"blk.{L}.ffn_gate.weight")), got("ffn_gate" + s))
+        check("Q4_1 matmul -> ffn_gate" + s, G.quant_matmul(fn, weight(f"blk.{L}.ffn_gate.weight")),
+              got("ffn_gate" + s))
         check("Q4_1 matmul -> ffn_up" + s, G.quant_matmul(fn, weight(f"blk.{L}.ffn_up.weight")), got("ffn_up" + s))
         sw = np.empty_like(got("ffn_gate" + s))
         be.swiglu(got("ffn_gate" + s), got("ffn_up" + s), sw)

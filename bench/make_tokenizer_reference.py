@@ -20,6 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
 from service.models import packaged_model_path  # noqa: E402
+
 OUTPUT = REPO / "tests" / "data" / "tokenizer_reference.json"
 
 CASES = (

@@ -155,7 +155,8 @@ class Backend(ABC):
         return contextlib.nullcontext()
 
     # ---- allocation: exactly a planned spec, through the ledger ----
-    def allocate(self, pair: str, spec: BufferSpec, layout: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Allocation:
+    def allocate(self, pair: str, spec: BufferSpec,
+                 layout: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Allocation:
         """Allocate `spec.nbytes` bytes (as the named arrays of `layout` when given) and record it."""
         if self.fault_hook is not None:
             self.fault_hook(spec)

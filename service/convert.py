@@ -50,7 +50,8 @@ def pair_name(name: str) -> str:
 # ---- speculative config ----
 
 def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> SpeculativeConfig:
-    """`base` with the fields `msg` sets replaced (validated by SpeculativeConfig). Setting only n_max lowers n_min to fit under it."""
+    """`base` with the fields `msg` sets replaced (validated by SpeculativeConfig). Setting only n_max
+    lowers n_min to fit under it."""
     changes: dict = {}
     if msg.type != pb.DRAFTER_TYPE_UNSPECIFIED:
         if msg.type not in DRAFTER_FROM_PB:

@@ -84,7 +84,8 @@ class Engine:
         if cfg.enabled and cfg.n_max > self.max_n_max:
             raise InvalidArgument(
                 f"speculative n_max {cfg.n_max} exceeds {self.max_n_max}, what the plan sized the outputs for "
-                f"(n_outputs_max {self.n_outputs_max} over {self.n_slots} slots); Fit and Load again with a larger n_max")
+                f"(n_outputs_max {self.n_outputs_max} over {self.n_slots} slots); "
+                "Fit and Load again with a larger n_max")
         return cfg
 
     def set_speculative(self, cfg: SpeculativeConfig) -> SpeculativeConfig:

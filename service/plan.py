@@ -64,7 +64,8 @@ def _context_buffers(owner: Owner, mf: ModelFile, cp: ContextParams, backend: Ba
     for name, t in mf.tensors.items():
         layer = _layer_of(name)
         device = "host" if layer is not None and layer >= n_dev else "device"
-        out.append(PlannedBuffer(BufferSpec(owner, "weights", name, device, backend.weight_nbytes(t.ggml_type, t.shape)), None))
+        nbytes = backend.weight_nbytes(t.ggml_type, t.shape)
+        out.append(PlannedBuffer(BufferSpec(owner, "weights", name, device, nbytes), None))
     kv_dev = "device" if n_dev == hp.n_layer else "host"
     for tag in ("k", "v"):
         lay = kv_layout(hp, cp.n_parallel, cp.n_ctx_slot, cp.kv_type)

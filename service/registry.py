@@ -215,7 +215,8 @@ class PairRegistry:
                 engine.stop()
             pair.release()
             if isinstance(e, WarmupError):
-                raise FailedPrecondition(f"pair {sp.name!r} cannot serve on {self.factory.backend.device_memory().name}: "
+                device = self.factory.backend.device_memory().name
+                raise FailedPrecondition(f"pair {sp.name!r} cannot serve on {device}: "
                                          f"its warm-up failed: {e}") from e
             raise
         measured = getattr(engine, "row_cost", None)

@@ -5,8 +5,20 @@ from __future__ import annotations
 import pytest
 
 from service import draft_policy as policy
-from service.draft_policy import (ALPHA_MAX, EXPLORE_EVERY, EXPLORE_MAX, PRIOR, DraftStats, acceptance, back_off,
-                                  best_k, choose, drafted, learn, tick)
+from service.draft_policy import (
+    ALPHA_MAX,
+    EXPLORE_EVERY,
+    EXPLORE_MAX,
+    PRIOR,
+    DraftStats,
+    acceptance,
+    back_off,
+    best_k,
+    choose,
+    drafted,
+    learn,
+    tick,
+)
 
 TILES_8 = lambda r: float(-(-r // 8))  # noqa: E731 - a backend paying for whole 8-row tiles
 PER_ROW = lambda r: float(r)  # noqa: E731 - every row costs a decode (NumPy, one gemv per row)

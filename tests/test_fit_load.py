@@ -41,8 +41,8 @@ def tiny(tmp_path_factory):
         "target": write_tiny_llama(d / "target.gguf", n_layer=2, seed=1),
         "draft": write_tiny_llama(d / "draft.gguf", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=64, seed=2),
         "other_vocab": write_tiny_llama(d / "other.gguf", n_layer=1, seed=3, extra_tokens=5),
-        "q4": write_tiny_llama(d / "q4.gguf", n_layer=1, seed=4, matrix_type=__import__("gguf").GGMLQuantizationType.Q4_1,
-                               tied=False),
+        "q4": write_tiny_llama(d / "q4.gguf", n_layer=1, seed=4,
+                               matrix_type=__import__("gguf").GGMLQuantizationType.Q4_1, tied=False),
         "dir": str(d),
     }
 
@@ -95,7 +95,8 @@ def test_ledger_equals_plan_on_the_real_model(real_model, backend_name):
     f = PairFactory(be, device_memory_bytes=1 << 34)
     for base, spec, draft in [
         (ContextParams(n_ctx=256, n_parallel=2, n_batch=32, kv_type="f16"), SpeculativeConfig("ngram", n_max=4), ""),
-        (ContextParams(n_ctx=96, n_parallel=3, n_batch=7, kv_type="f32"), SpeculativeConfig("draft", n_max=8), real_model),
+        (ContextParams(n_ctx=96, n_parallel=3, n_batch=7, kv_type="f32"), SpeculativeConfig("draft", n_max=8),
+         real_model),
     ]:
         req = PairRequest(target_path=real_model, draft_path=draft, params=base, speculative=spec)
         fit = f.fit(req)

@@ -77,7 +77,8 @@ def hostile(tmp_path_factory):
         "cut in the magic": (_truncated(good, d / "cut-2.gguf", 2), "too short for a GGUF file"),
         "cut in the counts": (_truncated(good, d / "cut-12.gguf", 12), "the file ends inside the tensor count"),
         "cut in a key": (_truncated(good, d / "cut-30.gguf", 30), "metadata entries, the file holds 30 bytes"),
-        "cut in the tokens": (_truncated(good, d / "cut-tokens.gguf", tokens_at + 100), "tokenizer.ggml.tokens declares"),
+        "cut in the tokens": (_truncated(good, d / "cut-tokens.gguf", tokens_at + 100),
+                              "tokenizer.ggml.tokens declares"),
         "cut in the tensor infos": (_truncated(good, d / "cut-infos.gguf", infos_at + 10),
                                     f"the header declares {len(r.tensors)} tensors, the file holds"),
         "cut in the tensor data": (_truncated(good, d / "cut-data.gguf", data_at + 10), "end past the end of the file"),
@@ -228,7 +229,8 @@ def test_hparams_values_of_the_wrong_kind_are_model_file_errors():
                                ("llama.rope.freq_base", float("nan"), "must be a positive number"),
                                ("llama.attention.layer_norm_rms_epsilon", -1.0, "must be a positive number"),
                                ("llama.context_length", 0, "llama.context_length is 0"),
-                               ("llama.vocab_size", 9, r"token_embd.weight has shape \(8, 64\), the metadata says 9 tokens")]:
+                               ("llama.vocab_size", 9,
+                                r"token_embd.weight has shape \(8, 64\), the metadata says 9 tokens")]:
         with pytest.raises(ModelFileError, match=needle):
             hparams_from_fields(_fields(**{key: value}), shapes, None)
     with pytest.raises(ModelFileError, match="tokenizer.ggml.tokens holds 7 tokens"):

@@ -71,7 +71,8 @@ def test_greedy_tokens_identical_with_speculation(setup, reference, pair_name, s
     pairs, tok, prompts = setup
     got = run(pairs[pair_name], tok, prompts, spec)
     for i, (r, g) in enumerate(zip(reference[pair_name], got)):
-        assert g.tokens == r, f"prompt {i} parts at token {next((k for k, (a, b) in enumerate(zip(r, g.tokens)) if a != b), None)}"
+        parts = next((k for k, (a, b) in enumerate(zip(r, g.tokens)) if a != b), None)
+        assert g.tokens == r, f"prompt {i} parts at token {parts}"
     drafted, accepted = sum(g.drafted for g in got), sum(g.accepted for g in got)
     if spec.type == "draft":
         assert drafted > 0

@@ -215,7 +215,8 @@ def test_teacher_forced_disagreements_are_near_ties(runs, name):
         gap = top[theirs] - top[ours] if ours in top else float("inf")
         bad.append((i, ours, theirs, round(case["llama_margins"][i], 4), round(run.teacher_margins[i], 4), gap))
     same = len(ref) - len(bad)
-    msg = f"{name}: {same}/{len(ref)} teacher-forced steps agree; (step, ours, llama, llama margin, our margin, llama gap) {bad}"
+    msg = (f"{name}: {same}/{len(ref)} teacher-forced steps agree; "
+           f"(step, ours, llama, llama margin, our margin, llama gap) {bad}")
     print(msg)
     assert same >= N_TEACHER_MIN, msg
     assert all(lm < NEAR_TIE and om < NEAR_TIE and gap < NEAR_TIE for _, _, _, lm, om, gap in bad), msg
@@ -229,7 +230,8 @@ def test_first_step_logits_close_to_reference(runs, name):
     theirs = np.array([v for _, v in case["first_step_top"]], dtype=np.float32)
     diff = float(np.abs(run.first[ids] - theirs).max())
     dm = abs(_margin(run.first) - case["llama_margins"][0])
-    msg = f"{name}: max |diff| over llama.cpp's top 32 = {diff:.3f} (tol {TOL_TOP32}); margin diff {dm:.3f} (tol {TOL_MARGIN})"
+    msg = (f"{name}: max |diff| over llama.cpp's top 32 = {diff:.3f} (tol {TOL_TOP32}); "
+           f"margin diff {dm:.3f} (tol {TOL_MARGIN})")
     print(msg)
     assert diff <= TOL_TOP32, msg
     assert dm <= TOL_MARGIN, msg

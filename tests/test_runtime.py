@@ -184,7 +184,8 @@ def test_warm_up_runs_before_serving_and_leaves_outputs_unchanged(tiny_models_di
     tok = Tokenizer.from_gguf(pair.target.file.reader)
     eng = Engine(pair, tok, SpeculativeConfig("ngram", n_max=4)).start()
     try:
-        cold = eng.submit(GenRequest(tuple(tok.encode("the theme of", add_special=True, parse_special=True)), max_tokens=12,
+        prompt = tuple(tok.encode("the theme of", add_special=True, parse_special=True))
+        cold = eng.submit(GenRequest(prompt, max_tokens=12,
                                      sampling=SamplingParams(temperature=0.0))).result(timeout=60)
     finally:
         eng.stop()

@@ -8,10 +8,10 @@ import time
 
 import grpc
 import pytest
-from tests.conftest import TINY, TINY_DRAFT, start_server, stop_server, tiny_config
 from grpc_health.v1 import health_pb2
 
 from service.pb.specserve.v1 import specserve_pb2 as pb
+from tests.conftest import TINY, TINY_DRAFT, start_server, stop_server, tiny_config
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -8,8 +8,8 @@ layers: a draft that shares the vocabulary and disagrees often (a fixture for re
 
 from __future__ import annotations
 
-import numpy as np
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as T
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

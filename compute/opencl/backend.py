@@ -317,7 +317,8 @@ class OpenCLBackend(Backend):
             data, kind = np.ascontiguousarray(raw).reshape(-1).view(np.uint8), ggml_type
         else:
             data, kind = np.ascontiguousarray(dequantize(raw, ggml_type, shape), dtype=np.float32), T.F32
-        assert data.nbytes == alloc.spec.nbytes, f"{alloc.spec.tag}: {data.nbytes} bytes for a spec of {alloc.spec.nbytes}"
+        assert data.nbytes == alloc.spec.nbytes, \
+            f"{alloc.spec.tag}: {data.nbytes} bytes for a spec of {alloc.spec.nbytes}"
         buf = alloc.array.buf
         with self._lock:
             cl.enqueue_copy(self.queue, buf, data, is_blocking=True)
@@ -334,7 +335,8 @@ class OpenCLBackend(Backend):
         n, K = out.shape
         _check_rows(ids, table.shape[0], "token id")  # a device read out of bounds would not raise
         with self._lock:
-            self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, self.staging.stage("ids", ids, np.int32), out, K, n)
+            ids_buf = self.staging.stage("ids", ids, np.int32)
+            self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, ids_buf, out, K, n)
 
     def gather_rows(self, x: CLArray, rows, out: CLArray) -> None:
         n, K = out.shape
@@ -441,7 +443,8 @@ class OpenCLBackend(Backend):
 
     def add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
         total = a.size
-        self.kernels.enqueue(self.kernel("add_f32.cl"), (-(-total // 16),), (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
+        self.kernels.enqueue(self.kernel("add_f32.cl"), (-(-total // 16),),
+                             (a.buf, a.off, b.buf, b.off, out.buf, out.off, total))
 
     def to_host(self, x: CLArray, n: int) -> np.ndarray:
         v = x[:n]

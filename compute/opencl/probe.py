@@ -67,9 +67,8 @@ def first_error_line(text: str) -> str:
 # ---- in the child ----
 def run_probe(index: int) -> None:
     """Run the probe workload on device `index`; raises on a build failure or a wrong result."""
-    from gguf import GGMLQuantizationType as T
-
     import pyopencl as cl
+    from gguf import GGMLQuantizationType as T
 
     from compute.backend import BufferSpec, Ledger
     from compute.llama import layout_nbytes

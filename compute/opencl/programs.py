@@ -119,7 +119,8 @@ class KernelCache:
             try:
                 k = cl.Kernel(self.program(fname, opts), fname[:-3])
             except cl.Error as e:
-                raise KernelBuildError(f"{fname} {' '.join(opts)}: {first_error_line(str(e))}".replace("  ", " ")) from e
+                what = f"{fname} {' '.join(opts)}".strip()
+                raise KernelBuildError(f"{what}: {first_error_line(str(e))}") from e
             lws = tuple(k.get_work_group_info(cl.kernel_work_group_info.COMPILE_WORK_GROUP_SIZE, self.device))
             assert lws[0] > 0, f"{fname} must declare reqd_work_group_size"
             limit = k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device)
@@ -134,7 +135,7 @@ class KernelCache:
         arguments are Python ints (int) and floats (float)."""
         k, lws = kl
         lsize = lws[:len(gsize)]
-        gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
+        gsize = tuple(-(-g // ls) * ls for g, ls in zip(gsize, lsize))
         with self._lock:
             if k not in self._typed:
                 # declared scalar types make set_args ~20x cheaper than numpy scalars one by one

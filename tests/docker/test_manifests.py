@@ -307,7 +307,8 @@ def test_k8s_overlay_renders(variant: str):
         assert not any("gpu" in k for k in c["resources"].get("limits", {}))
     else:
         assert "PersistentVolumeClaim" in kinds
-        assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "specserve-models", "readOnly": True}}
+        claim = {"claimName": "specserve-models", "readOnly": True}
+        assert models == {"name": "models", "persistentVolumeClaim": claim}
         assert c["resources"]["limits"][resource] == 1
     assert sum(d["kind"] == "Service" and d["spec"].get("clusterIP") == "None" for d in docs) == 1
 
