@@ -35,7 +35,7 @@ import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 
-from compute.backend import Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger, Proj
+from compute.backend import DTYPES, Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger, Proj
 from compute.opencl import runtime
 from compute.opencl.probe import PREFERENCE, runtime_of
 from compute.opencl.programs import KERNEL_DIR, TUNINGS, BuildProfile, KernelBuildError, KernelCache, kernel_source
@@ -58,7 +58,6 @@ KERNEL_TYPES = {
 # Rows of x per work-item in the mat-mat build: a CPU keeps 2 x 8 16-wide accumulators in
 # its 32 vector registers; a GPU work-item holds them in scalar registers, so fewer.
 MAT_ROWS = {"cpu": 8, "gpu": 2}
-_NP_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32)}
 
 
 # ---- devices ----
@@ -205,7 +204,7 @@ def _carve(buf: cl.Buffer, spec: BufferSpec, layout, align: int) -> dict[str, CL
     offset) views, except the p_* parameter arrays, sub-buffers at `align`-byte boundaries."""
     arrays, off = {}, 0
     for name, (shape, dt) in layout.items():
-        dtype = _NP_DTYPES[dt]
+        dtype = DTYPES[dt]
         nbytes = math.prod(shape) * dtype.itemsize
         assert off % dtype.itemsize == 0, f"{name} at byte {off} is not {dt}-aligned"
         if name.startswith("p_"):  # a parameter array: the kernels take it without an offset
