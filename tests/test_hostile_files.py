@@ -49,30 +49,28 @@ def hostile(tmp_path_factory):
         shutil.copy(good, d / name)
         return d / name
 
-    cases = {
+    # (case, u32 metadata key, value written over it, what the refusal must say)
+    u32_cases = [
+        ("block_count 2**32-1", "llama.block_count", 2 ** 32 - 1, "llama.block_count is 4294967295"),
+        ("block_count 0", "llama.block_count", 0, "llama.block_count is 0"),
+        ("block_count 1 of 2", "llama.block_count", 1, "llama.block_count is 1, but the file holds tensors of block 1"),
+        ("embedding_length 0", "llama.embedding_length", 0, "llama.embedding_length is 0"),
+        ("head_count 0", "llama.attention.head_count", 0, "llama.attention.head_count is 0"),
+        ("head_count 6", "llama.attention.head_count", 6,
+         "embedding_length 64 is not a multiple of llama.attention.head_count 6"),
+        ("head_count_kv 3", "llama.attention.head_count_kv", 3, "llama.attention.head_count_kv is 3: it must divide"),
+        ("rope_dim odd", "llama.rope.dimension_count", 7, "llama.rope.dimension_count is 7"),
+        ("vocab_size off", "llama.vocab_size", 300, "llama.vocab_size says 300"),
+    ]
+    cases = {name: (_patched(copy(f"u32-{i}.gguf"), key, "I", value), needle)
+             for i, (name, key, value, needle) in enumerate(u32_cases)}
+    cases |= {
         "token_type count 2**60": (_patched(copy("token-type.gguf"), "tokenizer.ggml.token_type", "Q", 2 ** 60, 4),
                                    f"tokenizer.ggml.token_type declares {2 ** 60} entries, the file holds"),
         "string past the end": (_patched(copy("long-string.gguf"), "general.architecture", "Q", 2 ** 40),
                                 f"general.architecture declares {2 ** 40} bytes, the file holds"),
         "token text past the end": (_patched(copy("long-token.gguf"), "tokenizer.ggml.tokens", "Q", 2 ** 33, 12),
                                     f"tokenizer.ggml.tokens[0] declares {2 ** 33} bytes"),
-        "block_count 2**32-1": (_patched(copy("blocks-max.gguf"), "llama.block_count", "I", 2 ** 32 - 1),
-                                "llama.block_count is 4294967295"),
-        "block_count 0": (_patched(copy("blocks-0.gguf"), "llama.block_count", "I", 0), "llama.block_count is 0"),
-        "block_count 1 of 2": (_patched(copy("blocks-1.gguf"), "llama.block_count", "I", 1),
-                               "llama.block_count is 1, but the file holds tensors of block 1"),
-        "embedding_length 0": (_patched(copy("embd-0.gguf"), "llama.embedding_length", "I", 0),
-                               "llama.embedding_length is 0"),
-        "head_count 0": (_patched(copy("heads-0.gguf"), "llama.attention.head_count", "I", 0),
-                         "llama.attention.head_count is 0"),
-        "head_count 6": (_patched(copy("heads-6.gguf"), "llama.attention.head_count", "I", 6),
-                         "embedding_length 64 is not a multiple of llama.attention.head_count 6"),
-        "head_count_kv 3": (_patched(copy("kv-heads-3.gguf"), "llama.attention.head_count_kv", "I", 3),
-                            "llama.attention.head_count_kv is 3: it must divide"),
-        "rope_dim odd": (_patched(copy("rope-odd.gguf"), "llama.rope.dimension_count", "I", 7),
-                         "llama.rope.dimension_count is 7"),
-        "vocab_size off": (_patched(copy("vocab.gguf"), "llama.vocab_size", "I", 300),
-                           "llama.vocab_size says 300"),
         "empty": (_truncated(good, d / "cut-0.gguf", 0), "too short for a GGUF file"),
         "cut in the magic": (_truncated(good, d / "cut-2.gguf", 2), "too short for a GGUF file"),
         "cut in the counts": (_truncated(good, d / "cut-12.gguf", 12), "the file ends inside the tensor count"),
