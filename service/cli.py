@@ -426,8 +426,9 @@ def cmd_generate(args) -> int:
     _, gen = _stubs(args)
     pb = _pb()
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
-    fields = dict(pair=args.pair, max_tokens=args.max_tokens, stop=args.stop, sampling=_sampling(args),
-                  request_id=args.request_id)
+    fields = dict(pair=args.pair, stop=args.stop, sampling=_sampling(args), request_id=args.request_id)
+    if args.max_tokens:  # 0 (the flag's default): leave it unset, so the server's default applies
+        fields["max_tokens"] = args.max_tokens
     if args.chat or args.system:
         msgs = ([pb.ChatMessage(role="system", content=args.system)] if args.system else [])
         msgs.append(pb.ChatMessage(role="user", content=prompt))

@@ -17,7 +17,7 @@ from service.factory import FitResult, PairRequest
 from service.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.plan import Plan
-from service.requests import GenRequest, GenResult, SamplingParams
+from service.requests import GenRequest, GenResult, ResponseFormat, SamplingParams
 from service.vocab import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 
 DEFAULT_PAIR = "default"
@@ -214,9 +214,25 @@ def gen_request_from_pb(msg, tokenizer, live_spec: SpeculativeConfig, default_ma
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
     override = speculative_from_pb(msg.speculative, live_spec) if msg.HasField("speculative") else None
-    return GenRequest(prompt=tuple(prompt), max_tokens=msg.max_tokens or default_max_tokens,
+    return GenRequest(prompt=tuple(prompt),
+                      max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
                       sampling=sampling_from_pb(msg.sampling), stop=stop, speculative=override,
-                      request_id=request_id)
+                      request_id=request_id,
+                      logprobs=msg.top_logprobs if msg.logprobs or msg.top_logprobs else None,
+                      prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+                      response_format=response_format_from_pb(msg.response_format)
+                      if msg.HasField("response_format") else None,
+                      n=msg.n or 1, cache_prompt=msg.cache_prompt if msg.HasField("cache_prompt") else True)
+
+
+def response_format_from_pb(msg: pb.ResponseFormat) -> ResponseFormat | None:
+    """The format's kind and text; an unset oneof is free text (None)."""
+    kind = msg.WhichOneof("format")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object") if msg.json_object else None
+    return ResponseFormat(kind, getattr(msg, kind))
 
 
 def _summary(result: GenResult, ttft: float) -> dict:

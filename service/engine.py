@@ -21,7 +21,7 @@ import time
 from compute.llama import LlamaContext
 from service import draft_policy as policy
 from service.draft_runner import Draft, DraftAsk, DraftRunner
-from service.errors import InvalidArgument, Unavailable
+from service.errors import InvalidArgument, Unavailable, Unimplemented
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig, check_draft_model
 from service.requests import GenRequest, TokenDelta
@@ -46,6 +46,12 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
             f"so a prompt may have at most {n_ctx_slot - 1}")
     if max(req.prompt) >= n_vocab or min(req.prompt) < 0:
         raise InvalidArgument(f"prompt token ids must be in [0, {n_vocab})")
+    unbuilt = [name for name, asked in (("logprobs", req.logprobs is not None),
+                                        ("prompt_logprobs", req.prompt_logprobs is not None),
+                                        ("response_format", req.response_format is not None),
+                                        ("n > 1", req.n != 1)) if asked]
+    if unbuilt:  # in the proto already; the engine serves them as each lands (issue 16)
+        raise Unimplemented(f"not served yet: {', '.join(unbuilt)}")
 
 
 class Engine:

@@ -43,6 +43,12 @@ class Unauthenticated(SpecserveError):
     code = "UNAUTHENTICATED"
 
 
+class Unimplemented(SpecserveError):
+    """A request field this server version does not serve yet."""
+
+    code = "UNIMPLEMENTED"
+
+
 class AlreadyExists(SpecserveError):
     """A pair of that name is loaded or loading."""
 

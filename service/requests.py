@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from service.errors import InvalidArgument
 from service.params import SpeculativeConfig
@@ -16,6 +17,10 @@ DEFAULT_MAX_TOKENS = 128  # a request that sets none (a server's -n / --n-predic
 # (~4 bytes a token) and 32k tokens even at 32 bytes a token: more than the largest contexts
 # served, while the tokenizer's time on one request stays bounded.
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs limit)
+MAX_N = 16  # completions of one prompt
+FormatKind = Literal["json_object", "json_schema", "regex", "lark", "gbnf"]
+FORMAT_KINDS: tuple[FormatKind, ...] = ("json_object", "json_schema", "regex", "lark", "gbnf")
 
 
 # (field, test, what the message says): the rules of the float fields of SamplingParams
@@ -54,8 +59,22 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """A constraint on the generated text: `kind` and its text (schema, regex or grammar; "" for json_object)."""
+
+    kind: FormatKind
+    value: str = ""
+
+    def __post_init__(self):
+        if self.kind not in FORMAT_KINDS:
+            raise InvalidArgument(f"response_format: unknown kind {self.kind!r} (use one of {', '.join(FORMAT_KINDS)})")
+        if self.kind != "json_object" and not self.value.strip():
+            raise InvalidArgument(f"response_format.{self.kind} is empty")
+
+
+@dataclass(frozen=True)
 class GenRequest:
-    """One generation: prompt token ids in, up to max_tokens out."""
+    """One generation: prompt token ids in, up to max_tokens out (for each of n completions)."""
 
     prompt: tuple[int, ...]
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -63,6 +82,11 @@ class GenRequest:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     speculative: SpeculativeConfig | None = None  # per-request override of the pair's live config
     request_id: str = ""
+    logprobs: int | None = None  # None: none; k: each generated token's logprob and its k top alternatives
+    prompt_logprobs: int | None = None  # None: no prompt scoring; k: each prompt token's logprob and k alternatives
+    response_format: ResponseFormat | None = None  # None: free text
+    n: int = 1  # completions of the prompt
+    cache_prompt: bool = True  # reuse (and keep) the KV of the prompt's prefix
 
     def __post_init__(self):
         """Refuse what no pair could serve (checks that depend on the pair are the engine's)."""
@@ -70,6 +94,12 @@ class GenRequest:
             raise InvalidArgument("max_tokens must be >= 0")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop: a stop string is empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidArgument(f"{name}: top alternatives must be within [0, {MAX_TOP_LOGPROBS}], got {k}")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidArgument(f"n must be within [1, {MAX_N}], got {self.n}")
 
 
 @dataclass(frozen=True)

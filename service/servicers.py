@@ -177,7 +177,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def Tokenize(self, request, context):
         convert.check_text_bytes(request.text, "text", self.config.max_prompt_bytes)
         sp = self.registry.get(convert.pair_name(request.pair))
-        ids = sp.tokenizer.encode(request.text, add_special=request.add_special, parse_special=request.parse_special)
+        ids = sp.tokenizer.encode(request.text, add_special=request.add_special,
+                                  parse_special=request.parse_special if request.HasField("parse_special") else True)
         return pb.TokenizeResponse(tokens=ids)
 
     def Detokenize(self, request, context):

@@ -195,7 +195,7 @@ def test_contract_names():
     assert fields(pb.ChatMessage) == {"role", "content"} and fields(pb.TokenIds) == {"ids"}
     summary = {"text", "tokens", "finish_reason", "usage", "speculative_stats", "timings"}
     assert summary <= fields(pb.GenerateResponse) and summary <= fields(pb.GenerateStreamResponse)
-    assert fields(pb.Usage) == {"prompt_tokens", "completion_tokens"}
+    assert fields(pb.Usage) == {"prompt_tokens", "completion_tokens", "cached_prompt_tokens"}
     assert {"drafted", "accepted"} <= fields(pb.SpeculativeStats)
     assert {"pair", "text", "add_special"} <= fields(pb.TokenizeRequest) and fields(pb.TokenizeResponse) == {"tokens"}
 
@@ -212,6 +212,9 @@ def test_stream_request_mirrors_generate_request():
     assert _shape(pb.GenerateStreamRequest.DESCRIPTOR) == _shape(pb.GenerateRequest.DESCRIPTOR)
     resp = {s[0]: s[1:] for s in _shape(pb.GenerateResponse.DESCRIPTOR)}
     stream = {s[0]: s[1:] for s in _shape(pb.GenerateStreamResponse.DESCRIPTOR)}
+    # the same fields under the same numbers, except that a unary response carries all n completions
+    # (choices) and a stream message names the one it belongs to (index), both as field 10
+    assert resp.pop("choices")[0] == stream.pop("index")[0] == 10
     assert resp == stream
 
 

@@ -153,8 +153,10 @@ def test_prompt_longer_than_the_context_names_the_limit(tiny_server):
 def test_tokenize_detokenize(tiny_server):
     c = tiny_server
     ids = c.gen.Tokenize(pb.TokenizeRequest(text="the cat <|im_end|>", parse_special=True), timeout=10).tokens
-    plain = c.gen.Tokenize(pb.TokenizeRequest(text="the cat <|im_end|>"), timeout=10).tokens
-    assert len(plain) > len(ids)  # without parse_special the control token is spelled out
+    unset = c.gen.Tokenize(pb.TokenizeRequest(text="the cat <|im_end|>"), timeout=10).tokens
+    assert unset == ids  # unset parse_special means true, as Generate and llama-server's /tokenize parse
+    plain = c.gen.Tokenize(pb.TokenizeRequest(text="the cat <|im_end|>", parse_special=False), timeout=10).tokens
+    assert len(plain) > len(ids)  # with parse_special false the control token is spelled out
     assert c.gen.Detokenize(pb.DetokenizeRequest(tokens=ids), timeout=10).text == "the cat <|im_end|>"
     assert c.gen.Detokenize(pb.DetokenizeRequest(tokens=ids, skip_special=True), timeout=10).text == "the cat "
     e = rpc_error(c.gen.Detokenize, pb.DetokenizeRequest(tokens=[1, 1 << 20]))

@@ -66,7 +66,7 @@ class SpeculativeConfig(_message.Message):
     def __init__(self, type: _Optional[_Union[DrafterType, str]] = ..., n_max: _Optional[int] = ..., n_min: _Optional[int] = ..., p_min: _Optional[float] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ...) -> None: ...
 
 class ContextParams(_message.Message):
-    __slots__ = ("n_ctx", "n_parallel", "n_batch", "n_outputs_max", "kv_type", "n_gpu_layers", "n_ctx_min")
+    __slots__ = ("n_ctx", "n_parallel", "n_batch", "n_outputs_max", "kv_type", "n_gpu_layers", "n_ctx_min", "prompt_cache_bytes", "ngram_cache_tokens")
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     N_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     N_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class ContextParams(_message.Message):
     KV_TYPE_FIELD_NUMBER: _ClassVar[int]
     N_GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_CTX_MIN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     n_ctx: int
     n_parallel: int
     n_batch: int
@@ -81,7 +83,9 @@ class ContextParams(_message.Message):
     kv_type: KvType
     n_gpu_layers: int
     n_ctx_min: int
-    def __init__(self, n_ctx: _Optional[int] = ..., n_parallel: _Optional[int] = ..., n_batch: _Optional[int] = ..., n_outputs_max: _Optional[int] = ..., kv_type: _Optional[_Union[KvType, str]] = ..., n_gpu_layers: _Optional[int] = ..., n_ctx_min: _Optional[int] = ...) -> None: ...
+    prompt_cache_bytes: int
+    ngram_cache_tokens: int
+    def __init__(self, n_ctx: _Optional[int] = ..., n_parallel: _Optional[int] = ..., n_batch: _Optional[int] = ..., n_outputs_max: _Optional[int] = ..., kv_type: _Optional[_Union[KvType, str]] = ..., n_gpu_layers: _Optional[int] = ..., n_ctx_min: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., ngram_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class PairSpec(_message.Message):
     __slots__ = ("name", "target_path", "draft_path", "params", "speculative", "memory_budget_bytes")
@@ -196,7 +200,7 @@ class ListPairsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PairInfo(_message.Message):
-    __slots__ = ("name", "state", "target_path", "draft_path", "plan", "allocated", "speculative", "active_slots", "queued")
+    __slots__ = ("name", "state", "target_path", "draft_path", "plan", "allocated", "speculative", "active_slots", "queued", "prompt_cache")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,7 @@ class PairInfo(_message.Message):
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: PairState
     target_path: str
@@ -215,7 +220,26 @@ class PairInfo(_message.Message):
     speculative: SpeculativeConfig
     active_slots: int
     queued: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., target_path: _Optional[str] = ..., draft_path: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., allocated: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+    prompt_cache: PromptCacheStats
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., target_path: _Optional[str] = ..., draft_path: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., allocated: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., prompt_cache: _Optional[_Union[PromptCacheStats, _Mapping]] = ...) -> None: ...
+
+class PromptCacheStats(_message.Message):
+    __slots__ = ("capacity_bytes", "used_bytes", "entries", "hits", "misses", "evictions", "cached_tokens")
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    capacity_bytes: int
+    used_bytes: int
+    entries: int
+    hits: int
+    misses: int
+    evictions: int
+    cached_tokens: int
+    def __init__(self, capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ListPairsResponse(_message.Message):
     __slots__ = ("pairs",)
@@ -292,7 +316,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("pair", "prompt", "messages", "tokens", "max_tokens", "stop", "sampling", "speculative", "request_id")
+    __slots__ = ("pair", "prompt", "messages", "tokens", "max_tokens", "stop", "sampling", "speculative", "request_id", "logprobs", "top_logprobs", "prompt_logprobs", "response_format", "n", "cache_prompt")
     PAIR_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +326,12 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    CACHE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     pair: str
     prompt: str
     messages: ChatMessages
@@ -311,10 +341,16 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     speculative: SpeculativeConfig
     request_id: str
-    def __init__(self, pair: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    prompt_logprobs: int
+    response_format: ResponseFormat
+    n: int
+    cache_prompt: bool
+    def __init__(self, pair: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., n: _Optional[int] = ..., cache_prompt: _Optional[bool] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("pair", "prompt", "messages", "tokens", "max_tokens", "stop", "sampling", "speculative", "request_id")
+    __slots__ = ("pair", "prompt", "messages", "tokens", "max_tokens", "stop", "sampling", "speculative", "request_id", "logprobs", "top_logprobs", "prompt_logprobs", "response_format", "n", "cache_prompt")
     PAIR_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +360,12 @@ class GenerateStreamRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    CACHE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     pair: str
     prompt: str
     messages: ChatMessages
@@ -333,15 +375,79 @@ class GenerateStreamRequest(_message.Message):
     sampling: SamplingParams
     speculative: SpeculativeConfig
     request_id: str
-    def __init__(self, pair: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    prompt_logprobs: int
+    response_format: ResponseFormat
+    n: int
+    cache_prompt: bool
+    def __init__(self, pair: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., n: _Optional[int] = ..., cache_prompt: _Optional[bool] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("json_object", "json_schema", "regex", "lark", "gbnf")
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    LARK_FIELD_NUMBER: _ClassVar[int]
+    GBNF_FIELD_NUMBER: _ClassVar[int]
+    json_object: bool
+    json_schema: str
+    regex: str
+    lark: str
+    gbnf: str
+    def __init__(self, json_object: _Optional[bool] = ..., json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., lark: _Optional[str] = ..., gbnf: _Optional[str] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token", "text", "logprob", "bytes")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    text: str
+    logprob: float
+    bytes: bytes
+    def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., bytes: _Optional[bytes] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "text", "logprob", "bytes", "top")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    text: str
+    logprob: float
+    bytes: bytes
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., bytes: _Optional[bytes] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
+class Choice(_message.Message):
+    __slots__ = ("index", "text", "tokens", "finish_reason", "logprobs", "speculative_stats")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_STATS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: FinishReason
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    speculative_stats: SpeculativeStats
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., speculative_stats: _Optional[_Union[SpeculativeStats, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculativeStats(_message.Message):
     __slots__ = ("drafted", "accepted", "acceptance_rate")
@@ -368,7 +474,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "usage", "speculative_stats", "timings", "request_id")
+    __slots__ = ("text", "tokens", "finish_reason", "usage", "speculative_stats", "timings", "request_id", "logprobs", "prompt_logprobs", "choices")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +482,9 @@ class GenerateResponse(_message.Message):
     SPECULATIVE_STATS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -383,10 +492,13 @@ class GenerateResponse(_message.Message):
     speculative_stats: SpeculativeStats
     timings: Timings
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculative_stats: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    choices: _containers.RepeatedCompositeFieldContainer[Choice]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculative_stats: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "usage", "speculative_stats", "timings", "request_id")
+    __slots__ = ("text", "tokens", "finish_reason", "usage", "speculative_stats", "timings", "request_id", "logprobs", "prompt_logprobs", "index")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +506,9 @@ class GenerateStreamResponse(_message.Message):
     SPECULATIVE_STATS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -401,7 +516,10 @@ class GenerateStreamResponse(_message.Message):
     speculative_stats: SpeculativeStats
     timings: Timings
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculative_stats: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    index: int
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculative_stats: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("pair", "text", "add_special", "parse_special")
