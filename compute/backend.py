@@ -27,7 +27,7 @@ import numpy as np
 # Closed vocabularies of a plan, each spelled once. Plain strings (logs, the proto's Buffer
 # fields and the ledger compare them as text); a type checker holds the code to these sets.
 Owner = Literal["target", "draft"]  # which model of the pair a buffer belongs to
-BufferKind = Literal["weights", "kv_cache", "outputs", "compute"]
+BufferKind = Literal["weights", "kv_cache", "outputs", "compute", "prompt_cache", "ngram_cache"]
 Placement = Literal["device", "host"]  # the backend's memory, or a separate host memory
 DType = Literal["f32", "f16", "i32"]  # element types of the per-context arrays (layouts)
 KvType = Literal["f32", "f16"]  # element types of the KV cache
@@ -106,6 +106,24 @@ class Allocation:
     array: Any
 
 
+class HostArrays(dict):
+    """Named numpy arrays in host memory, carved from one planned byte buffer (`Backend.allocate_host`):
+    what the engine itself reads and writes (the n-gram index), whatever the backend."""
+
+
+def carve_host(nbytes: int, layout: dict[str, tuple[tuple[int, ...], str]]) -> HostArrays:
+    """Zeroed host arrays of `layout`, carved in order from one buffer of exactly `nbytes`."""
+    raw = np.zeros(nbytes, dtype=np.uint8)
+    arrays, off = HostArrays(), 0
+    for name, (shape, dt) in layout.items():
+        dtype = DTYPES[dt]
+        n = int(np.prod(shape)) * dtype.itemsize
+        arrays[name] = raw[off:off + n].view(dtype).reshape(shape)
+        off += n
+    assert off == nbytes, f"layout of {off} bytes for a spec of {nbytes}"
+    return arrays
+
+
 @dataclass(frozen=True)
 class Proj:
     """One output of a grouped matmul: out (n, N) = x (n, K) @ W^T [+ bias (N,)], W the file's (N, K) matrix."""
@@ -164,7 +182,8 @@ class Backend(ABC):
         return Allocation(spec, self.ledger.record(pair, spec), array)
 
     def release(self, alloc: Allocation) -> None:
-        self._release(alloc.array)
+        if not isinstance(alloc.array, HostArrays):  # host arrays (allocate_host) are numpy's to free
+            self._release(alloc.array)
         self.ledger.release(alloc.handle)
 
     @abstractmethod
@@ -263,6 +282,30 @@ class Backend(ABC):
         backends that can read their caches back override it."""
         raise NotImplementedError(f"{type(self).__name__} cannot read its KV cache back")
 
+    # ---- planned host buffers and the prompt store (service/prompt_cache.py) ----
+    def allocate_host(self, pair: str, spec: BufferSpec, layout: dict[str, tuple[tuple[int, ...], str]]
+                      ) -> Allocation:
+        """Allocate a planned buffer as host numpy arrays (whatever the device) and record it; `release`
+        leaves their memory to numpy."""
+        if self.fault_hook is not None:
+            self.fault_hook(spec)
+        return Allocation(spec, self.ledger.record(pair, spec), carve_host(spec.nbytes, layout))
+
+    def cache_placement(self) -> Placement:
+        """Where the prompt store lives: host memory when the device has a separate one (a GPU: the
+        store takes no device memory), else the device's memory (the host's: Fit counts it)."""
+        return "host" if self.device_memory().has_host else "device"
+
+    def kv_to_store(self, cache, slot: int, start: int, store, block: int, offset: int, n: int) -> None:
+        """store[block, :, offset:offset + n] = cache[:, slot, start:start + n]: n cells of a slot, every
+        layer, into one block of a prompt store (n_blocks, n_layer, block_tokens, n_embd_kv) of the
+        cache's element type. Default: both are numpy arrays."""
+        store[block, :, offset:offset + n] = cache[:, slot, start:start + n]
+
+    def kv_from_store(self, cache, slot: int, start: int, store, block: int, offset: int, n: int) -> None:
+        """cache[:, slot, start:start + n] = store[block, :, offset:offset + n]: `kv_to_store` back."""
+        cache[:, slot, start:start + n] = store[block, :, offset:offset + n]
+
 
 def release_all(backend: Backend, allocs: Iterable[Allocation]) -> None:
     """Release allocations in reverse order, even if one release raises."""
@@ -274,3 +317,4 @@ def release_all(backend: Backend, allocs: Iterable[Allocation]) -> None:
             errors.append(e)
     if errors:
         raise errors[0]
+

@@ -14,7 +14,13 @@ from dataclasses import replace
 from compute.backend import BufferSpec
 from service.errors import InvalidArgument
 from service.factory import FitResult, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.params import (
+    DEFAULT_NGRAM_CACHE_TOKENS,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    ContextParams,
+    SpeculativeConfig,
+    or_default,
+)
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.plan import Plan
 from service.requests import GenRequest, GenResult, ResponseFormat, SamplingParams
@@ -90,13 +96,27 @@ def context_params_from_pb(msg: pb.ContextParams, base: ContextParams) -> Contex
         if msg.n_gpu_layers < -1:
             raise InvalidArgument(f"params.n_gpu_layers must be >= -1 (-1 = all layers), got {msg.n_gpu_layers}")
         changes["n_gpu_layers"] = msg.n_gpu_layers
+    for name, flag in (("prompt_cache_bytes", "--cache-ram"), ("ngram_cache_tokens", "--cache-ngram")):
+        if msg.HasField(name):  # the operator's value is the most a client may ask for (invariant 9)
+            most = or_default(getattr(base, name), {"prompt_cache_bytes": DEFAULT_PROMPT_CACHE_BYTES,
+                                             "ngram_cache_tokens": DEFAULT_NGRAM_CACHE_TOKENS}[name])
+            if getattr(msg, name) > most:
+                raise InvalidArgument(f"params.{name} {getattr(msg, name)} exceeds this server's {most} ({flag})")
+            changes[name] = getattr(msg, name)
     return replace(base, **changes)
 
 
 def context_params_to_pb(cp: ContextParams) -> pb.ContextParams:
     return pb.ContextParams(n_ctx=cp.n_ctx, n_parallel=cp.n_parallel, n_batch=cp.n_batch,
                             n_outputs_max=cp.n_outputs_max, kv_type=KV_TO_PB[cp.kv_type],
-                            n_gpu_layers=cp.n_gpu_layers, n_ctx_min=cp.n_ctx_min)
+                            n_gpu_layers=cp.n_gpu_layers, n_ctx_min=cp.n_ctx_min,
+                            prompt_cache_bytes=cp.prompt_cache_bytes, ngram_cache_tokens=cp.ngram_cache_tokens)
+
+
+def prompt_cache_to_pb(stats: dict) -> pb.PromptCacheStats:
+    """A pair's prompt cache stats (service.prompt_cache.PrefixCache.stats)."""
+    return pb.PromptCacheStats(**{k: stats[k] for k in ("capacity_bytes", "used_bytes", "entries", "hits", "misses",
+                                                         "evictions", "cached_tokens")})
 
 
 def pair_request_from_pb(spec: pb.PairSpec, base_params: ContextParams, base_spec: SpeculativeConfig,
@@ -240,7 +260,8 @@ def _summary(result: GenResult, ttft: float) -> dict:
     tps = result.completion_tokens / result.decode_seconds if result.decode_seconds > 0 else 0.0
     return dict(
         finish_reason=FINISH_TO_PB.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                       cached_prompt_tokens=result.cached_prompt_tokens),
         speculative_stats=pb.SpeculativeStats(drafted=result.drafted, accepted=result.accepted,
                                               acceptance_rate=rate),
         timings=pb.Timings(queue_seconds=result.queue_seconds, prefill_seconds=result.prefill_seconds,

@@ -1,7 +1,9 @@
 """The draft runner: proposes each slot's drafts, and alone owns the draft model's KV valid length.
 
 Two drafters:
-- n-gram (prompt lookup, service.speculative.ngram_propose): deterministic, no model, no KV;
+- n-gram (prompt lookup, service.speculative.ngram_match): deterministic, no model, no KV; it
+  also looks in the pair's cross-request index of recent outputs (service/ngram_index.py) and
+  takes its proposal when it matched a longer suffix than the slot's own tokens did;
 - the draft model: it first catches up on the tokens its KV cache lacks (the whole prompt at
   first; within its n_batch rows, a slot still catching up drafts nothing this step), then
   decodes autoregressively, all drafting slots batched in each forward pass, and stops a slot
@@ -10,6 +12,8 @@ Two drafters:
 Draft KV bookkeeping: `valid[slot]` cells of the draft model's cache hold tokens[:valid]. After
 drafting, the cache holds the slot's tokens at drafting time (`Draft.base` of them) plus the
 first `Draft.fed` drafts. `accept` rolls it back to what verification kept: base + min(j, fed).
+A new request starts with the cells of the prompt prefix it shares with what the slot held
+(service/prompt_cache.py): `reset(slot, keep)`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compute.llama import Batch, LlamaContext
+from service.ngram_index import RECORD_PROMPT_TAIL, NgramIndex
 from service.params import SpeculativeConfig
 from service.sampling import logits_to_probs, penalty_history, sample
 from service.sequence import Slot
-from service.speculative import ngram_propose
+from service.speculative import ngram_match
 
 
 @dataclass(frozen=True)
@@ -65,15 +70,22 @@ class _Feed:
 
 
 class DraftRunner:
-    """Drafts for n_slots slots; `ctx` is the draft model's context (None: n-gram drafting only)."""
+    """Drafts for n_slots slots; `ctx` is the draft model's context (None: n-gram drafting only);
+    `index`: the pair's cross-request n-gram index (None: drafts come from each request alone)."""
 
-    def __init__(self, ctx: LlamaContext | None, n_slots: int):
+    def __init__(self, ctx: LlamaContext | None, n_slots: int, index: NgramIndex | None = None):
         self.ctx = ctx
+        self.index = index
         self.valid = [0] * n_slots  # draft KV cells of each slot that hold its tokens[:valid]
 
-    def reset(self, slot: int) -> None:
-        """A new request in the slot: its draft KV holds nothing of it."""
-        self.valid[slot] = 0
+    def reset(self, slot: int, keep: int = 0) -> None:
+        """A new request in the slot whose draft KV already holds the cells of its first `keep` tokens."""
+        self.valid[slot] = keep
+
+    def record(self, s: Slot) -> None:
+        """A request finished: its prompt's last tokens and its output go into the cross-request index."""
+        if self.index is not None and len(s.tokens) > s.n_prompt:
+            self.index.add(s.tokens[max(0, s.n_prompt - RECORD_PROMPT_TAIL):])
 
     def accept(self, slot: int, draft: Draft, j: int) -> None:
         """Verification kept j of the drafts: roll the draft KV back to base + min(j, fed)."""
@@ -87,7 +99,7 @@ class DraftRunner:
         for a in asks:
             s = a.slot
             if a.cfg.type == "ngram":
-                prop = ngram_propose(s.tokens, a.k, a.cfg.ngram_min, a.cfg.ngram_max)
+                prop = self._ngram(s, a.k, a.cfg)
                 if len(prop) >= max(a.cfg.n_min, 1):
                     out[s.idx] = Draft(tuple(prop), None, len(s.tokens))
             elif a.cfg.type == "draft" and self.ctx is not None:
@@ -101,6 +113,18 @@ class DraftRunner:
             else:  # too few proposals: decode normally, and forget the fed drafts
                 self.valid[s.idx] = min(self.valid[s.idx], len(s.tokens))
         return out
+
+    def _ngram(self, s: Slot, k: int, cfg: SpeculativeConfig) -> list[int]:
+        """The slot's own prompt lookup, or the cross-request index's proposal when it matched a longer
+        suffix. A sampled request with a seed drafts from its own tokens only: which drafts verification
+        tests decides how its random stream is used, so its output must not depend on other requests."""
+        n, prop = ngram_match(s.tokens, k, cfg.ngram_min, cfg.ngram_max)
+        sp = s.stream.request.sampling
+        if self.index is not None and (sp.greedy or sp.seed is None):
+            m, other = self.index.match(s.tokens, k, cfg.ngram_min)
+            if m > n:
+                return other
+        return prop
 
     def _run_model(self, work: list[_Drafting]) -> None:
         """Catch up, then one draft token per active slot per forward pass until none is active."""

@@ -7,6 +7,7 @@ One thread per pair runs `step()` in a loop. The parts, each with one reason to 
   service/speculative.py   verification (rejection sampling)
   service/output.py        the client's Stream; detokenising and stop strings
   service/sequence.py      a slot's state
+  service/prompt_cache.py  prompt reuse: the cells a new request keeps, the prompt store
 Each step: admit queued requests into free slots, propose drafts, verify them in one target
 batch, append accepted + bonus tokens and roll the KV caches back by setting each slot's valid
 length (cells past it are overwritten later).
@@ -22,8 +23,10 @@ from compute.llama import LlamaContext
 from service import draft_policy as policy
 from service.draft_runner import Draft, DraftAsk, DraftRunner
 from service.errors import InvalidArgument, Unavailable, Unimplemented
+from service.ngram_index import NgramIndex
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig, check_draft_model
+from service.prompt_cache import PrefixCache
 from service.requests import GenRequest, TokenDelta
 from service.sampling import logits_to_probs, penalty_history
 from service.scheduler import Scheduler, SlotWork
@@ -73,7 +76,9 @@ class Engine:
         self._speculative = self.check_speculative(speculative)
         self.scheduler = Scheduler(self.n_slots, self.n_batch, self.n_outputs_max,
                                    self.target.backend.scratch_row_multiple(), queue_max)
-        self.drafter = DraftRunner(self.draft, self.n_slots)
+        self.prefix = PrefixCache.for_pair(pair)
+        self.drafter = DraftRunner(self.draft, self.n_slots, NgramIndex.of_pair(pair))
+        self._n_released = 0
         self._cv = threading.Condition()  # guards the queue, slot ownership and the flags below
         self._running = False
         self._draining = False
@@ -171,8 +176,12 @@ class Engine:
             st._finish(unstarted_result(st, "cancelled"))
         for a in adm.started:
             req = a.stream.request
-            a.slot.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop))
-            self.drafter.reset(a.slot.idx)
+            reuse = self.prefix.admit(a.slot, self.drafter.valid[a.slot.idx], req.prompt, req.cache_prompt)
+            a.slot.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
+                          reuse.n_target)
+            self.drafter.reset(a.slot.idx, reuse.n_draft)
+            if self.metrics is not None:
+                self.metrics.on_prompt_cache(reuse.n_target, reuse.evicted)
             if req.max_tokens == 0:
                 self._release(a.slot, "length")
         if adm.dropped:
@@ -294,6 +303,10 @@ class Engine:
             if rest:
                 st._emit(TokenDelta((), rest))
             result = s.result(reason or "stop")
+        self._n_released += 1
+        s.released, s.cacheable = self._n_released, s.cacheable and error is None  # a failed step: cells unknown
+        if s.cacheable:
+            self.drafter.record(s)
         with self._cv:  # the slot is free before the client learns the result
             s.stream = None
             self._cv.notify_all()

@@ -63,12 +63,17 @@ class FitResult:
             f"available; deficit {self.deficit_bytes} bytes; {fit_ctx}", self.deficit_bytes)
 
 
+HOST_KINDS = ("ngram_cache",)  # planned buffers the engine reads on the host: numpy arrays on every backend
+
+
 @dataclass
 class ContextModel:
-    """A model loaded on a backend with its context: weights + KV cache + outputs + scratch."""
+    """A model loaded on a backend with its context: weights + KV cache + outputs + scratch, and its
+    part of the pair's caches by kind ("prompt_cache": the store; "ngram_cache": the n-gram index)."""
 
     file: ModelFile
     context: LlamaContext
+    caches: dict[str, Allocation] = field(default_factory=dict)
 
 
 class PairFactory:
@@ -196,19 +201,22 @@ class PairFactory:
     def _build(self, pair: str, owner: Owner, mf: ModelFile, plan: Plan, cp: ContextParams,
                allocs: list[Allocation]) -> ContextModel:
         """Allocate one context's planned buffers in plan order and wrap them in a LlamaContext."""
-        handles, ctx_bufs = {}, {}
+        handles, ctx_bufs, caches = {}, {}, {}
         for pb in (b for b in plan.buffers if b.spec.owner == owner):
-            a = self.backend.allocate(pair, pb.spec, pb.layout_dict())
+            alloc = self.backend.allocate_host if pb.spec.kind in HOST_KINDS else self.backend.allocate
+            a = alloc(pair, pb.spec, pb.layout_dict())
             allocs.append(a)
             if pb.spec.kind == "weights":
                 t = mf.tensors[pb.spec.tag]
                 handles[t.name] = self.backend.load_weight(a, t.ggml_type, t.shape, mf.raw(t.name))
+            elif pb.spec.kind in ("prompt_cache", "ngram_cache"):
+                caches[pb.spec.kind] = a
             else:
                 ctx_bufs[pb.spec.tag] = a
         ctx = LlamaContext(self.backend, LlamaWeights(mf.hparams, handles), ctx_bufs["k"], ctx_bufs["v"],
                            ctx_bufs["logits"], ctx_bufs["scratch"], n_slots=cp.n_parallel,
                            n_ctx_slot=cp.n_ctx_slot, n_batch=cp.n_batch, n_outputs_max=cp.n_outputs_max)
-        return ContextModel(mf, ctx)
+        return ContextModel(mf, ctx, caches)
 
 
 @dataclass

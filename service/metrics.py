@@ -5,6 +5,8 @@ The engine reports speculative decoding and generated tokens through a pair-boun
 
     pair_metrics.on_step(drafts, draft_tokens, accepted)   after each speculative step
     pair_metrics.on_tokens(n)                              when n completion tokens are produced
+    pair_metrics.on_prompt_cache(cached, evicted)          when a request starts: prompt tokens reused
+                                                           (0: a miss), store entries evicted for it
 
 The servicers count requests, prompt tokens, latency and time to first token. Metric
 names follow vLLM's spec-decode counters (`*_spec_decode_num_drafts_total`, ...).
@@ -30,6 +32,10 @@ class StepObserver(Protocol):
     def on_tokens(self, n: int) -> None:
         """`n` completion tokens were produced (accepted drafts and bonus tokens included)."""
 
+    def on_prompt_cache(self, cached: int, evicted: int) -> None:
+        """A request started with `cached` prompt tokens' KV reused (0: a miss); `evicted` store entries
+        were dropped to keep its slot's previous state."""
+
 
 class PairMetrics:
     """The counters of one pair, labelled once; implements StepObserver."""
@@ -40,6 +46,10 @@ class PairMetrics:
         self._accepted = metrics.spec_accepted_tokens.labels(pair=pair)
         self._completion = metrics.completion_tokens.labels(pair=pair)
         self._prompt = metrics.prompt_tokens.labels(pair=pair)
+        self._cache_hits = metrics.prompt_cache_hits.labels(pair=pair)
+        self._cache_misses = metrics.prompt_cache_misses.labels(pair=pair)
+        self._cache_evictions = metrics.prompt_cache_evictions.labels(pair=pair)
+        self._cached_tokens = metrics.prompt_cache_tokens.labels(pair=pair)
 
     def on_step(self, drafts: int, draft_tokens: int, accepted: int) -> None:
         self._drafts.inc(drafts)
@@ -48,6 +58,11 @@ class PairMetrics:
 
     def on_tokens(self, n: int) -> None:
         self._completion.inc(n)
+
+    def on_prompt_cache(self, cached: int, evicted: int) -> None:
+        (self._cache_hits if cached else self._cache_misses).inc()
+        self._cached_tokens.inc(cached)
+        self._cache_evictions.inc(evicted)
 
     def on_prompt(self, n: int) -> None:
         """A request with `n` prompt tokens was admitted (called by the servicer)."""
@@ -79,6 +94,21 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.active_slots = Gauge("specserve_active_slots", "Slots generating now", ["pair"], registry=r)
         self.queued = Gauge("specserve_queued_requests", "Requests waiting for a slot", ["pair"], registry=r)
+        self.prompt_cache_hits = Counter("specserve_prompt_cache_hits", "Requests that reused a cached prompt prefix",
+                                         ["pair"], registry=r)
+        self.prompt_cache_misses = Counter("specserve_prompt_cache_misses", "Requests that found no cached prefix",
+                                           ["pair"], registry=r)
+        self.prompt_cache_evictions = Counter("specserve_prompt_cache_evictions",
+                                              "Prompt states dropped from the store to make room", ["pair"], registry=r)
+        self.prompt_cache_tokens = Counter("specserve_prompt_cache_tokens",
+                                           "Prompt tokens whose KV was reused instead of prefilled", ["pair"],
+                                           registry=r)
+        self.prompt_cache_used = Gauge("specserve_prompt_cache_used_bytes", "Bytes of the prompt store holding states",
+                                       ["pair"], registry=r)
+        self.prompt_cache_capacity = Gauge("specserve_prompt_cache_capacity_bytes",
+                                           "Bytes planned for the prompt store", ["pair"], registry=r)
+        self.prompt_cache_entries = Gauge("specserve_prompt_cache_entries", "Prompt states in the store", ["pair"],
+                                          registry=r)
         self._pairs: dict[str, PairMetrics] = {}
         self._lock = threading.Lock()
 
@@ -89,10 +119,15 @@ class Metrics:
                 self._pairs[pair] = PairMetrics(self, pair)
             return self._pairs[pair]
 
-    def track_engine(self, pair: str, stats: Callable[[], dict]) -> None:
-        """Export an engine's `stats()` (active_slots, queued) as gauges, read at scrape time."""
+    def track_engine(self, pair: str, stats: Callable[[], dict], cache_stats: Callable[[], dict] | None = None) -> None:
+        """Export an engine's `stats()` (active_slots, queued) and its prompt cache's (used and capacity
+        bytes, entries) as gauges, read at scrape time."""
         self.active_slots.labels(pair=pair).set_function(lambda: stats().get("active_slots", 0))
         self.queued.labels(pair=pair).set_function(lambda: stats().get("queued", 0))
+        if cache_stats is not None:
+            for gauge, key in ((self.prompt_cache_used, "used_bytes"), (self.prompt_cache_capacity, "capacity_bytes"),
+                               (self.prompt_cache_entries, "entries")):
+                gauge.labels(pair=pair).set_function(lambda key=key: cache_stats().get(key, 0))
 
     def forget_pair(self, pair: str) -> None:
         """Remove every series of an unloaded pair (a name reloaded later starts from zero, which
@@ -108,7 +143,9 @@ class Metrics:
     def pair_metrics(self) -> tuple:
         """Every metric labelled by pair."""
         return (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens, self.prompt_tokens,
-                self.completion_tokens, self.ttft, self.active_slots, self.queued)
+                self.completion_tokens, self.ttft, self.active_slots, self.queued, self.prompt_cache_hits,
+                self.prompt_cache_misses, self.prompt_cache_evictions, self.prompt_cache_tokens,
+                self.prompt_cache_used, self.prompt_cache_capacity, self.prompt_cache_entries)
 
     def on_request(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC (called by the server interceptor)."""

@@ -14,13 +14,25 @@ from service.vocab import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 256
+# The prompt store (service/prompt_cache.py) when neither the request nor the server (--cache-ram) sets
+# one. llama-server's --cache-ram defaults to 8 GiB, allocated as it fills; specserve's store is a
+# buffer of the plan, allocated whole at Load and counted by Fit, so its default is one that any host
+# holding a model can spare: 256 MiB holds ~11,000 tokens of SmolLM2-135M's f16 KV (23 KiB a token),
+# seven 1,500-token conversations, or ~2,000 tokens of a 7B GQA model (128 KiB a token).
+DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
+# The cross-request n-gram index (service/ngram_index.py): 65,536 tokens of recent outputs, 256 KiB of
+# int32; one lookup scans it for the last token (~0.1 ms a drafting slot a step on a CPU core).
+DEFAULT_NGRAM_CACHE_TOKENS = 1 << 16
 # Upper bounds of request fields: far above any real use, low enough that no size computed
 # from them overflows a backend's index types or makes Fit search for long.
 MAX_N_PARALLEL = 1024  # slots
 MAX_N_CTX = 1 << 24  # KV cells in total (16M)
 MAX_N_BATCH = 1 << 16  # tokens per forward pass, and logits rows (n_outputs_max)
+MAX_PROMPT_CACHE_BYTES = 1 << 40  # 1 TiB
+MAX_NGRAM_CACHE_TOKENS = 1 << 24  # 16M tokens (64 MiB)
 MAX_VALUES = {"n_parallel": MAX_N_PARALLEL, "n_ctx": MAX_N_CTX, "n_ctx_min": MAX_N_CTX,
-              "n_batch": MAX_N_BATCH, "n_outputs_max": MAX_N_BATCH}
+              "n_batch": MAX_N_BATCH, "n_outputs_max": MAX_N_BATCH,
+              "prompt_cache_bytes": MAX_PROMPT_CACHE_BYTES, "ngram_cache_tokens": MAX_NGRAM_CACHE_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,10 @@ class ContextParams:
     kv_type: KvType = "f16"
     n_gpu_layers: int = -1  # layers whose weights live in device memory; -1 = all
     n_ctx_min: int = 0  # Fit never shrinks n_ctx below this (0: one cell per slot... see fit)
+    # The pair's caches (the target's params carry them; the draft's are 0). Unlike the fields above,
+    # 0 means "none"; None means "server default" (DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_NGRAM_CACHE_TOKENS).
+    prompt_cache_bytes: int | None = None  # host store of prompt KV states beyond the slots
+    ngram_cache_tokens: int | None = None  # recent outputs of all requests the n-gram drafter may draft from
 
     @property
     def n_ctx_slot(self) -> int:
@@ -107,6 +123,11 @@ def fill_defaults(base: ContextParams, n_ctx_train: int) -> ContextParams:
     for name in ("n_ctx", "n_batch", "n_outputs_max", "n_ctx_min"):
         if getattr(base, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0 (0 = server default)")
+    base = replace(base, prompt_cache_bytes=or_default(base.prompt_cache_bytes, DEFAULT_PROMPT_CACHE_BYTES),
+                   ngram_cache_tokens=or_default(base.ngram_cache_tokens, DEFAULT_NGRAM_CACHE_TOKENS))
+    for name in ("prompt_cache_bytes", "ngram_cache_tokens"):
+        if getattr(base, name) < 0:
+            raise InvalidArgument(f"{name} must be >= 0 (0 = none)")
     for name, most in MAX_VALUES.items():
         if getattr(base, name) > most:
             raise InvalidArgument(f"{name} {getattr(base, name)} is too large: at most {most}")
@@ -118,6 +139,11 @@ def fill_defaults(base: ContextParams, n_ctx_train: int) -> ContextParams:
     return replace(base, n_ctx=n_ctx_slot * base.n_parallel, n_batch=n_batch)
 
 
+def or_default(value: int | None, default: int) -> int:
+    """`value`, or `default` where it is None (the cache sizes: 0 means none, None the default)."""
+    return default if value is None else value
+
+
 def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_model: bool) -> PairParams:
     """THE derivation of both contexts' params from the base params and the speculative config.
 
@@ -125,7 +151,9 @@ def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_m
     returns logits for [last, d1..dk] of every slot), else n_parallel. The draft decodes one
     token per slot per step: n_outputs_max = n_parallel. Both are capped by n_batch. The
     draft shares n_ctx, n_parallel, n_batch and kv_type with the target (it holds the same
-    sequences). An explicit base n_outputs_max raises the target's (never the draft's).
+    sequences). An explicit base n_outputs_max raises the target's (never the draft's). The pair's
+    caches (prompt store, n-gram index) are the target's params'; the draft's are 0 (the store's
+    draft part is sized from the target's prompt_cache_bytes, service/prompt_cache.py).
     """
     check_draft_model(spec, has_draft_model, pair_loaded=False)
     n_out = base.n_parallel * (spec.n_max + 1) if spec.enabled else base.n_parallel
@@ -133,5 +161,6 @@ def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_m
     target = replace(base, n_outputs_max=min(n_out, base.n_batch))
     draft = None
     if has_draft_model:
-        draft = replace(base, n_outputs_max=min(base.n_parallel, base.n_batch))
+        draft = replace(base, n_outputs_max=min(base.n_parallel, base.n_batch), prompt_cache_bytes=0,
+                        ngram_cache_tokens=0)
     return PairParams(target=target, draft=draft, speculative=spec)

@@ -1,7 +1,8 @@
 """The memory plan: a pure function of GGUF metadata, derived params and the backend's sizes.
 
 `plan_pair` lists every buffer the pair will own (weights tensor by tensor, K and V caches,
-logits outputs, compute scratch) with the layout the loader will carve it into. The loader
+logits outputs, compute scratch, and the pair's caches: the prompt store and the n-gram index)
+with the layout the loader will carve it into. The loader
 allocates exactly these items; it never computes a size of its own.
 """
 
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from compute.backend import Backend, BufferSpec, Owner
 from compute.gguf_model import ModelFile
 from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout, scratch_layout
+from service.ngram_index import ngram_layout
 from service.params import ContextParams, PairParams
+from service.prompt_cache import kv_token_bytes, store_blocks, store_layout
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,34 @@ def _context_buffers(owner: Owner, mf: ModelFile, cp: ContextParams, backend: Ba
     return out
 
 
+def _cache_buffers(target: ModelFile, draft: ModelFile | None, params: PairParams,
+                   backend: Backend) -> list[PlannedBuffer]:
+    """The pair's caches, sized by the target's params: the prompt store (whole blocks of target and
+    draft cells within prompt_cache_bytes; none if not one block fits) and the n-gram index. Where the
+    backend's device has a separate host memory they live there, else in the device's (Fit counts them)."""
+    tp, out = params.target, []
+    models = [("target", target.hparams)]
+    if draft is not None and params.draft is not None:
+        models.append(("draft", draft.hparams))
+    place = backend.cache_placement()
+    n_blocks = store_blocks(tp.prompt_cache_bytes, sum(kv_token_bytes(hp, tp.kv_type) for _, hp in models))
+    if n_blocks:
+        for owner, hp in models:
+            lay = store_layout(hp, n_blocks, tp.kv_type)
+            out.append(PlannedBuffer(BufferSpec(owner, "prompt_cache", "store", place, layout_nbytes(lay)),
+                                     tuple(lay.items())))
+    if tp.ngram_cache_tokens:
+        lay = ngram_layout(tp.ngram_cache_tokens)
+        out.append(PlannedBuffer(BufferSpec("target", "ngram_cache", "ring", place, layout_nbytes(lay)),
+                                 tuple(lay.items())))
+    return out
+
+
 def plan_pair(target: ModelFile, draft: ModelFile | None, params: PairParams, backend: Backend,
               budget_bytes: int = 0) -> Plan:
-    """Every buffer of a pair, target first, then draft. Pure: reads metadata only."""
+    """Every buffer of a pair, target first, then draft, then the pair's caches. Pure: reads metadata only."""
     buffers = _context_buffers("target", target, params.target, backend)
     if draft is not None and params.draft is not None:
         buffers += _context_buffers("draft", draft, params.draft, backend)
+    buffers += _cache_buffers(target, draft, params, backend)
     return Plan(tuple(buffers), params, budget_bytes)

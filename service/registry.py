@@ -225,9 +225,12 @@ class PairRegistry:
         with self._lock:
             abandoned = sp.abandoned
             if not abandoned:
+                prefix = getattr(engine, "prefix", None)
+                if prefix is not None:
+                    prefix.clear_counters()  # the warm-up request's miss is not a served one
                 if self.metrics is not None:  # after warm-up: its tokens are not served ones
                     engine.metrics = self.metrics.for_pair(sp.name)
-                    self.metrics.track_engine(sp.name, engine.stats)
+                    self.metrics.track_engine(sp.name, engine.stats, prefix.stats if prefix is not None else None)
                 sp.pair, sp.tokenizer, sp.engine = pair, tokenizer, engine
                 sp.loaded_at, sp.load_seconds = time.time(), time.monotonic() - t0
                 sp.state = "draining" if self._draining else "ready"

@@ -124,3 +124,4 @@ class GenResult:
     queue_seconds: float
     prefill_seconds: float
     decode_seconds: float
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prompt cache, not a prefill

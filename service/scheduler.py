@@ -81,14 +81,22 @@ class Scheduler:
         self.waiting.append(stream)
 
     def admit(self) -> Admission:
-        """Drop cancelled requests from the queue, then pair free slots (lowest index first) with
-        the oldest waiting requests. The caller assigns each started request to its slot."""
+        """Drop cancelled requests from the queue, then give the oldest waiting requests free slots:
+        each the one whose cached tokens share the longest prefix with its prompt (service/prompt_cache.py),
+        on a tie the least recently freed, then the lowest index. The caller assigns each started
+        request to its slot."""
         dropped = tuple(st for st in self.waiting if st.cancelled.is_set())
         for st in dropped:
             self.waiting.remove(st)
         free = [s for s in self.slots if not s.busy]
-        started = tuple(SlotStart(s, self.waiting.popleft()) for s in free[:len(self.waiting)])
-        return Admission(started, dropped)
+        started = []
+        while free and self.waiting:
+            st = self.waiting.popleft()
+            req = st.request
+            s = max(free, key=lambda s: (s.reusable(req.prompt, req.cache_prompt), -s.released, -s.idx))
+            free.remove(s)
+            started.append(SlotStart(s, st))
+        return Admission(tuple(started), dropped)
 
     def busy(self) -> list[Slot]:
         """The slots generating a request, by index."""

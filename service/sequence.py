@@ -4,6 +4,9 @@ Bookkeeping: `tokens` is prompt + generated; `n_past` tokens are in the target's
 tokens[n_past:] are pending (fed next step). While prefilling, several tokens are pending (a
 prompt fed in chunks of n_batch); in decode exactly one is: the last sampled token. The draft
 model's KV length is the draft runner's, not the slot's (service/draft_runner.py).
+
+A free slot keeps `tokens` and `n_past` of the request that ran in it: its KV cells still hold
+tokens[:n_past], which the next request reuses as far as its prompt agrees (service/prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from service.draft_policy import DraftStats
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
+from service.prompt_cache import common_prefix
 from service.requests import GenResult
 from service.vocab import FinishReason
 
@@ -38,14 +42,30 @@ class Slot:
     accepted: int = 0  # ... and accepted
     t_admit: float = 0.0
     t_first: float = 0.0  # when the first tokens were appended
+    n_cached: int = 0  # prompt tokens whose KV cells were reused, not prefilled
+    cacheable: bool = True  # the cells may serve a later request (the request's cache_prompt, no failed step)
+    released: int = 0  # when the slot was last freed (a counter): admission prefers the least recent
 
-    def assign(self, stream: Stream, out: TextOutput) -> None:
-        """Start generating `stream`'s request in this slot (every field reset)."""
+    def assign(self, stream: Stream, out: TextOutput, n_cached: int = 0) -> None:
+        """Start generating `stream`'s request in this slot (every field reset); the KV cells of the
+        first `n_cached` prompt tokens are in place already."""
         req = stream.request
-        self.stream, self.tokens, self.n_prompt, self.n_past = stream, list(req.prompt), len(req.prompt), 0
+        assert 0 <= n_cached < len(req.prompt) or n_cached == 0
+        self.stream, self.tokens, self.n_prompt = stream, list(req.prompt), len(req.prompt)
+        self.n_past, self.n_cached, self.cacheable = n_cached, n_cached, req.cache_prompt
         self.spec, self.rng, self.out = req.speculative, np.random.default_rng(req.sampling.seed), out
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose KV cells this slot holds for a later request (none if not cacheable)."""
+        return self.tokens[:self.n_past] if self.cacheable else []
+
+    def reusable(self, prompt, cache_prompt: bool = True) -> int:
+        """Cells a request with `prompt` would keep here: the common prefix, less the last prompt token."""
+        if not cache_prompt:
+            return 0
+        return min(common_prefix(self.cached_tokens(), prompt), len(prompt) - 1)
 
     @property
     def generated(self) -> list[int]:
@@ -66,7 +86,7 @@ class Slot:
         first = self.t_first or now
         return GenResult(self.out.text, tuple(self.generated), reason, self.n_prompt, len(self.generated),
                          self.drafted, self.accepted, self.t_admit - self.stream.submitted_at,
-                         first - self.t_admit, now - first)
+                         first - self.t_admit, now - first, self.n_cached)
 
 
 def unstarted_result(stream: Stream, reason: FinishReason) -> GenResult:

@@ -40,6 +40,9 @@ def _pair_info(sp: ServedPair) -> pb.PairInfo:
         info.speculative.CopyFrom(convert.speculative_to_pb(sp.engine.speculative))
         stats = sp.engine.stats()
         info.active_slots, info.queued = stats.get("active_slots", 0), stats.get("queued", 0)
+        prefix = getattr(sp.engine, "prefix", None)
+        if prefix is not None:
+            info.prompt_cache.CopyFrom(convert.prompt_cache_to_pb(prefix.stats()))
     return info
 
 

@@ -24,8 +24,13 @@ from service.sampling import sample
 def ngram_propose(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: int) -> list[int]:
     """Prompt lookup: find the most recent earlier occurrence of the last n tokens (n from ngram_max
     down to ngram_min) in the prompt + history and propose up to n_max tokens that followed it."""
+    return ngram_match(tokens, n_max, ngram_min, ngram_max)[1]
+
+
+def ngram_match(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: int) -> tuple[int, list[int]]:
+    """`ngram_propose` and the length n of the suffix it matched (0: no match)."""
     if n_max <= 0:
-        return []
+        return 0, []
     arr = np.asarray(tokens, dtype=np.int64)
     L = len(arr)
     for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
@@ -35,8 +40,8 @@ def ngram_propose(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: 
         hits = hits[hits + n < L]  # something must follow, and not the suffix itself
         if len(hits):
             start = int(hits[-1]) + n
-            return arr[start:start + n_max].tolist()
-    return []
+            return n, arr[start:start + n_max].tolist()
+    return 0, []
 
 
 def verify(drafts: Sequence[int], target_probs: Sequence[np.ndarray], draft_probs: Sequence[np.ndarray] | None,

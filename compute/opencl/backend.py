@@ -462,6 +462,45 @@ class OpenCLBackend(Backend):
         k, v = (self.to_host(CLArray(c.buf, c.off + cell0 * E, (n, E), c.dtype), n) for c in (k_cache, v_cache))
         return k, v
 
+    def kv_to_store(self, cache: CLArray, slot, start, store: CLArray, block, offset, n) -> None:
+        self._copy_cells(cache, self._cell_byte(cache, slot, start), store, self._store_byte(store, block, offset), n,
+                         to_store=True)
+
+    def kv_from_store(self, cache: CLArray, slot, start, store: CLArray, block, offset, n) -> None:
+        self._copy_cells(cache, self._cell_byte(cache, slot, start), store, self._store_byte(store, block, offset), n,
+                         to_store=False)
+
+    @staticmethod
+    def _cell_byte(cache: CLArray, slot: int, start: int) -> int:
+        """Byte offset of (layer 0, slot, cell start) in a cache (n_layer, n_slots, n_ctx, E)."""
+        _, n_slots, n_ctx, E = cache.shape
+        return (cache.off + (slot * n_ctx + start) * E) * cache.dtype.itemsize
+
+    @staticmethod
+    def _store_byte(store: CLArray, block: int, offset: int) -> int:
+        """Byte offset of (block, layer 0, cell offset) in a store (n_blocks, n_layer, B, E)."""
+        _, n_layer, B, E = store.shape
+        return (store.off + (block * n_layer * B + offset) * E) * store.dtype.itemsize
+
+    def _copy_cells(self, cache: CLArray, cache_byte: int, store: CLArray, store_byte: int, n: int,
+                    to_store: bool) -> None:
+        """One rectangular copy of n cells of every layer between a cache and a store block: rows are
+        layers (pitch: a layer of the cache, a layer of the block), each row n cells of E elements."""
+        n_layer, n_slots, n_ctx, E = cache.shape
+        isz = cache.dtype.itemsize
+        assert store.dtype == cache.dtype and store.shape[1] == n_layer and store.shape[3] == E
+        if n <= 0:
+            return
+        region = (n * E * isz, n_layer, 1)
+        cp, sp = n_slots * n_ctx * E * isz, store.shape[2] * E * isz  # row pitch: one layer
+        cache_side = dict(origin=(cache_byte, 0, 0), pitches=(cp, cp * n_layer))
+        store_side = dict(origin=(store_byte, 0, 0), pitches=(sp, sp * n_layer))
+        src, dst = (cache_side, store_side) if to_store else (store_side, cache_side)
+        with self._lock:
+            cl.enqueue_copy(self.queue, store.buf if to_store else cache.buf, cache.buf if to_store else store.buf,
+                            src_origin=src["origin"], dest_origin=dst["origin"], region=region,
+                            src_pitches=src["pitches"], dest_pitches=dst["pitches"])
+
     def finish(self) -> None:
         """Wait for every queued command (benchmarks; the graph never needs it)."""
         with self._lock:
