@@ -5,7 +5,7 @@ Two drafters:
   also looks in the pair's cross-request index of recent outputs (service/ngram_index.py) and
   takes its proposal when it matched a longer suffix than the slot's own tokens did;
 - the draft model: it first catches up on the tokens its KV cache lacks (the whole prompt at
-  first; within its n_batch rows, a slot still catching up drafts nothing this step), then
+  first, in passes of n_batch rows: how much it lacked never changes what it drafts), then
   decodes autoregressively, all drafting slots batched in each forward pass, and stops a slot
   at k drafts or when its top probability falls below p_min.
 
@@ -135,27 +135,39 @@ class DraftRunner:
             feed = [_Feed(d, [d.tokens[-1]]) for d, row in zip(active, logits) if self._extend(d, row)]
 
     def _catch_up(self, work: list[_Drafting]) -> list[_Feed]:
-        """What each slot's draft KV lacks, within the draft context's n_batch rows."""
+        """Feed what each slot's draft KV lacks: while it does not all fit in one pass of n_batch rows,
+        passes without logits that hold back each slot's last token; then return the feeds of the rest,
+        whose pass starts the drafting. So whether and what a slot drafts never depends on what its
+        draft KV held before (a cached prefix, a prompt longer than n_batch): drafts draw from its
+        random stream, and a seeded request's output must not depend on the cache."""
+        rest = [[d, d.ask.slot.tokens[self.valid[d.ask.slot.idx]:]] for d in work]
+        while sum(len(p) for _, p in rest) > self.ctx.n_batch and any(len(p) > 1 for _, p in rest):
+            rows_left, feed = self.ctx.n_batch, []
+            for r in rest:
+                m = min(len(r[1]) - 1, rows_left)
+                if m > 0:
+                    feed.append(_Feed(r[0], r[1][:m]))
+                    r[1], rows_left = r[1][m:], rows_left - m
+            self._decode(feed, want=False)
         rows_left, feed = self.ctx.n_batch, []
-        for d in work:
-            pend = d.ask.slot.tokens[self.valid[d.ask.slot.idx]:]
-            m = min(len(pend), rows_left)
-            rows_left -= m
-            if m < len(pend) or not pend:
-                d.active = False  # still catching up: no draft this step
-            if m:
-                feed.append(_Feed(d, pend[:m]))
+        for d, pend in rest:
+            if not pend or len(pend) > rows_left:
+                d.active = False  # nothing to feed (the last token is always pending) or more slots than rows
+                continue
+            feed.append(_Feed(d, pend))
+            rows_left -= len(pend)
         return feed
 
-    def _decode(self, feed: list[_Feed]) -> np.ndarray:
-        """One draft forward pass over the feeds; logits of each active slot's last fed row."""
+    def _decode(self, feed: list[_Feed], want: bool = True) -> np.ndarray:
+        """One draft forward pass over the feeds; logits of each active slot's last fed row (`want` False:
+        none, a catch-up pass)."""
         tokens, positions, slots, outputs = [], [], [], []
         for f in feed:
             s, n = f.d.ask.slot, len(f.tokens)
             tokens += f.tokens
             positions += range(self.valid[s.idx], self.valid[s.idx] + n)
             slots += [s.idx] * n
-            if f.d.active:
+            if want and f.d.active:
                 outputs.append(len(tokens) - 1)
         logits = self.ctx.decode(Batch.make(tokens, positions, slots, outputs))
         for f in feed:

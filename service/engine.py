@@ -238,8 +238,8 @@ class Engine:
         row_cost = self.row_cost or self.target.backend.row_cost
         asks = []
         for s in busy:
-            if s.n_pending != 1:
-                continue  # still prefilling
+            if s.n_pending != 1 or len(s.tokens) == s.n_prompt:
+                continue  # still prefilling (a cached prompt too: the first token is never drafted)
             cfg = self._spec_of(s)
             s.stats = policy.tick(s.stats)
             choice = policy.choose(s.stats, self._k_max(s, cfg) if cfg.enabled else 0, row_cost,

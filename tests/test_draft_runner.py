@@ -52,19 +52,36 @@ def test_catch_up_then_one_draft_per_pass_and_rollback_to_the_accepted_drafts():
     assert runner.valid[1] == 0
 
 
-def test_slots_draft_together_and_a_slot_still_catching_up_drafts_nothing():
+def test_slots_draft_together_after_catching_up_in_passes_of_n_batch_rows():
+    """8 pending tokens in passes of 6 rows: a first pass without logits holds back each slot's last
+    token, then both slots draft, as they would had everything fitted (or been cached) at once."""
     ctx = FakeDraftContext(n_batch=6)
     runner = DraftRunner(ctx, n_slots=2)
     a, b = slot(0, [1, 2, 3]), slot(1, [20, 21, 22, 23, 24])
     cfg = SpeculativeConfig("draft", n_max=2, p_min=0.0)
     out = runner.propose([DraftAsk(a, 2, cfg), DraftAsk(b, 2, cfg)])
-    assert list(out) == [0] and out[0].tokens == (4, 5)  # b got 3 of its 5 tokens in the 6 rows
-    assert runner.valid == [4, 3]
-    assert ctx.batches[0].slots.tolist() == [0, 0, 0, 1, 1, 1] and ctx.batches[0].outputs.tolist() == [2]
+    assert out[0].tokens == (4, 5) and out[1].tokens == (25, 26)
+    first, second = ctx.batches[0], ctx.batches[1]
+    assert first.tokens.tolist() == [1, 2, 20, 21, 22, 23] and first.outputs.tolist() == []
+    assert second.tokens.tolist() == [3, 24] and second.positions.tolist() == [2, 4]
+    assert second.outputs.tolist() == [0, 1]
+    assert runner.valid == [4, 6]
     runner.accept(0, out[0], 2)
     a.tokens += [4, 5, 6]
-    out = runner.propose([DraftAsk(a, 2, cfg), DraftAsk(b, 2, cfg)])
-    assert out[0].tokens == (7, 8) and out[1].tokens == (25, 26)  # a fed [5, 6] (4 was kept); b its last 2
+    out = runner.propose([DraftAsk(a, 2, cfg)])
+    assert out[0].tokens == (7, 8)  # a fed [5, 6] (4 was kept)
+
+
+def test_a_slot_starting_with_cached_draft_cells_drafts_what_a_cold_one_does():
+    cold, warm = FakeDraftContext(n_batch=4), FakeDraftContext(n_batch=4)
+    cfg = SpeculativeConfig("draft", n_max=3, p_min=0.0)
+    prompt = [7, 8, 9, 10, 11, 12, 13]
+    (d_cold,) = DraftRunner(cold, n_slots=1).propose([DraftAsk(slot(0, prompt), 3, cfg)]).values()
+    runner = DraftRunner(warm, n_slots=1)
+    runner.reset(0, keep=5)  # the draft KV holds the first 5 prompt tokens already
+    (d_warm,) = runner.propose([DraftAsk(slot(0, prompt), 3, cfg)]).values()
+    assert d_warm.tokens == d_cold.tokens == (14, 15, 16)
+    assert warm.batches[0].tokens.tolist() == [12, 13] and warm.batches[0].positions.tolist() == [5, 6]
 
 
 def test_too_few_confident_proposals_give_no_draft_and_forget_the_fed_ones():
