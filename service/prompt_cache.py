@@ -22,6 +22,7 @@ bits a cold prefill would write, and the output is the cold run's, token for tok
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -30,6 +31,8 @@ import numpy as np
 from compute.backend import DTYPES, Allocation, KvType
 from compute.gguf_model import HParams
 from compute.llama import Layout, LlamaContext
+
+log = logging.getLogger("specserve.prompt_cache")
 
 BLOCK_TOKENS = 128  # cells of one store block: a 1,500-token prompt is 12 blocks, 64 cells wasted on average
 MIN_SAVE_TOKENS = 16  # shorter prefixes are not worth a copy into the store
@@ -66,7 +69,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # ---- the store ----
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     """A prompt state in the store: the cells of tokens[:len(tokens)] (target) and [:n_draft] (draft)."""
 
@@ -137,11 +140,12 @@ class PromptStore:
                 best, best_n = e, n
         return best, best_n
 
-    def save(self, slot: int, tokens: Sequence[int], n_target: int, n_draft: int) -> int:
-        """Copy a slot's cells of tokens[:n_target] (draft: [:n_draft]) into the store, as much as fits;
-        returns the entries evicted for it. A state the store holds already (an entry extending it)
-        is only touched; entries it extends are dropped (it serves everything they did)."""
-        n = min(n_target, self.n_blocks * BLOCK_TOKENS)
+    def save(self, slot: int, tokens: Sequence[int], n_target: int, n_draft: int, keep: _Entry | None = None) -> int:
+        """Copy a slot's cells of tokens[:n_target] (draft: [:n_draft]) into the store, as much as fits
+        without evicting `keep`; returns the entries evicted for it. A state the store holds already (an
+        entry extending it) is only touched; entries it extends are dropped (it serves all they did)."""
+        others = sum(len(e.blocks) for e in self.entries if e is not keep)
+        n = min(n_target, (len(self._free) + others) * BLOCK_TOKENS)
         n_draft = min(n_draft, n) if self.draft is not None else 0
         if n < MIN_SAVE_TOKENS:
             return 0
@@ -150,13 +154,13 @@ class PromptStore:
             if len(e.tokens) >= n and e.n_draft >= n_draft and common_prefix(e.tokens, toks) == n:
                 e.used = self._tick()
                 return 0
-        for e in [e for e in self.entries if len(e.tokens) <= n and e.n_draft <= n_draft
+        for e in [e for e in self.entries if e is not keep and len(e.tokens) <= n and e.n_draft <= n_draft
                   and common_prefix(e.tokens, toks) == len(e.tokens)]:
             self._drop(e)
         need = -(-n // BLOCK_TOKENS)
         evicted = 0
         while len(self._free) < need:
-            self._drop(min(self.entries, key=lambda e: e.used))
+            self._drop(min((e for e in self.entries if e is not keep), key=lambda e: e.used))
             evicted += 1
         self.evictions += evicted
         blocks = [self._free.pop() for _ in range(need)]
@@ -218,22 +222,31 @@ class PrefixCache:
     def admit(self, slot, draft_valid: int, prompt: Sequence[int], cache_prompt: bool) -> Reuse:
         """The cells `prompt` keeps in `slot` (lock held, worker thread: no decode runs). The slot's
         previous state goes to the store first when the new prompt does not extend it; then, when an
-        entry shares a longer prefix than the slot, its missing cells are copied in."""
+        entry shares a longer prefix than the slot, its missing cells are copied in. A failure here
+        (a backend copy) costs the request its reuse, never the engine its thread."""
+        try:
+            return self._admit(slot, draft_valid, prompt, cache_prompt)
+        except Exception:
+            log.exception("prompt cache: reuse failed; the prompt is prefilled from the start")
+            self.counters.misses += 1
+            return Reuse()
+
+    def _admit(self, slot, draft_valid: int, prompt: Sequence[int], cache_prompt: bool) -> Reuse:
         old = slot.cached_tokens()
         cap = len(prompt) - 1  # the last prompt token is fed: its logits give the first token
         keep_t = min(common_prefix(old, prompt), cap) if cache_prompt else 0
         keep_d = min(keep_t, draft_valid)
+        e, n = self.store.lookup(prompt) if self.store is not None and cache_prompt else (None, 0)
+        n = min(n, cap)
         evicted = 0
-        if self.store is not None and keep_t < len(old):
-            evicted = self.store.save(slot.idx, old, len(old), min(draft_valid, len(old)))
+        if self.store is not None and keep_t < len(old):  # before the restore overwrites the slot's cells
+            evicted = self.store.save(slot.idx, old, len(old), min(draft_valid, len(old)),
+                                      keep=e if n > keep_t else None)
         source: ReuseSource = "slot" if keep_t else "none"
-        if self.store is not None and cache_prompt:
-            e, n = self.store.lookup(prompt)
-            n = min(n, cap)
-            if e is not None and n > keep_t:
-                d_hi = min(n, e.n_draft)
-                self.store.restore(e, slot.idx, (keep_t, n), (keep_d, d_hi) if d_hi > keep_d else (0, 0))
-                keep_t, keep_d, source = n, max(keep_d, d_hi), "store"
+        if e is not None and n > keep_t:
+            d_hi = min(n, e.n_draft)
+            self.store.restore(e, slot.idx, (keep_t, n), (keep_d, d_hi) if d_hi > keep_d else (0, 0))
+            keep_t, keep_d, source = n, max(keep_d, d_hi), "store"
         c = self.counters
         c.hits, c.misses, c.cached_tokens = c.hits + (keep_t > 0), c.misses + (keep_t == 0), c.cached_tokens + keep_t
         return Reuse(keep_t, keep_d, source, evicted)
