@@ -16,6 +16,7 @@ from compute.numpy_backend import NumpyBackend
 from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig, derive_pair_params
+from service.prompt_cache import BLOCK_TOKENS, kv_token_bytes
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
 BACKENDS = ["numpy"]
@@ -57,6 +58,8 @@ params_st = st.builds(
     n_parallel=st.integers(1, 4),
     n_batch=st.integers(1, 64),
     kv_type=st.sampled_from(["f32", "f16"]),
+    prompt_cache_bytes=st.one_of(st.none(), st.integers(0, 1 << 22)),  # None: the default; 0: none
+    ngram_cache_tokens=st.one_of(st.none(), st.integers(0, 1 << 16)),
 )
 spec_st = st.builds(SpeculativeConfig, type=st.sampled_from(["none", "ngram", "draft"]), n_max=st.integers(0, 8),
                     n_min=st.just(0))
@@ -79,6 +82,15 @@ def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_
     assert fit.fits and not fit.adjustments
     pair = f.load(req)
     assert sorted_specs(be.ledger.entries("default")) == sorted_specs(fit.plan.specs())
+    # the pair's caches are planned buffers: the store in whole blocks within its bytes, the index exactly
+    tp = fit.plan.params.target
+    store = [s for s in fit.plan.specs() if s.kind == "prompt_cache"]
+    assert sum(s.nbytes for s in store) <= tp.prompt_cache_bytes
+    models = [pair.target.file] + ([pair.draft.file] if with_draft else [])
+    assert bool(store) == (tp.prompt_cache_bytes >= sum(BLOCK_TOKENS * kv_token_bytes(m.hparams, tp.kv_type)
+                                                        for m in models))
+    assert [s.nbytes for s in fit.plan.specs() if s.kind == "ngram_cache"] == \
+        ([4 * tp.ngram_cache_tokens] if tp.ngram_cache_tokens else [])
     assert sorted_specs(pair.allocated()) == sorted_specs(fit.plan.specs())
     # the contexts are shaped by the plan's params, the draft's included
     p = fit.plan.params
@@ -158,6 +170,48 @@ def test_fault_at_every_allocation_leaves_nothing_behind(tiny):
     assert len(second.allocated()) == n_allocs
     second.release()
     assert be.ledger.snapshot() == before
+
+
+@pytest.mark.parametrize("kind", ["prompt_cache", "ngram_cache"])
+def test_a_fault_at_the_caches_allocation_leaves_the_ledger_as_it_was(tiny, kind):
+    be = NumpyBackend(n_threads=1)
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    first = f.load(PairRequest(name="first", target_path=tiny["target"], speculative=SpeculativeConfig("none")))
+    before = be.ledger.snapshot()
+    req = PairRequest(name="second", target_path=tiny["target"], draft_path=tiny["draft"],
+                      params=ContextParams(prompt_cache_bytes=1 << 20, ngram_cache_tokens=1000),
+                      speculative=SpeculativeConfig("draft", n_max=4))
+    hit = []
+
+    def hook(spec):
+        if spec.kind == kind:
+            hit.append(spec)
+            raise AllocationError(f"injected failure at the {spec.owner} {kind}")
+
+    be.fault_hook = hook
+    with pytest.raises(AllocationError):
+        f.load(req)
+    be.fault_hook = None
+    assert hit and be.ledger.snapshot() == before
+    second = f.load(req)
+    assert {s.kind for s in second.allocated()} >= {"prompt_cache", "ngram_cache"}
+    second.release()
+    first.release()
+    assert be.ledger.entries() == []
+
+
+def test_the_prompt_store_counts_against_the_budget_where_it_shares_the_device(tiny):
+    """NumPy's device is host memory: its store is planned on the device and Fit counts it."""
+    f = PairFactory(NumpyBackend(n_threads=1))
+    base = PairRequest(target_path=tiny["target"], params=ContextParams(n_ctx=64, prompt_cache_bytes=0))
+    without = f.fit(replace(base, budget_bytes=1 << 40)).plan
+    with_store = f.fit(replace(base, budget_bytes=1 << 40,
+                               params=replace(base.params, prompt_cache_bytes=8 << 20))).plan
+    store = sum(s.nbytes for s in with_store.specs() if s.kind == "prompt_cache")
+    assert 0 < store <= 8 << 20 and with_store.device_bytes() == without.device_bytes() + store
+    budget = int(with_store.device_bytes() / 0.98) - 1000  # just too small with the store
+    fit = f.fit(replace(base, budget_bytes=budget, params=replace(base.params, prompt_cache_bytes=8 << 20)))
+    assert not fit.fits or fit.adjustments
 
 
 def test_draft_init_failure_releases_draft_model_and_context(tiny):

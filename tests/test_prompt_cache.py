@@ -20,6 +20,17 @@ from service.tokenizer import Tokenizer
 from tests.test_speculative import write_truncated_copy
 from tests.tiny_gguf import write_tiny_llama
 
+BACKENDS = ["numpy"]
+try:  # the OpenCL backend's copies (rectangular buffer copies) too, when PyOpenCL finds a device
+    from compute.opencl.backend import OpenCLBackend
+    from tests.opencl_runtimes import usable_device
+
+    OPENCL_DEVICE = usable_device()
+    if OPENCL_DEVICE is not None:
+        BACKENDS.append("opencl")
+except Exception:  # noqa: BLE001 - no OpenCL runtime: numpy only
+    pass
+
 GREEDY = SamplingParams(temperature=0.0)
 SPECS = [SpeculativeConfig("none"), SpeculativeConfig("ngram", n_max=4), SpeculativeConfig("draft", n_max=4, p_min=0.0)]
 
@@ -31,9 +42,10 @@ def models(tmp_path_factory):
     return target, write_truncated_copy(target, d / "d.gguf", n_layer=1)
 
 
-def load(models, n_parallel=2, n_ctx_slot=512, n_batch=32, n_max=4, **params):
-    """A pair (target + draft) on the batch-invariant NumPy backend, its tokenizer and backend."""
-    be = NumpyBackend(n_threads=1, row_tile=8)
+def load(models, n_parallel=2, n_ctx_slot=512, n_batch=32, n_max=4, backend="numpy", **params):
+    """A pair (target + draft) on a batch-invariant backend (NumPy row_tile 8, or OpenCL), its tokenizer
+    and backend."""
+    be = NumpyBackend(n_threads=1, row_tile=8) if backend == "numpy" else OpenCLBackend(device=OPENCL_DEVICE)
     pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
         target_path=models[0], draft_path=models[1],
         params=ContextParams(n_ctx=n_parallel * n_ctx_slot, n_parallel=n_parallel, n_batch=n_batch, **params),
@@ -120,10 +132,11 @@ def test_seeded_sampling_is_identical_with_a_cache_hit(models, spec):
     assert hit.tokens == cold.tokens and len(hit.tokens) > 0
 
 
-def test_the_store_serves_a_conversation_its_slot_lost(models):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_store_serves_a_conversation_its_slot_lost(models, backend):
     """One slot, two conversations alternating: each evicts the other from the slot, the store keeps
     both, and every later turn restores its prefix (target and draft cells) bit for bit."""
-    pair, tok, be = load(models, n_parallel=1, n_ctx_slot=1024)
+    pair, tok, be = load(models, n_parallel=1, n_ctx_slot=1024, backend=backend)
     spec = SpeculativeConfig("draft", n_max=4, p_min=0.0)
     eng = Engine(pair, tok, spec).start()
     ledger = be.ledger.snapshot()
@@ -241,3 +254,36 @@ def test_the_ngram_index_ring():
 def test_common_prefix():
     assert common_prefix([], [1]) == 0 and common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
     assert common_prefix([1, 2, 3], [1, 5, 3]) == 1 and common_prefix((4, 5), [4, 5]) == 2
+
+
+@pytest.mark.skipif("opencl" not in BACKENDS, reason="no OpenCL device")
+def test_opencl_store_copies_equal_numpys():
+    """kv_to_store / kv_from_store on OpenCL (rectangular copies) move the cells NumPy's slicing does."""
+    from compute.backend import BufferSpec
+
+    be = OpenCLBackend(device=OPENCL_DEVICE)
+    rng = np.random.default_rng(0)
+    L, S, C, E, NB, B = 3, 2, 40, 8, 3, 16
+    cache_lay = {"cache": ((L, S, C, E), "f16")}
+    store_lay = {"k": ((NB, L, B, E), "f16"), "v": ((NB, L, B, E), "f16")}
+    cache = be.allocate("t", BufferSpec("target", "kv_cache", "k", "device", L * S * C * E * 2), cache_lay)
+    store = be.allocate("t", BufferSpec("target", "prompt_cache", "store", "device", 2 * NB * L * B * E * 2), store_lay)
+    host = rng.standard_normal((L, S, C, E)).astype(np.float16)
+    c, sk = cache.array["cache"], store.array["k"]
+    import pyopencl as cl
+
+    cl.enqueue_copy(be.queue, c.buf, host, dst_offset=c.off * 2, is_blocking=True)
+    ref_store = np.zeros((NB, L, B, E), np.float16)
+    for block, (slot, start, off, n) in enumerate([(1, 5, 0, 16), (0, 20, 3, 9), (1, 30, 10, 6)]):
+        be.kv_to_store(c, slot, start, sk, block, off, n)
+        ref_store[block, :, off:off + n] = host[:, slot, start:start + n]
+    got = np.empty(NB * L * B * E, np.float16)
+    cl.enqueue_copy(be.queue, got, sk.buf, src_offset=sk.off * 2, is_blocking=True)
+    np.testing.assert_array_equal(got.reshape(NB, L, B, E), ref_store)
+    be.kv_from_store(c, 0, 2, sk, 0, 4, 12)  # block 0 cells 4..15 into slot 0 cells 2..13
+    host[:, 0, 2:14] = ref_store[0, :, 4:16]
+    for layer in range(L):
+        k, _ = be.kv_read(c, c, layer, 0, C)
+        np.testing.assert_array_equal(k, host[layer, 0].astype(np.float32))
+    be.release(store)
+    be.release(cache)

@@ -498,8 +498,8 @@ class OpenCLBackend(Backend):
         src, dst = (cache_side, store_side) if to_store else (store_side, cache_side)
         with self._lock:
             cl.enqueue_copy(self.queue, store.buf if to_store else cache.buf, cache.buf if to_store else store.buf,
-                            src_origin=src["origin"], dest_origin=dst["origin"], region=region,
-                            src_pitches=src["pitches"], dest_pitches=dst["pitches"])
+                            src_origin=src["origin"], dst_origin=dst["origin"], region=region,
+                            src_pitches=src["pitches"], dst_pitches=dst["pitches"])
 
     def finish(self) -> None:
         """Wait for every queued command (benchmarks; the graph never needs it)."""
