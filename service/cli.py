@@ -24,9 +24,17 @@ import re
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 from service.errors import InvalidArgument
-from service.params import DEFAULT_N_BATCH, DEFAULT_N_CTX, ContextParams, SpeculativeConfig
+from service.params import (
+    DEFAULT_N_BATCH,
+    DEFAULT_N_CTX,
+    DEFAULT_NGRAM_CACHE_TOKENS,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    ContextParams,
+    SpeculativeConfig,
+)
 from service.requests import DEFAULT_MAX_TOKENS, SamplingParams
 from service.vocab import DRAFTER_TYPES, KV_TYPES
 
@@ -44,6 +52,17 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 4G, 512M, 1000000)")
     scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * scale)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse refuses anything else)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return n
 
 
 def find_packaged_model() -> str:
@@ -97,6 +116,12 @@ def _add_model_flags(p: argparse.ArgumentParser, slots_default: int | None) -> N
                    help=f"KV cache element type (default {ContextParams.kv_type})")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=None,
                    help="layers whose weights live in device memory (default all)")
+    g.add_argument("-cram", "--cache-ram", dest="cache_ram", type=_count, default=None, metavar="MiB",
+                   help="prompt store in MiB, as llama-server's: prompt KV states kept beyond the slots, a "
+                        f"buffer of the plan (default {DEFAULT_PROMPT_CACHE_BYTES >> 20}; 0 = none)")
+    g.add_argument("--cache-ngram", dest="cache_ngram", type=_count, default=None, metavar="TOKENS",
+                   help="tokens of recent outputs the n-gram drafter may draft from, all requests together "
+                        f"(default {DEFAULT_NGRAM_CACHE_TOKENS}; 0 = none)")
 
 
 def _context_params(args, n_parallel: int) -> ContextParams:
@@ -106,7 +131,18 @@ def _context_params(args, n_parallel: int) -> ContextParams:
         changes["kv_type"] = args.kv_type
     if args.n_gpu_layers is not None:
         changes["n_gpu_layers"] = args.n_gpu_layers
+    changes.update(_cache_changes(args))
     return ContextParams(**changes)
+
+
+def _cache_changes(args) -> dict:
+    """The cache sizes the flags set (--cache-ram in MiB, as llama-server's)."""
+    changes = {}
+    if args.cache_ram is not None:
+        changes["prompt_cache_bytes"] = args.cache_ram << 20
+    if args.cache_ngram is not None:
+        changes["ngram_cache_tokens"] = args.cache_ngram
+    return changes
 
 
 # (spellings, dest, type, SpeculativeConfig field, help)
@@ -329,6 +365,8 @@ def _pair_spec(args):
         params.kv_type = KV_TO_PB[args.kv_type]
     if args.n_gpu_layers is not None:
         params.n_gpu_layers = args.n_gpu_layers
+    for name, value in _cache_changes(args).items():
+        setattr(params, name, value)
     return pb.PairSpec(name=args.name, target_path=args.model, draft_path=args.model_draft, params=params,
                        speculative=_spec_pb(args), memory_budget_bytes=args.memory_budget)
 
@@ -475,7 +513,9 @@ def cmd_run(args) -> int:
     # Every flag is checked (by the dataclasses) before the model is read.
     sampling = SamplingParams(**_sampling_changes(args))
     spec = _speculative_config(args)
-    params = _context_params(args, n_parallel=1)  # one prompt: one slot
+    params = _context_params(args, n_parallel=1)  # one prompt: one slot, and no cache unless asked for
+    params = replace(params, prompt_cache_bytes=params.prompt_cache_bytes or 0,
+                     ngram_cache_tokens=params.ngram_cache_tokens or 0)
     model = os.path.abspath(args.model or find_packaged_model())
     pair = PairFactory(_backend(args), device_memory_bytes=args.device_memory).load(
         PairRequest(target_path=model, params=params, speculative=spec,
