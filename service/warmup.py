@@ -86,7 +86,8 @@ def warm_up(pair, engine, tokenizer) -> float:
         if verify_rows > 1:
             engine.row_cost = measure_row_cost(pair.target.context, verify_rows)
         prompt = tuple(tokenizer.encode("Hello, world. Hello, world.", add_special=True))
-        stream = engine.submit(GenRequest(prompt, max_tokens=2, sampling=SamplingParams(temperature=0.0)))
+        stream = engine.submit(GenRequest(prompt, max_tokens=2, sampling=SamplingParams(temperature=0.0),
+                                          cache_prompt=False))  # leaves nothing in the prompt cache
         result = stream.result(timeout=WARMUP_TIMEOUT)
         if result.completion_tokens < 1:
             raise WarmupError(f"the warm-up request generated nothing (finish reason {result.finish_reason})")

@@ -287,3 +287,60 @@ def test_opencl_store_copies_equal_numpys():
         np.testing.assert_array_equal(k, host[layer, 0].astype(np.float32))
     be.release(store)
     be.release(cache)
+
+
+# ---- over gRPC: usage, ListPairs, metrics, the operator's limit, Unload ----
+
+def test_the_cache_over_grpc(tiny_models_dir):
+    import grpc
+
+    from service.pb.specserve.v1 import specserve_pb2 as pb
+    from tests.conftest import TINY, start_server, stop_server, tiny_config
+
+    from dataclasses import replace
+
+    cfg = tiny_config(tiny_models_dir, startup=False, metrics_port=0)  # the operator's cache sizes:
+    c = start_server(replace(cfg, params=replace(cfg.params, prompt_cache_bytes=4 << 20, ngram_cache_tokens=4096)))
+    try:
+        spec = pb.PairSpec(name="pc", target_path=TINY, params=pb.ContextParams(n_ctx=512, n_parallel=1, n_batch=32))
+        loaded = c.model.Load(pb.LoadRequest(pair=spec), timeout=60)
+        kinds = {b.kind: b.bytes for b in loaded.allocated}
+        assert 0 < kinds["prompt_cache"] <= 4 << 20 and kinds["ngram_cache"] == 4 * 4096
+        greedy = dict(pair="pc", max_tokens=8, sampling=pb.SamplingParams(temperature=0))
+        convs = ["The cat sat on the mat and looked at the garden for a long while. " * 3,
+                 "A ship sailed across the grey sea towards the harbour lights. " * 3]
+        first = [c.gen.Generate(pb.GenerateRequest(prompt=p, **greedy), timeout=30) for p in convs]
+        again = [c.gen.Generate(pb.GenerateRequest(prompt=p, **greedy), timeout=30) for p in convs]
+        opted = c.gen.Generate(pb.GenerateRequest(prompt=convs[1], cache_prompt=False, **greedy), timeout=30)
+        assert [r.usage.cached_prompt_tokens for r in first] == [0, 0]
+        for f, a in zip(first, again):  # the store gave each its prefix back on the one slot
+            assert a.usage.cached_prompt_tokens == a.usage.prompt_tokens - 1 and a.tokens == f.tokens
+        assert opted.usage.cached_prompt_tokens == 0 and opted.tokens == first[1].tokens
+        stats = c.pair_info("pc").prompt_cache
+        assert (stats.hits, stats.misses) == (2, 3) and stats.evictions == 0
+        assert stats.capacity_bytes == kinds["prompt_cache"] and 0 < stats.used_bytes <= stats.capacity_bytes
+        assert stats.entries == 2 and stats.cached_tokens == sum(a.usage.cached_prompt_tokens for a in again)
+        m = c.server.metrics
+        assert m.value("specserve_prompt_cache_hits_total", pair="pc") == 2
+        assert m.value("specserve_prompt_cache_misses_total", pair="pc") == 3
+        assert m.value("specserve_prompt_cache_tokens_total", pair="pc") == stats.cached_tokens
+        assert m.value("specserve_prompt_cache_used_bytes", pair="pc") == stats.used_bytes
+        assert m.value("specserve_prompt_cache_capacity_bytes", pair="pc") == stats.capacity_bytes
+        # a client may lower the operator's sizes, never raise them
+        for field, value in (("prompt_cache_bytes", 8 << 20), ("ngram_cache_tokens", 8192)):
+            big = pb.PairSpec(name="big", target_path=TINY, params=pb.ContextParams(**{field: value}))
+            try:
+                c.model.Fit(pb.FitRequest(pair=big), timeout=30)
+                raise AssertionError("a client raised the operator's cache size")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.details()
+        none = c.model.Fit(pb.FitRequest(pair=pb.PairSpec(
+            name="none", target_path=TINY, params=pb.ContextParams(prompt_cache_bytes=0, ngram_cache_tokens=0))),
+            timeout=30)
+        assert not [b for b in none.plan.buffers if b.kind in ("prompt_cache", "ngram_cache")]
+        assert none.plan.target.prompt_cache_bytes == 0 and none.plan.target.HasField("prompt_cache_bytes")
+        released = c.model.Unload(pb.UnloadRequest(name="pc"), timeout=30).released_bytes
+        assert released == sum(b.bytes for b in loaded.allocated)
+        assert c.server.registry.factory.backend.ledger.entries() == []
+    finally:
+        stop_server(c)
