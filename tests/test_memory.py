@@ -123,6 +123,7 @@ sys.path.insert(0, {root!r})
 from compute import gguf_model
 from service.factory import PairRequest
 from service.params import ContextParams
+from service.requests import GenRequest
 from service.server import ServerConfig, SpecServer
 from tests.models import packaged_model_path
 
@@ -136,6 +137,10 @@ srv = SpecServer(ServerConfig(port=0, backend="numpy", threads=1, models_dir=os.
 srv.start()
 before = rss_mib()
 srv.registry.load(PairRequest(name="p", target_path=m, params=ContextParams(n_ctx=512, n_parallel=2, n_batch=64)))
+eng = srv.registry.get("p").engine
+for first in (10, 1000, 2000):  # three prompts on two slots: one state goes to the prompt store (its pages in use)
+    eng.submit(GenRequest(tuple(range(first, first + 150)), max_tokens=2)).result(timeout=120)
+assert eng.prefix.stats()["used_bytes"] > 0
 loaded = rss_mib()
 t0 = time.monotonic()
 srv.registry.unload("p", 0)
@@ -146,9 +151,9 @@ srv.stop()
 
 
 def test_unload_gives_the_numpy_backends_memory_back_at_once(tmp_path, real_model):
-    """The packaged model on the NumPy backend, in a process of its own (RSS is per process). With the
-    parsed-file cache off, RSS is back near where it was before the Load when Unload returns; with
-    the default cache it keeps that one parsed file (bounded by MODEL_CACHE_ENTRIES)."""
+    """The packaged model on the NumPy backend, in a process of its own (RSS is per process), its prompt
+    store in use. With the parsed-file cache off, RSS is back near where it was before the Load when
+    Unload returns; with the default cache it keeps that one parsed file (bounded by MODEL_CACHE_ENTRIES)."""
     script = tmp_path / "rss_probe.py"
     script.write_text(RSS_PROBE.format(root=str(ROOT)))
     for entries, kept in ((0, 0.15), (gguf_model.MODEL_CACHE_ENTRIES, 0.5)):

@@ -5,18 +5,24 @@ a repeated answer."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import grpc
 import numpy as np
 import pytest
 
+from compute.backend import BufferSpec
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
 from service.engine import Engine
 from service.factory import PairFactory, PairRequest
 from service.ngram_index import SEP, NgramIndex
 from service.params import ContextParams, SpeculativeConfig
+from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
 from service.requests import GenRequest, SamplingParams
 from service.tokenizer import Tokenizer
+from tests.conftest import TINY, start_server, stop_server, tiny_config
 from tests.test_speculative import write_truncated_copy
 from tests.tiny_gguf import write_tiny_llama
 
@@ -259,7 +265,7 @@ def test_common_prefix():
 @pytest.mark.skipif("opencl" not in BACKENDS, reason="no OpenCL device")
 def test_opencl_store_copies_equal_numpys():
     """kv_to_store / kv_from_store on OpenCL (rectangular copies) move the cells NumPy's slicing does."""
-    from compute.backend import BufferSpec
+    import pyopencl as cl
 
     be = OpenCLBackend(device=OPENCL_DEVICE)
     rng = np.random.default_rng(0)
@@ -270,8 +276,6 @@ def test_opencl_store_copies_equal_numpys():
     store = be.allocate("t", BufferSpec("target", "prompt_cache", "store", "device", 2 * NB * L * B * E * 2), store_lay)
     host = rng.standard_normal((L, S, C, E)).astype(np.float16)
     c, sk = cache.array["cache"], store.array["k"]
-    import pyopencl as cl
-
     cl.enqueue_copy(be.queue, c.buf, host, dst_offset=c.off * 2, is_blocking=True)
     ref_store = np.zeros((NB, L, B, E), np.float16)
     for block, (slot, start, off, n) in enumerate([(1, 5, 0, 16), (0, 20, 3, 9), (1, 30, 10, 6)]):
@@ -292,13 +296,6 @@ def test_opencl_store_copies_equal_numpys():
 # ---- over gRPC: usage, ListPairs, metrics, the operator's limit, Unload ----
 
 def test_the_cache_over_grpc(tiny_models_dir):
-    import grpc
-
-    from service.pb.specserve.v1 import specserve_pb2 as pb
-    from tests.conftest import TINY, start_server, stop_server, tiny_config
-
-    from dataclasses import replace
-
     cfg = tiny_config(tiny_models_dir, startup=False, metrics_port=0)  # the operator's cache sizes:
     c = start_server(replace(cfg, params=replace(cfg.params, prompt_cache_bytes=4 << 20, ngram_cache_tokens=4096)))
     try:

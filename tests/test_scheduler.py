@@ -56,6 +56,22 @@ def test_admission_drops_cancelled_and_fills_free_slots_in_order():
     assert sched.admit().started == () and list(sched.waiting) == [d]
 
 
+def test_admission_picks_the_slot_sharing_the_longest_prefix_then_the_least_recently_freed():
+    sched = Scheduler(n_slots=4, n_batch=16, n_outputs_max=12)
+    held = {0: [1, 2, 3, 4, 5, 6], 1: [1, 2, 9, 9], 2: [7, 7, 7], 3: [1, 2, 3, 8]}
+    for idx, toks in held.items():  # free slots whose KV holds these tokens, freed in the order 2, 0, 3, 1
+        s = sched.slots[idx]
+        s.tokens, s.n_past, s.released = list(toks), len(toks), {2: 1, 0: 2, 3: 3, 1: 4}[idx]
+    a, b, c = stream((1, 2, 3, 8, 5)), stream((1, 2, 3, 4, 5, 6, 7)), stream((4, 4))
+    off = Stream(GenRequest((1, 2, 3, 4, 5, 6, 7), cache_prompt=False))
+    for st in (a, b, off, c):
+        sched.enqueue(st)
+    adm = sched.admit()
+    # a: slot 3 shares 4 tokens; b: slot 0 shares all 6; off and c reuse nothing: least recently freed first
+    assert [(x.stream, x.slot.idx) for x in adm.started] == [(a, 3), (b, 0), (off, 2), (c, 1)]
+    assert sched.slots[0].reusable(b.request.prompt) == 6 and sched.slots[0].reusable((1, 2, 3)) == 2
+
+
 def test_the_queue_is_bounded():
     sched = Scheduler(n_slots=1, n_batch=8, n_outputs_max=4, queue_max=2)
     sched.enqueue(stream())
