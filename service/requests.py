@@ -103,11 +103,26 @@ class GenRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely tokens at its position (service/logprobs.py says
+    which distribution); text and bytes are the tokenizer's, added at the edge."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenDelta:
-    """Tokens produced by one engine step for one request, and the text they completed."""
+    """Tokens produced by one engine step for one completion (`index`) of a request, and the text they
+    completed. The last delta of a completion carries its summary in `end`."""
 
     tokens: tuple[int, ...]
     text: str
+    index: int = 0  # which of the request's n completions
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # once, before any token, when it asked for prompt_logprobs
+    end: GenResult | None = None  # the completion's summary: it ended with this delta
 
 
 @dataclass(frozen=True)
@@ -124,3 +139,8 @@ class GenResult:
     queue_seconds: float
     prefill_seconds: float
     decode_seconds: float
+    index: int = 0  # which completion (of a request's n)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `tokens` when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token when asked for (the request's)
+    choices: tuple[GenResult, ...] = ()  # a request's result: every completion by index; the fields above
+    # are choice 0's except completion_tokens (summed over all) and decode_seconds (the longest)

@@ -4,6 +4,10 @@ Bookkeeping: `tokens` is prompt + generated; `n_past` tokens are in the target's
 tokens[n_past:] are pending (fed next step). While prefilling, several tokens are pending (a
 prompt fed in chunks of n_batch); in decode exactly one is: the last sampled token. The draft
 model's KV length is the draft runner's, not the slot's (service/draft_runner.py).
+
+A request with n > 1 completions holds n slots: completion 0's slot prefills the prompt (and
+scores it), the others wait (`follows` it) until its prompt is in the KV cache, then copy those
+cells (service/engine.py `_fork`) and sample on their own, each with its own seed stream.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from service.draft_policy import DraftStats
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
-from service.requests import GenResult
+from service.requests import GenResult, TokenLogprob
 from service.vocab import FinishReason
 
 
@@ -38,12 +42,18 @@ class Slot:
     accepted: int = 0  # ... and accepted
     t_admit: float = 0.0
     t_first: float = 0.0  # when the first tokens were appended
+    index: int = 0  # which of the request's n completions
+    follows: Slot | None = None  # completion 0's slot, until its prompt KV is copied here
+    siblings: tuple[Slot, ...] = ()  # completion 0: the slots waiting for its prompt KV
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the prompt tokens scored so far
 
-    def assign(self, stream: Stream, out: TextOutput) -> None:
-        """Start generating `stream`'s request in this slot (every field reset)."""
+    def assign(self, stream: Stream, out: TextOutput, index: int = 0, follows: Slot | None = None) -> None:
+        """Start generating completion `index` of `stream`'s request in this slot (every field reset)."""
         req = stream.request
         self.stream, self.tokens, self.n_prompt, self.n_past = stream, list(req.prompt), len(req.prompt), 0
-        self.spec, self.rng, self.out = req.speculative, np.random.default_rng(req.sampling.seed), out
+        self.spec, self.rng, self.out = req.speculative, seed_stream(req.sampling.seed, index), out
+        self.index, self.follows, self.siblings, self.logprobs, self.prompt_logprobs = index, follows, (), [], []
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
 
@@ -60,13 +70,31 @@ class Slot:
         """Tokens not yet in the target KV cache (1 in decode)."""
         return len(self.tokens) - self.n_past
 
+    @property
+    def scoring(self) -> bool:
+        """Whether this slot scores its prompt (the request's prompt_logprobs; completion 0 only)."""
+        return self.index == 0 and self.stream is not None and self.stream.request.prompt_logprobs is not None
+
+    def n_scored(self, n_fed: int) -> int:
+        """Of n_fed prompt tokens fed from n_past, how many rows score a next prompt token."""
+        return max(0, min(n_fed, self.n_prompt - 1 - self.n_past)) if self.scoring else 0
+
     def result(self, reason: FinishReason) -> GenResult:
         """The summary of this slot's generation, ending now for `reason`."""
         now = time.perf_counter()
         first = self.t_first or now
         return GenResult(self.out.text, tuple(self.generated), reason, self.n_prompt, len(self.generated),
                          self.drafted, self.accepted, self.t_admit - self.stream.submitted_at,
-                         first - self.t_admit, now - first)
+                         first - self.t_admit, now - first, index=self.index, logprobs=tuple(self.logprobs),
+                         prompt_logprobs=tuple(self.prompt_logprobs))
+
+
+def seed_stream(seed: int | None, index: int) -> np.random.Generator:
+    """Completion `index`'s random stream: completion 0 draws from the request's seed exactly as a request
+    with n = 1 does; completion i > 0 from (seed, i). No seed: fresh entropy for each."""
+    if seed is None or index == 0:
+        return np.random.default_rng(seed)
+    return np.random.default_rng([seed, index])
 
 
 def unstarted_result(stream: Stream, reason: FinishReason) -> GenResult:
