@@ -101,6 +101,12 @@ class GenRequest:
         if not 1 <= self.n <= MAX_N:
             raise InvalidArgument(f"n must be within [1, {MAX_N}], got {self.n}")
 
+    @property
+    def may_reuse_prefix(self) -> bool:
+        """Whether cached KV of a prompt prefix may stand in for prefilling it: not when the prompt is
+        scored (every prompt row's logits are needed), nor when the client asked for no cache."""
+        return self.cache_prompt and self.prompt_logprobs is None
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
