@@ -239,7 +239,7 @@ class Engine:
     # ---- generation controls (issue 16) ----
     @staticmethod
     def _score(s: Slot, w: SlotWork, logits) -> None:
-        """Prompt logprobs of the prompt tokens after the first w.n_scored fed ones."""
+        """Logprobs of the prompt tokens that follow the first w.n_scored fed ones (one per scoring row)."""
         nxt = s.tokens[s.n_past + 1:s.n_past + 1 + w.n_scored]
         s.prompt_logprobs += lp.prompt(logits, w.score_rows, nxt, s.stream.request.prompt_logprobs)
 
