@@ -9,6 +9,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
@@ -74,6 +76,31 @@ def test_scoring_prefill_is_cut_to_the_output_rows_and_returns_a_row_per_prompt_
         for x in plan.work:
             x.slot.n_past += x.n_fed
     assert fed == [(6, 6, False), (6, 6, False), (2, 1, True)]  # 13 rows scored, then the first token's row
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(hs.tuples(hs.integers(1, 40), hs.booleans(), hs.integers(0, 4)), min_size=1, max_size=4),
+       hs.integers(4, 48), hs.integers(1, 12))
+def test_scoring_plans_stay_within_the_rows_and_score_every_prompt_token(slots, n_batch, n_outputs_max):
+    """Random prompts (some scored), drafts and budgets: every step's batch stays within n_batch rows
+    and n_outputs_max outputs, and every scored prompt gets exactly one row per token after its first."""
+    sched = Scheduler(n_slots=len(slots), n_batch=n_batch, n_outputs_max=n_outputs_max)
+    scored = {}
+    for slot, (n_prompt, scoring, _) in zip(sched.slots, slots):
+        _assign(slot, range(1, n_prompt + 1), prompt_logprobs=0 if scoring else None)
+        scored[slot.idx] = []
+    for _ in range(200):
+        if all(s.n_past >= s.n_prompt for s in sched.slots):
+            break
+        plan = sched.plan({s.idx: (7,) * slots[s.idx][2] for s in sched.slots if s.n_pending == 1})
+        assert len(plan.batch) <= n_batch and len(plan.batch.outputs) <= n_outputs_max
+        for w in plan.work:
+            rows = plan.batch.outputs[list(w.score_rows)]
+            scored[w.slot.idx] += plan.batch.positions[rows].tolist()
+            w.slot.n_past += w.n_fed
+    for s, (n_prompt, scoring, _) in zip(sched.slots, slots):
+        assert s.n_past == n_prompt  # every prompt went in (progress)
+        assert scored[s.idx] == (list(range(n_prompt - 1)) if scoring else [])
 
 
 def test_admission_gives_n_slots_in_queue_order():
