@@ -276,6 +276,12 @@ class Backend(ABC):
         self.rope(q, cos, sin, n_head, head_dim, rope_dim, neox)
         self.rope(k, cos, sin, n_head_kv, head_dim, rope_dim, neox)
 
+    # ---- KV cells between slots (n > 1 completions of one prompt share its prefill) ----
+    def kv_copy(self, k_cache, v_cache, src_slot: int, dst_slot: int, n: int) -> None:
+        """Copy cells 0..n-1 of slot src_slot to slot dst_slot, in every layer of both caches, on the
+        device (no host round trip). Backends that cannot copy keep this default."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy KV cells between slots")
+
     # ---- read-back for tests and checks (not used by the graph) ----
     def kv_read(self, k_cache, v_cache, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V (n, n_embd_kv) float32 of a slot's first n cells (tests and rollback checks);

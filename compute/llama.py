@@ -165,6 +165,11 @@ class LlamaContext:
         be.matmul(seln, self.w.head(), logits, pad=self.pad)
         return be.to_host(logits, n_out)
 
+    def copy_cells(self, src_slot: int, dst_slot: int, n: int) -> None:
+        """Copy the first n KV cells of one slot into another (every layer, K and V)."""
+        assert 0 <= src_slot < self.n_slots and 0 <= dst_slot < self.n_slots and 0 <= n <= self.n_ctx_slot
+        self.backend.kv_copy(self.k, self.v, src_slot, dst_slot, n)
+
     def read_kv(self, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """K, V (n, n_embd_kv) float32 of a slot's first n cells."""
         return self.backend.kv_read(self.k, self.v, layer, slot, n)

@@ -170,5 +170,9 @@ class NumpyBackend(Backend):
     def to_host(self, x, n):
         return np.array(x[:n], dtype=np.float32, copy=True)
 
+    def kv_copy(self, k_cache, v_cache, src_slot, dst_slot, n):
+        for c in (k_cache, v_cache):  # (n_layer, n_slots, n_ctx_slot, n_embd_kv)
+            c[:, dst_slot, :n] = c[:, src_slot, :n]
+
     def kv_read(self, k_cache, v_cache, layer, slot, n):
         return (k_cache[layer, slot, :n].astype(np.float32), v_cache[layer, slot, :n].astype(np.float32))

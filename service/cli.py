@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -465,7 +466,7 @@ def cmd_generate(args) -> int:
     pb = _pb()
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     fields = dict(pair=args.pair, stop=args.stop, sampling=_sampling(args), request_id=args.request_id)
-    if args.max_tokens:  # 0 (the flag's default): leave it unset, so the server's default applies
+    if args.max_tokens is not None:  # unset: the server's default applies; 0: only score the prompt
         fields["max_tokens"] = args.max_tokens
     if args.chat or args.system:
         msgs = ([pb.ChatMessage(role="system", content=args.system)] if args.system else [])
@@ -476,22 +477,42 @@ def cmd_generate(args) -> int:
     spec = _spec_pb(args)
     if spec.ListFields():
         fields["speculative"] = spec
+    if args.logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=args.logprobs)
+    if args.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = args.prompt_logprobs
+    if args.n_samples > 1:
+        fields["n"] = args.n_samples
     if args.no_stream:
         resp = gen.Generate(pb.GenerateRequest(**fields), timeout=args.timeout)
-        print(_to_json(resp) if args.json else resp.text)
+        if args.json:
+            print(_to_json(resp))
+        else:
+            _print_choices({c.index: c.text for c in resp.choices} or {0: resp.text}, args.n_samples > 1)
+            _print_logprobs(resp.prompt_logprobs, {c.index: c.logprobs for c in resp.choices})
         final = resp
     else:
         final = None
+        texts: dict[int, str] = {}
+        lps: dict[int, list] = {}
+        prompt_lps: list = []
         for msg in gen.GenerateStream(pb.GenerateStreamRequest(**fields), timeout=args.timeout):
-            if not args.json:
-                sys.stdout.write(msg.text)
+            if not args.json and args.n_samples <= 1:
+                sys.stdout.write(msg.text)  # one completion: as it comes; several: each when it ends
                 sys.stdout.flush()
+            texts[msg.index] = texts.get(msg.index, "") + msg.text
+            lps.setdefault(msg.index, []).extend(msg.logprobs)
+            prompt_lps.extend(msg.prompt_logprobs)
             if msg.finish_reason:
                 final = msg
+                if not args.json and args.n_samples > 1:
+                    _print_choices({msg.index: texts[msg.index]}, numbered=True)
         if args.json and final is not None:
             print(_to_json(final))
         elif not args.json:
-            sys.stdout.write("\n")
+            if args.n_samples <= 1:
+                sys.stdout.write("\n")
+            _print_logprobs(prompt_lps, lps)
     if args.stats and final is not None:
         u, s, t = final.usage, final.speculative_stats, final.timings
         print(f"[{pb.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}] "
@@ -499,6 +520,30 @@ def cmd_generate(args) -> int:
               f"{t.tokens_per_second:.1f} tok/s, ttft {t.time_to_first_token_seconds * 1000:.0f} ms, "
               f"drafted {s.drafted}, accepted {s.accepted} ({s.acceptance_rate:.0%})", file=sys.stderr)
     return 0
+
+
+def _print_choices(texts: dict[int, str], numbered: bool) -> None:
+    """Completions by index, each after its "[index] " when numbered (n > 1)."""
+    for i, text in sorted(texts.items()):
+        print(f"[{i}] {text}" if numbered else text)
+
+
+def _print_logprobs(prompt, by_index: dict) -> None:
+    """Logprob tables on stderr: the prompt's (with its perplexity), then each completion's."""
+    def table(title, entries):
+        if not entries:
+            return
+        print(title, file=sys.stderr)
+        for e in entries:
+            alts = "  ".join(f"{t.text!r} {t.logprob:.3f}" for t in e.top)
+            print(f"  {e.logprob:9.4f}  {e.text!r:24}  {alts}", file=sys.stderr)
+
+    if prompt:
+        scored = [e.logprob for e in prompt[1:]]
+        ppl = math.exp(-sum(scored) / len(scored)) if scored else float("nan")
+        table(f"prompt logprobs ({len(prompt)} tokens, perplexity {ppl:.3f}):", prompt)
+    for i, entries in sorted(by_index.items()):
+        table(f"logprobs of completion {i}:" if len(by_index) > 1 else "logprobs:", entries)
 
 
 def cmd_run(args) -> int:
@@ -673,7 +718,8 @@ def _add_prompt_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="prompt text ('-' or none: read stdin)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     p.add_argument("--system", default="", help="system message (implies --chat)")
-    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=0, help=max_tokens_help)
+    p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
+                   help=max_tokens_help)
     _add_sampling_flags(p)
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
 
@@ -708,16 +754,26 @@ def _server_commands(command) -> None:
 def _generation_commands(command) -> None:
     """generate, run (no server), tokenize, detokenize, health."""
     p = command("generate", "generate text, streamed as it comes", cmd_generate)
-    _add_prompt_flags(p, "most tokens generated (default 0: the server's -n)")
+    _add_prompt_flags(p, "most tokens generated (default: the server's -n; 0 with --prompt-logprobs: "
+                         "score the prompt only)")
     p.add_argument("--pair", default="", help="pair name (default: default)")
     _add_speculative_flags(p, "per-request drafter (default: the pair's)", "unset: the pair's")
     p.add_argument("--request-id", default="", help="id for the server's logs")
     p.add_argument("--no-stream", action="store_true", help="use the unary Generate RPC")
-    p.add_argument("--json", action="store_true", help="print the final response as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the final response as JSON (with --no-stream: the whole response)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="each generated token's logprob and its K most likely alternatives (0 to 20), on stderr")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="score the prompt: each prompt token's logprob and K alternatives, and its perplexity; "
+                        "with -n 0 only the prompt is scored")
+    p.add_argument("--n-samples", type=int, default=1, metavar="N",
+                   help="N completions of the prompt (1 to 16, at most the pair's slots), prefilled once "
+                        "(-n is --max-tokens, as in llama.cpp)")
     p = command("run", "generate in this process with a local model (no server)", cmd_run, client=False)
     _add_model_flags(p, slots_default=None)
     _add_speculative_flags(p, "drafter (default: draft with -md, else ngram)")
-    _add_prompt_flags(p, f"most tokens generated (default 0: {DEFAULT_MAX_TOKENS})")
+    _add_prompt_flags(p, f"most tokens generated (default and 0: {DEFAULT_MAX_TOKENS})")
     _add_compute_flags(p)
     p = command("tokenize", "text to token ids", cmd_tokenize)
     p.add_argument("text")

@@ -23,7 +23,7 @@ from service.params import (
 )
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.plan import Plan
-from service.requests import GenRequest, GenResult, ResponseFormat, SamplingParams
+from service.requests import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
 from service.vocab import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 
 DEFAULT_PAIR = "default"
@@ -255,27 +255,59 @@ def response_format_from_pb(msg: pb.ResponseFormat) -> ResponseFormat | None:
     return ResponseFormat(kind, getattr(msg, kind))
 
 
-def _summary(result: GenResult, ttft: float) -> dict:
+def token_logprobs_to_pb(entries: tuple[TokenLogprob, ...], tokenizer) -> list[pb.TokenLogprob]:
+    """TokenLogprobs with each token's (and alternative's) text and bytes from the tokenizer."""
+    def text_bytes(token: int) -> dict:
+        b = tokenizer.token_bytes(token)
+        return dict(text=b.decode("utf-8", errors="replace"), bytes=b)
+
+    return [pb.TokenLogprob(token=e.token, logprob=e.logprob, **text_bytes(e.token),
+                            top=[pb.TopLogprob(token=t, logprob=v, **text_bytes(t)) for t, v in e.top])
+            for e in entries]
+
+
+def _stats(result: GenResult) -> pb.SpeculativeStats:
     rate = result.accepted / result.drafted if result.drafted else 0.0
+    return pb.SpeculativeStats(drafted=result.drafted, accepted=result.accepted, acceptance_rate=rate)
+
+
+def _summary(result: GenResult, ttft: float) -> dict:
     tps = result.completion_tokens / result.decode_seconds if result.decode_seconds > 0 else 0.0
     return dict(
         finish_reason=FINISH_TO_PB.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                        cached_prompt_tokens=result.cached_prompt_tokens),
-        speculative_stats=pb.SpeculativeStats(drafted=result.drafted, accepted=result.accepted,
-                                              acceptance_rate=rate),
+        speculative_stats=_stats(result),
         timings=pb.Timings(queue_seconds=result.queue_seconds, prefill_seconds=result.prefill_seconds,
                            decode_seconds=result.decode_seconds, tokens_per_second=tps,
                            time_to_first_token_seconds=ttft),
     )
 
 
-def result_to_pb(result: GenResult, request_id: str, ttft: float) -> pb.GenerateResponse:
+def choice_to_pb(c: GenResult, tokenizer) -> pb.Choice:
+    return pb.Choice(index=c.index, text=c.text, tokens=list(c.tokens),
+                     finish_reason=FINISH_TO_PB.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                     logprobs=token_logprobs_to_pb(c.logprobs, tokenizer), speculative_stats=_stats(c))
+
+
+def result_to_pb(result: GenResult, request_id: str, ttft: float, tokenizer) -> pb.GenerateResponse:
+    """The whole request: completion 0's fields on top (usage and timings of all), every completion in choices."""
     return pb.GenerateResponse(text=result.text, tokens=list(result.tokens), request_id=request_id,
+                               logprobs=token_logprobs_to_pb(result.logprobs, tokenizer),
+                               prompt_logprobs=token_logprobs_to_pb(result.prompt_logprobs, tokenizer),
+                               choices=[choice_to_pb(c, tokenizer) for c in result.choices or (result,)],
                                **_summary(result, ttft))
 
 
+def delta_to_pb(delta: TokenDelta, request_id: str, tokenizer) -> pb.GenerateStreamResponse:
+    """A stream message of one completion's new tokens (and, once, the prompt's logprobs)."""
+    return pb.GenerateStreamResponse(text=delta.text, tokens=list(delta.tokens), request_id=request_id,
+                                     index=delta.index, logprobs=token_logprobs_to_pb(delta.logprobs, tokenizer),
+                                     prompt_logprobs=token_logprobs_to_pb(delta.prompt_logprobs, tokenizer))
+
+
 def final_stream_to_pb(result: GenResult, sent_text: str, request_id: str, ttft: float) -> pb.GenerateStreamResponse:
-    """The last stream message: any text not yet sent (held back by the engine), then the summary."""
+    """A completion's last stream message: any text not yet sent (held back by the engine), then the
+    summary (with n > 1, of that completion: its own usage and timings)."""
     rest = result.text[len(sent_text):] if result.text.startswith(sent_text) else ""
-    return pb.GenerateStreamResponse(text=rest, request_id=request_id, **_summary(result, ttft))
+    return pb.GenerateStreamResponse(text=rest, request_id=request_id, index=result.index, **_summary(result, ttft))

@@ -87,6 +87,21 @@ class DraftRunner:
         if self.index is not None and len(s.tokens) > s.n_prompt:
             self.index.add(s.tokens[max(0, s.n_prompt - RECORD_PROMPT_TAIL):])
 
+    def fork(self, src: Slot, dsts: tuple[Slot, ...], n: int) -> None:
+        """n > 1 completions: bring src's draft KV up to its first n tokens (the prompt; forward passes
+        without logits, n_batch rows each) and copy those cells to each of dsts, so the draft model too
+        reads the prompt once."""
+        if self.ctx is None:
+            return
+        while self.valid[src.idx] < n:
+            v = self.valid[src.idx]
+            m = min(n - v, self.ctx.n_batch)
+            self.ctx.decode(Batch.make(src.tokens[v:v + m], range(v, v + m), [src.idx] * m, []))
+            self.valid[src.idx] = v + m
+        for d in dsts:
+            self.ctx.copy_cells(src.idx, d.idx, n)
+            self.valid[d.idx] = n
+
     def accept(self, slot: int, draft: Draft, j: int) -> None:
         """Verification kept j of the drafts: roll the draft KV back to base + min(j, fed)."""
         if draft.probs is not None:

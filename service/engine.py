@@ -11,6 +11,13 @@ One thread per pair runs `step()` in a loop. The parts, each with one reason to 
 Each step: admit queued requests into free slots, propose drafts, verify them in one target
 batch, append accepted + bonus tokens and roll the KV caches back by setting each slot's valid
 length (cells past it are overwritten later).
+
+Generation controls (issue 16): logprobs of each appended token come from the verify row it was
+drawn from (service/logprobs.py); a slot scoring its prompt gets logits rows for its prefill
+chunks (service/scheduler.py) and emits the prompt's logprobs once its prompt is in the KV
+cache; a request of n completions holds n slots, prefills in the first, and when its prompt is
+in the KV cache copies those cells to the others (`_fork`), which then sample on their own.
+The client reads one Stream either way (service/output.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 
 from compute.llama import LlamaContext
 from service import draft_policy as policy
+from service import logprobs as lp
 from service.draft_runner import Draft, DraftAsk, DraftRunner
 from service.errors import InvalidArgument, Unavailable, Unimplemented
 from service.ngram_index import NgramIndex
@@ -28,7 +36,7 @@ from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig, check_draft_model
 from service.prompt_cache import PrefixCache
 from service.requests import GenRequest, TokenDelta
-from service.sampling import logits_to_probs, penalty_history
+from service.sampling import logits_to_probs, penalty_history, sample
 from service.scheduler import Scheduler, SlotWork
 from service.sequence import Slot, unstarted_result
 from service.speculative import verify
@@ -49,10 +57,7 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
             f"so a prompt may have at most {n_ctx_slot - 1}")
     if max(req.prompt) >= n_vocab or min(req.prompt) < 0:
         raise InvalidArgument(f"prompt token ids must be in [0, {n_vocab})")
-    unbuilt = [name for name, asked in (("logprobs", req.logprobs is not None),
-                                        ("prompt_logprobs", req.prompt_logprobs is not None),
-                                        ("response_format", req.response_format is not None),
-                                        ("n > 1", req.n != 1)) if asked]
+    unbuilt = [name for name, asked in (("response_format", req.response_format is not None),) if asked]
     if unbuilt:  # in the proto already; the engine serves them as each lands (issue 16)
         raise Unimplemented(f"not served yet: {', '.join(unbuilt)}")
 
@@ -144,6 +149,9 @@ class Engine:
         """Queue a request; errors: InvalidArgument (bad prompt/config), ResourceExhausted (queue full),
         Unavailable (draining)."""
         check_request(req, self.n_ctx_slot, self.target.hp.n_vocab)
+        if req.n > self.n_slots:
+            raise InvalidArgument(f"n = {req.n} completions need as many slots; this pair has {self.n_slots} "
+                                  "(Load it with a larger n_parallel)")
         if req.speculative is not None:
             self.check_speculative(req.speculative)
         st = Stream(req)
@@ -176,14 +184,24 @@ class Engine:
             st._finish(unstarted_result(st, "cancelled"))
         for a in adm.started:
             req = a.stream.request
-            reuse = self.prefix.admit(a.slot, self.drafter.valid[a.slot.idx], req.prompt, req.cache_prompt)
+            reuse = self.prefix.admit(a.slot, self.drafter.valid[a.slot.idx], req.prompt, req.may_reuse_prefix)
             a.slot.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
                           reuse.n_target)
             self.drafter.reset(a.slot.idx, reuse.n_draft)
             if self.metrics is not None:
                 self.metrics.on_prompt_cache(reuse.n_target, reuse.evicted)
-            if req.max_tokens == 0:
-                self._release(a.slot, "length")
+            for i, s in enumerate(a.siblings, 1):  # their cells are overwritten by completion 0's prompt (_fork)
+                s.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
+                         index=i, follows=a.slot)
+                self.drafter.reset(s.idx)
+            a.slot.siblings = a.siblings if req.max_tokens else ()
+            if a.slot.scoring:
+                a.slot.prompt_logprobs.append(lp.first_prompt_token(req.prompt[0]))
+            if req.max_tokens == 0:  # nothing to generate; prefill only to score the prompt
+                for s in a.siblings:
+                    self._release(s, "length")
+                if not a.slot.scoring:
+                    self._release(a.slot, "length")
         if adm.dropped:
             self._cv.notify_all()
 
@@ -205,9 +223,13 @@ class Engine:
         n_drafts = n_draft_tokens = n_accepted = 0
         for w in plan.work:
             s, d = w.slot, drafts.get(w.slot.idx)
+            if w.n_scored:
+                self._score(s, w, logits)
             if not w.complete:
                 s.n_past += w.n_fed  # a prefill chunk without output
                 continue
+            if s.n_past + w.n_fed == s.n_prompt and self._prompt_done(s, w, logits):
+                continue  # the request only scored its prompt
             # target distributions: row i follows d_1..d_i (the penalty sees those drafts too)
             sp = s.stream.request.sampling
             p = [logits_to_probs(logits[r], sp, penalty_history(s.tokens, w.drafts[:i], sp))
@@ -221,9 +243,54 @@ class Engine:
             if w.drafts:
                 n_drafts, n_draft_tokens, n_accepted = n_drafts + 1, n_draft_tokens + len(w.drafts), n_accepted + j
                 s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
-            self._append(s, new)
+            self._append(s, new, self._logprobs(s, w, logits, new))
         if self.metrics is not None:
             self.metrics.on_step(n_drafts, n_draft_tokens, n_accepted)
+
+    # ---- generation controls (issue 16) ----
+    @staticmethod
+    def _score(s: Slot, w: SlotWork, logits) -> None:
+        """Logprobs of the prompt tokens that follow the first w.n_scored fed ones (one per scoring row)."""
+        nxt = s.tokens[s.n_past + 1:s.n_past + 1 + w.n_scored]
+        s.prompt_logprobs += lp.prompt(logits, w.score_rows, nxt, s.stream.request.prompt_logprobs)
+
+    def _prompt_done(self, s: Slot, w: SlotWork, logits) -> bool:
+        """The prompt is in the KV cache after this step: send its logprobs, start the sibling
+        completions; True when the request ends here (max_tokens 0: scoring only)."""
+        if s.scoring:
+            s.stream._emit(TokenDelta((), "", s.index, prompt_logprobs=tuple(s.prompt_logprobs)))
+        if s.siblings:
+            self._fork(s, logits[w.logit_rows[0]])
+        if s.stream.request.max_tokens == 0:
+            s.n_past += w.n_fed
+            self._release(s, "length")
+            return True
+        return False
+
+    def _fork(self, s: Slot, row) -> None:
+        """Copy completion 0's prompt KV (target, and draft when it drafts with the model) into the
+        sibling slots; each samples its first token from the same last-prompt row with its own rng."""
+        n = s.n_prompt
+        s.siblings = tuple(sib for sib in s.siblings if sib.stream is s.stream)  # none released meanwhile
+        for sib in s.siblings:
+            self.target.copy_cells(s.idx, sib.idx, n)
+        if self._spec_of(s).type == "draft":
+            self.drafter.fork(s, s.siblings, n)
+        for sib in s.siblings:
+            sib.n_past, sib.follows = n, None
+            sp = sib.stream.request.sampling
+            tok = sample(logits_to_probs(row, sp, penalty_history(sib.tokens, (), sp)), sib.rng)
+            self._append(sib, [tok], self._logprobs(sib, None, row[None, :], [tok]))
+        s.siblings = ()
+
+    @staticmethod
+    def _logprobs(s: Slot, w: SlotWork | None, logits, new: list[int]):
+        """Logprobs of the tokens about to be appended (row i drew new[i]); None unless asked for."""
+        k = s.stream.request.logprobs
+        if k is None:
+            return None
+        rows = w.logit_rows[:len(new)] if w is not None else range(len(new))
+        return lp.generated(logits, rows, new, s.tokens, s.stream.request.sampling, k)
 
     def _spec_of(self, s: Slot) -> SpeculativeConfig:
         return s.spec if s.spec is not None else self._speculative
@@ -238,8 +305,9 @@ class Engine:
         row_cost = self.row_cost or self.target.backend.row_cost
         asks = []
         for s in busy:
-            if s.n_pending != 1 or len(s.tokens) == s.n_prompt:
-                continue  # still prefilling (a cached prompt too: the first token is never drafted)
+            if s.n_pending != 1 or len(s.tokens) == s.n_prompt or s.follows is not None:
+                continue  # still prefilling (a cached prompt too: the first token is never drafted), or waiting
+                # for its prompt's KV (a sibling completion)
             cfg = self._spec_of(s)
             s.stats = policy.tick(s.stats)
             choice = policy.choose(s.stats, self._k_max(s, cfg) if cfg.enabled else 0, row_cost,
@@ -261,8 +329,9 @@ class Engine:
             s.stats = policy.back_off(s.stats, accepted=j > 0)
 
     # ---- output ----
-    def _append(self, s: Slot, new: list[int]) -> None:
-        """Append verified tokens one by one, stopping at EOG, max_tokens, a stop string or a full context."""
+    def _append(self, s: Slot, new: list[int], logprobs=None) -> None:
+        """Append verified tokens one by one, stopping at EOG, max_tokens, a stop string or a full context;
+        logprobs: one per token of new, when the request asked for them."""
         req = s.stream.request
         if not s.t_first:
             s.t_first = time.perf_counter()
@@ -287,8 +356,10 @@ class Engine:
         if reason is not None:
             s.out.close()
         text = s.out.take(final=reason is not None)
+        lps = tuple(logprobs[:len(appended)]) if logprobs else ()
+        s.logprobs += lps
         if appended or text:
-            s.stream._emit(TokenDelta(tuple(appended), text))
+            s.stream._emit(TokenDelta(tuple(appended), text, s.index, lps))
         if reason is not None:
             self._release(s, reason)
 
@@ -300,17 +371,19 @@ class Engine:
         result = None
         if error is None:
             rest = s.out.take(final=True)
-            if rest:
-                st._emit(TokenDelta((), rest))
             result = s.result(reason or "stop")
+            st._emit(TokenDelta((), rest, s.index, end=result))
         self._n_released += 1
         s.released, s.cacheable = self._n_released, s.cacheable and error is None  # a failed step: cells unknown
         if s.cacheable:
             self.drafter.record(s)
         with self._cv:  # the slot is free before the client learns the result
-            s.stream = None
+            s.stream, s.follows, s.siblings = None, None, ()
             self._cv.notify_all()
-        st._finish(result, error)
+        if error is None:
+            st._finish_choice(result)
+        else:
+            st._finish(None, error)
 
 
 __all__ = ["Engine", "Slot", "Stream"]

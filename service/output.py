@@ -1,5 +1,11 @@
 """A request's output: the client's `Stream` and the `TextOutput` that turns tokens into its text.
 
+One `Stream` per request, whatever its n: iterating it gives the TokenDeltas of every completion
+interleaved, each carrying its completion's `index`; the last delta of a completion carries that
+completion's summary in `end`; `result()` gives the whole request (`GenResult.choices`: every
+completion by index; its own fields are completion 0's, with completion_tokens summed). A gRPC or
+HTTP door consumes the same object.
+
 `TextOutput` owns detokenising and stop strings: tokens are pushed one by one, the text is cut
 at the first stop string, and `take` hands out the new text while holding back a tail that may
 be the start of a stop string (it is released when the next tokens show it is not).
@@ -10,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import Iterator
 
 from service.requests import GenRequest, GenResult, TokenDelta
@@ -28,6 +35,7 @@ class Stream:
         self._error: BaseException | None = None
         self.cancelled = threading.Event()
         self.submitted_at = time.perf_counter()
+        self._choices: dict[int, GenResult] = {}  # completions ended so far, by index
 
     def __iter__(self) -> Iterator[TokenDelta]:
         while True:
@@ -57,10 +65,27 @@ class Stream:
     def _emit(self, delta: TokenDelta) -> None:
         self._q.put(delta)
 
+    def _finish_choice(self, result: GenResult) -> None:
+        """Completion `result.index` ended; the request ends with the last of its n completions."""
+        self._choices[result.index] = result
+        if len(self._choices) == self.request.n:
+            self._finish(combine([self._choices[i] for i in range(self.request.n)]))
+
     def _finish(self, result: GenResult | None, error: BaseException | None = None) -> None:
+        """End the request (the first call wins: a failed step ends every slot of it)."""
+        if self._done.is_set():
+            return
         self._result, self._error = result, error
         self._done.set()
         self._q.put(_END)
+
+
+def combine(choices: list[GenResult]) -> GenResult:
+    """A request's result from its completions in index order: completion 0's fields, completion
+    tokens summed, the longest decode time, and every completion in `choices`."""
+    first = choices[0]
+    return replace(first, completion_tokens=sum(c.completion_tokens for c in choices),
+                   decode_seconds=max(c.decode_seconds for c in choices), choices=tuple(choices))
 
 
 class TextOutput:

@@ -101,13 +101,34 @@ class GenRequest:
         if not 1 <= self.n <= MAX_N:
             raise InvalidArgument(f"n must be within [1, {MAX_N}], got {self.n}")
 
+    @property
+    def may_reuse_prefix(self) -> bool:
+        """Whether cached KV of a prompt prefix may stand in for prefilling it: not when the prompt is
+        scored (every prompt row's logits are needed), nor when the client asked for no cache."""
+        return self.cache_prompt and self.prompt_logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely tokens at its position (service/logprobs.py says
+    which distribution); text and bytes are the tokenizer's, added at the edge."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """Tokens produced by one engine step for one request, and the text they completed."""
+    """Tokens produced by one engine step for one completion (`index`) of a request, and the text they
+    completed. The last delta of a completion carries its summary in `end`."""
 
     tokens: tuple[int, ...]
     text: str
+    index: int = 0  # which of the request's n completions
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # once, before any token, when it asked for prompt_logprobs
+    end: GenResult | None = None  # the completion's summary: it ended with this delta
 
 
 @dataclass(frozen=True)
@@ -125,3 +146,8 @@ class GenResult:
     prefill_seconds: float
     decode_seconds: float
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prompt cache, not a prefill
+    index: int = 0  # which completion (of a request's n)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `tokens` when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token when asked for (the request's)
+    choices: tuple[GenResult, ...] = ()  # a request's result: every completion by index; the fields above
+    # are choice 0's except completion_tokens (summed over all) and decode_seconds (the longest)

@@ -4,7 +4,10 @@ A step's plan gives every busy slot its rows in ONE target batch: its pending to
 prefill chunk, or the last sampled token) followed by its drafts, within n_batch rows and
 n_outputs_max logits rows. Decoding slots come first (latency), then prefill chunks. A slot
 whose pending tokens all fit gets output rows: the last pending token's and one per draft
-(row i verifies draft i+1; the last row gives the bonus token).
+(row i verifies draft i+1; the last row gives the bonus token). A slot scoring its prompt
+(prompt_logprobs) also gets a row for every fed prompt token that has a next prompt token, so
+its prefill chunks are cut to the output rows left: prompts are scored in chunks of the
+planned n_outputs_max (a Load with a larger n_outputs_max scores in fewer passes).
 
 Not thread-safe by itself: the engine calls it with its lock held (enqueue, admit, idle) or
 from its worker thread only (plan).
@@ -24,10 +27,11 @@ from service.sequence import Slot
 
 @dataclass(frozen=True)
 class SlotStart:
-    """A queued request that starts now in a free slot."""
+    """A queued request that starts now in a free slot (and, for n > 1 completions, n - 1 more)."""
 
     slot: Slot
     stream: Stream
+    siblings: tuple[Slot, ...] = ()  # the slots of completions 1..n-1
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,13 @@ class SlotWork:
     drafts: tuple[int, ...]  # draft tokens fed after them, to verify
     complete: bool  # every pending token is fed: the slot gets logits rows and samples from them
     first_logit: int = 0  # its first row of the step's logits (when complete)
+    n_scored: int = 0  # prompt scoring: the first n_scored fed tokens' rows come back (before the rows above)
+    first_score: int = 0  # the first of those rows in the step's logits
+
+    @property
+    def score_rows(self) -> range:
+        """Rows of the step's logits that score the prompt tokens after the first n_scored fed ones."""
+        return range(self.first_score, self.first_score + self.n_scored)
 
     @property
     def logit_rows(self) -> range:
@@ -81,21 +92,23 @@ class Scheduler:
         self.waiting.append(stream)
 
     def admit(self) -> Admission:
-        """Drop cancelled requests from the queue, then give the oldest waiting requests free slots:
-        each the one whose cached tokens share the longest prefix with its prompt (service/prompt_cache.py),
-        on a tie the least recently freed, then the lowest index. The caller assigns each started
-        request to its slot."""
+        """Drop cancelled requests from the queue, then give the oldest waiting requests free slots, in queue
+        order, n slots to a request of n completions (no request overtakes one still waiting for its n slots).
+        Completion 0 gets the free slot whose cached tokens share the longest prefix with its prompt
+        (service/prompt_cache.py), on a tie the least recently freed, then the lowest index; its siblings
+        the lowest free indices. The caller assigns each started request."""
         dropped = tuple(st for st in self.waiting if st.cancelled.is_set())
         for st in dropped:
             self.waiting.remove(st)
         free = [s for s in self.slots if not s.busy]
         started = []
-        while free and self.waiting:
-            st = self.waiting.popleft()
-            req = st.request
-            s = max(free, key=lambda s: (s.reusable(req.prompt, req.cache_prompt), -s.released, -s.idx))
+        while self.waiting and len(free) >= self.waiting[0].request.n:  # in order: a request of n completions
+            st = self.waiting.popleft()                                    # waits for n free slots, and the
+            req = st.request                                               # requests behind it wait with it
+            s = max(free, key=lambda s: (s.reusable(req.prompt, req.may_reuse_prefix), -s.released, -s.idx))
             free.remove(s)
-            started.append(SlotStart(s, st))
+            take, free = free[:req.n - 1], free[req.n - 1:]
+            started.append(SlotStart(s, st, tuple(take)))
         return Admission(tuple(started), dropped)
 
     def busy(self) -> list[Slot]:
@@ -115,10 +128,11 @@ class Scheduler:
         for w in work:
             s, n = w.slot, w.n_fed + len(w.drafts)
             base = len(tokens)  # batch row of this slot's first token
-            out.append(replace(w, first_logit=len(outputs)))
+            out.append(replace(w, first_score=len(outputs), first_logit=len(outputs) + w.n_scored))
             tokens += s.tokens[s.n_past:s.n_past + w.n_fed] + list(w.drafts)
             positions += range(s.n_past, s.n_past + n)
             slots += [s.idx] * n
+            outputs += range(base, base + w.n_scored)  # prompt scoring
             if w.complete:  # the last fed token's row, then one per draft
                 outputs += range(base + w.n_fed - 1, base + n)
         batch = Batch.make(tokens, positions, slots, outputs) if tokens else None
@@ -129,14 +143,17 @@ class Scheduler:
         rows_left, outs_left = self.n_batch, self.n_outputs_max
         work = []
         for s in sorted(self.busy(), key=lambda s: s.n_pending):  # decoding slots first
-            m = min(s.n_pending, rows_left)
-            complete = m == s.n_pending
-            if m == 0 or (complete and outs_left == 0):
+            if s.follows is not None:
+                continue  # waits for the prompt KV of its request's completion 0
+            m = min(s.n_pending, rows_left, outs_left if s.n_scored(s.n_pending) else rows_left)
+            complete, n_scored = m == s.n_pending, s.n_scored(m)
+            if m == 0 or (complete and outs_left - n_scored == 0):
                 continue
-            dt = tuple(drafts.get(s.idx, ()) if complete else ())[:max(0, min(rows_left - m, outs_left - 1))]
+            dt = tuple(drafts.get(s.idx, ()) if complete else ())[:max(0, min(rows_left - m,
+                                                                               outs_left - n_scored - 1))]
             rows_left -= m + len(dt)
-            outs_left -= (1 + len(dt)) if complete else 0
-            work.append(SlotWork(s, m, dt, complete))
+            outs_left -= n_scored + ((1 + len(dt)) if complete else 0)
+            work.append(SlotWork(s, m, dt, complete, n_scored=n_scored))
         return work
 
     def _trim_to_tiles(self, work: list[SlotWork]) -> list[SlotWork]:

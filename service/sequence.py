@@ -7,6 +7,10 @@ model's KV length is the draft runner's, not the slot's (service/draft_runner.py
 
 A free slot keeps `tokens` and `n_past` of the request that ran in it: its KV cells still hold
 tokens[:n_past], which the next request reuses as far as its prompt agrees (service/prompt_cache.py).
+
+A request with n > 1 completions holds n slots: completion 0's slot prefills the prompt (and
+scores it), the others wait (`follows` it) until its prompt is in the KV cache, then copy those
+cells (service/engine.py `_fork`) and sample on their own, each with its own seed stream.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from service.draft_policy import DraftStats
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
 from service.prompt_cache import common_prefix
-from service.requests import GenResult
+from service.requests import GenResult, TokenLogprob
 from service.vocab import FinishReason
 
 
@@ -45,15 +49,22 @@ class Slot:
     n_cached: int = 0  # prompt tokens whose KV cells were reused, not prefilled
     cacheable: bool = True  # the cells may serve a later request (the request's cache_prompt, no failed step)
     released: int = 0  # when the slot was last freed (a counter): admission prefers the least recent
+    index: int = 0  # which of the request's n completions
+    follows: Slot | None = None  # completion 0's slot, until its prompt KV is copied here
+    siblings: tuple[Slot, ...] = ()  # completion 0: the slots waiting for its prompt KV
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the prompt tokens scored so far
 
-    def assign(self, stream: Stream, out: TextOutput, n_cached: int = 0) -> None:
-        """Start generating `stream`'s request in this slot (every field reset); the KV cells of the
-        first `n_cached` prompt tokens are in place already."""
+    def assign(self, stream: Stream, out: TextOutput, n_cached: int = 0, index: int = 0,
+               follows: Slot | None = None) -> None:
+        """Start generating completion `index` of `stream`'s request in this slot (every field reset); the
+        KV cells of the first `n_cached` prompt tokens are in place already."""
         req = stream.request
         assert 0 <= n_cached < len(req.prompt) or n_cached == 0
         self.stream, self.tokens, self.n_prompt = stream, list(req.prompt), len(req.prompt)
         self.n_past, self.n_cached, self.cacheable = n_cached, n_cached, req.cache_prompt
-        self.spec, self.rng, self.out = req.speculative, np.random.default_rng(req.sampling.seed), out
+        self.spec, self.rng, self.out = req.speculative, seed_stream(req.sampling.seed, index), out
+        self.index, self.follows, self.siblings, self.logprobs, self.prompt_logprobs = index, follows, (), [], []
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
 
@@ -80,13 +91,31 @@ class Slot:
         """Tokens not yet in the target KV cache (1 in decode)."""
         return len(self.tokens) - self.n_past
 
+    @property
+    def scoring(self) -> bool:
+        """Whether this slot scores its prompt (the request's prompt_logprobs; completion 0 only)."""
+        return self.index == 0 and self.stream is not None and self.stream.request.prompt_logprobs is not None
+
+    def n_scored(self, n_fed: int) -> int:
+        """Of n_fed prompt tokens fed from n_past, how many rows score a next prompt token."""
+        return max(0, min(n_fed, self.n_prompt - 1 - self.n_past)) if self.scoring else 0
+
     def result(self, reason: FinishReason) -> GenResult:
         """The summary of this slot's generation, ending now for `reason`."""
         now = time.perf_counter()
         first = self.t_first or now
         return GenResult(self.out.text, tuple(self.generated), reason, self.n_prompt, len(self.generated),
                          self.drafted, self.accepted, self.t_admit - self.stream.submitted_at,
-                         first - self.t_admit, now - first, self.n_cached)
+                         first - self.t_admit, now - first, self.n_cached, index=self.index, logprobs=tuple(self.logprobs),
+                         prompt_logprobs=tuple(self.prompt_logprobs))
+
+
+def seed_stream(seed: int | None, index: int) -> np.random.Generator:
+    """Completion `index`'s random stream: completion 0 draws from the request's seed exactly as a request
+    with n = 1 does; completion i > 0 from (seed, i). No seed: fresh entropy for each."""
+    if seed is None or index == 0:
+        return np.random.default_rng(seed)
+    return np.random.default_rng([seed, index])
 
 
 def unstarted_result(stream: Stream, reason: FinishReason) -> GenResult:

@@ -158,22 +158,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             result = gen.result()
         finally:
             gen.close()
-        return convert.result_to_pb(result, gen.request_id, gen.ttft)
+        return convert.result_to_pb(result, gen.request_id, gen.ttft, gen.sp.tokenizer)
 
     def GenerateStream(self, request, context):
+        """Deltas of every completion (by index); with n = 1 one final summary after them, with n > 1
+        each completion's own final message as it ends."""
         gen = _Generation(self, request, context)
-        sent = []
+        sent: dict[int, list[str]] = {i: [] for i in range(gen.req.n)}  # text sent, per completion
         try:
             for delta in gen.deltas():
                 if not context.is_active():
                     break
-                if delta.tokens or delta.text:
-                    sent.append(delta.text)
-                    yield pb.GenerateStreamResponse(text=delta.text, tokens=list(delta.tokens),
-                                                    request_id=gen.request_id)
+                if delta.tokens or delta.text or delta.prompt_logprobs:
+                    sent[delta.index].append(delta.text)
+                    yield convert.delta_to_pb(delta, gen.request_id, gen.sp.tokenizer)
+                if delta.end is not None and gen.req.n > 1:
+                    yield convert.final_stream_to_pb(delta.end, "".join(sent[delta.index]), gen.request_id,
+                                                     gen.ttft)
             if context.is_active():
                 result = gen.result()
-                yield convert.final_stream_to_pb(result, "".join(sent), gen.request_id, gen.ttft)
+                if gen.req.n == 1:
+                    yield convert.final_stream_to_pb(result, "".join(sent[0]), gen.request_id, gen.ttft)
         finally:
             gen.close()
 

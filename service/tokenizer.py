@@ -530,6 +530,10 @@ class Tokenizer:
         """Every token's text as stored in the GGUF; equal tuples mean equal vocabularies."""
         return self._vocab.texts
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token, as llama.cpp's ``token_to_piece(special=true)`` (logprobs' alternatives)."""
+        return self._pieces.piece(token_id, fragment_start=False, skip_special=False)
+
     @property
     def chat_template(self) -> str:
         """The Jinja chat template source (ChatML when the GGUF has none)."""

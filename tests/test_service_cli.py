@@ -81,6 +81,17 @@ def test_client_commands(served, outside_model):
     assert r.returncode == 0 and json.loads(r.stdout)["usage"]["completion_tokens"] > 0
     r = specserve("generate", "hi", "--chat", "--system", "be brief", "-n", "4", *a)
     assert r.returncode == 0, r.stderr
+    # generation controls: logprobs with 3 alternatives, 2 samples (-n stays --max-tokens), prompt scoring
+    r = specserve("generate", "the cat", "-n", "5", "--logprobs", "3", "--n-samples", "2", "--seed", "3",
+                  "--prompt-logprobs", "1", "--no-stream", "--json", *a)
+    resp = json.loads(r.stdout)
+    assert r.returncode == 0 and [c.get("index", 0) for c in resp["choices"]] == [0, 1], r.stderr
+    assert all(len(c["logprobs"]) == len(c["tokens"]) and len(c["logprobs"][0]["top"]) == 3 for c in resp["choices"])
+    assert len(resp["prompt_logprobs"]) == resp["usage"]["prompt_tokens"]
+    r = specserve("generate", "the cat", "-n", "5", "--logprobs", "2", "--n-samples", "2", *a)
+    assert r.returncode == 0 and "[0] " in r.stdout and "[1] " in r.stdout and "logprobs of completion 1" in r.stderr
+    r = specserve("generate", "the cat sat", "-n", "0", "--prompt-logprobs", "0", *a)
+    assert r.returncode == 0 and "perplexity" in r.stderr, r.stderr
 
     r = specserve("fit", "-m", TINY, "-c", "256", "-np", "2", *a)
     assert r.returncode == 0 and "fits: yes" in r.stdout and "kv_cache" in r.stdout, r.stdout + r.stderr

@@ -48,6 +48,7 @@ def test_node_client_calls_fit_and_generate(server):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["ok"] and seen["authenticated"] and seen["fit_buffers"] > 0 and seen["completion_tokens"] > 0
+    assert seen["choices"] == 2
     server.wait_idle()
 
 

@@ -500,6 +500,21 @@ class OpenCLBackend(Backend):
             cl.enqueue_copy(self.queue, store.buf if to_store else cache.buf, cache.buf if to_store else store.buf,
                             src_origin=src["origin"], dst_origin=dst["origin"], region=region,
                             src_pitches=src["pitches"], dst_pitches=dst["pitches"])
+    def kv_copy(self, k_cache: CLArray, v_cache: CLArray, src_slot, dst_slot, n) -> None:
+        """One device-to-device copy per layer and cache: a slot's cells are contiguous in a layer."""
+        n_layer, n_slots, n_ctx, E = k_cache.shape
+        assert 0 <= n <= n_ctx and src_slot != dst_slot
+        if n == 0:
+            return
+        with self._lock:
+            for c in (k_cache, v_cache):
+                size = c.dtype.itemsize
+                for layer in range(n_layer):
+                    cell0 = (layer * n_slots) * n_ctx  # the layer's first cell
+                    src = (c.off + (cell0 + src_slot * n_ctx) * E) * size
+                    dst = (c.off + (cell0 + dst_slot * n_ctx) * E) * size
+                    cl.enqueue_copy(self.queue, c.buf, c.buf, byte_count=n * E * size, src_offset=src,
+                                    dst_offset=dst)
 
     def finish(self) -> None:
         """Wait for every queued command (benchmarks; the graph never needs it)."""

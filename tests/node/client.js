@@ -3,7 +3,7 @@
 //   [SPECSERVE_TOKEN=...] node client.js HOST:PORT
 //
 // Loads proto/specserve/v1/specserve.proto (no generated code), then calls ModelService.Fit,
-// GenerationService.Generate and GenerateStream, and one error path; exits 0 when every check
+// GenerationService.Generate and GenerateStream (also with logprobs, prompt_logprobs and n = 2), and one error path; exits 0 when every check
 // passes and prints one JSON line of what it saw. With $SPECSERVE_TOKEN (a server started with
 // --auth-token-file) every call sends "authorization: Bearer <token>", and one call without it
 // must be UNAUTHENTICATED. tests/test_service_crosslang.py runs it.
@@ -91,6 +91,31 @@ async function main() {
   assert.deepEqual(messages.flatMap((m) => m.tokens), resp.tokens, "stream tokens == unary tokens (greedy)");
   assert.equal(last.usage.completion_tokens, resp.usage.completion_tokens);
 
+  // Generation controls: logprobs with alternatives, prompt scoring, n completions (issue 16).
+  const controls = { prompt: "the cat", max_tokens: 6, logprobs: true, top_logprobs: 3, prompt_logprobs: 1, n: 2,
+    sampling: { temperature: 0.9, seed: 11 } };
+  const multi = await call(gen, "Generate", controls);
+  assert.deepEqual(multi.choices.map((c) => c.index), [0, 1], "choices 0 and 1");
+  assert.deepEqual(multi.tokens, multi.choices[0].tokens, "the top level repeats choice 0");
+  for (const c of multi.choices) {
+    assert.equal(c.logprobs.length, c.tokens.length, "a logprob per token");
+    for (const [i, e] of c.logprobs.entries()) {
+      assert.equal(e.token, c.tokens[i]);
+      assert.equal(e.top.length, 3, "3 alternatives");
+      assert.ok(e.logprob <= 0 && e.top[0].logprob >= e.logprob, "the alternatives start with the most likely");
+      assert.ok(Buffer.isBuffer(e.bytes) && e.bytes.length > 0, "the token's bytes");
+    }
+  }
+  assert.equal(multi.prompt_logprobs.length, multi.usage.prompt_tokens, "a prompt logprob per prompt token");
+  assert.equal(multi.usage.completion_tokens, multi.choices.reduce((a, c) => a + c.tokens.length, 0));
+  const multiStream = await stream(gen, controls);
+  const finals = multiStream.filter((m) => m.finish_reason !== "FINISH_REASON_UNSPECIFIED");
+  assert.deepEqual(finals.map((m) => m.index).sort(), [0, 1], "each completion ends with its own message");
+  for (const c of multi.choices) {
+    const mine = multiStream.filter((m) => m.index === c.index);
+    assert.deepEqual(mine.flatMap((m) => m.tokens), c.tokens, `stream completion ${c.index} == unary (same seed)`);
+  }
+
   // An error path: an unknown pair is NOT_FOUND.
   await assert.rejects(call(gen, "Generate", { pair: "no-such-pair", prompt: "x" }), (err) => {
     assert.equal(err.code, grpc.status.NOT_FOUND);
@@ -106,7 +131,8 @@ async function main() {
   }
 
   console.log(JSON.stringify({ ok: true, authenticated: Boolean(TOKEN), fit_buffers: fit.plan.buffers.length, total_bytes: fit.plan.total_bytes,
-    text: resp.text, completion_tokens: resp.usage.completion_tokens, stream_messages: messages.length }));
+    text: resp.text, completion_tokens: resp.usage.completion_tokens, stream_messages: messages.length,
+    choices: multi.choices.length }));
   models.close();
   gen.close();
 }
