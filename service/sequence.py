@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.draft_policy import DraftStats
+from service.grammar import Matcher
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
 from service.requests import GenResult
@@ -38,6 +39,7 @@ class Slot:
     accepted: int = 0  # ... and accepted
     t_admit: float = 0.0
     t_first: float = 0.0  # when the first tokens were appended
+    grammar: Matcher | None = None  # the request's response_format, where it stands (service/grammar.py)
 
     def assign(self, stream: Stream, out: TextOutput) -> None:
         """Start generating `stream`'s request in this slot (every field reset)."""
@@ -46,6 +48,7 @@ class Slot:
         self.spec, self.rng, self.out = req.speculative, np.random.default_rng(req.sampling.seed), out
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
+        self.grammar = None  # the engine sets the request's matcher
 
     @property
     def generated(self) -> list[int]:
