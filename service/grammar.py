@@ -37,18 +37,22 @@ from service.requests import ResponseFormat
 
 CACHE_MAX = 64  # compiled grammars kept per pair (least recently used dropped first)
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any JSON object
+# JSON is written compactly (`,` and `:` with no whitespace between tokens): a bounded schema then
+# has a bounded output, and a small model cannot spend its tokens on blank lines. A schema may ask
+# for other layout with llguidance's "x-guidance" key, e.g. {"whitespace_flexible": true}.
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 def grammar_text(fmt: ResponseFormat) -> str:
     """llguidance's grammar for a format; InvalidArgument when the text is not even parseable."""
     try:
         if fmt.kind == "json_object":
-            return llg.LLMatcher.grammar_from_json_schema(JSON_OBJECT_SCHEMA)
+            return llg.LLMatcher.grammar_from_json_schema(JSON_OBJECT_SCHEMA, defaults=JSON_OPTIONS)
         if fmt.kind == "json_schema":
             schema = json.loads(fmt.value)
             if not isinstance(schema, (dict, bool)):
                 raise InvalidArgument("response_format.json_schema: a JSON Schema is an object or a boolean")
-            return llg.LLMatcher.grammar_from_json_schema(fmt.value)
+            return llg.LLMatcher.grammar_from_json_schema(fmt.value, defaults=JSON_OPTIONS)
         if fmt.kind == "regex":
             return llg.LLMatcher.grammar_from_regex(fmt.value)
         if fmt.kind == "lark":
@@ -98,6 +102,8 @@ class Matcher:
     def mask_after(self, prefix) -> np.ndarray | None:
         """Allowed tokens (n_vocab,) bool after the (valid) tokens `prefix`, None past the grammar's end
         (after EOS); the state is unchanged."""
+        if not self.grammars.eos.isdisjoint(prefix):
+            return None
         allowed = self.grammars.masks([(self, tuple(prefix))], fill_end=False)[-1]
         return allowed if allowed.any() else None
 
@@ -107,8 +113,9 @@ class Grammars:
 
     def __init__(self, tokenizer, n_vocab: int, cache_max: int = CACHE_MAX):
         self.n_vocab = n_vocab
-        self.eos = sorted(tokenizer.eog_ids)  # the grammar's EOS: every end-of-generation token
-        self.tok = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer)), n_vocab=n_vocab, eos_token=self.eos)
+        self.eos = frozenset(tokenizer.eog_ids)  # the grammar's EOS: every end-of-generation token
+        self.tok = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer)), n_vocab=n_vocab,
+                                   eos_token=sorted(self.eos))
         self.n_words = (n_vocab + 31) // 32  # mask: one bit per token, 32 to an int32
         self._cache: OrderedDict[tuple[str, str], llg.LLMatcher] = OrderedDict()
         self._cache_max = cache_max
@@ -158,7 +165,7 @@ class Grammars:
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :self.n_vocab]
         allowed = allowed.astype(bool)
         if fill_end:
-            allowed[np.ix_(~allowed.any(axis=1), self.eos)] = True
+            allowed[np.ix_(~allowed.any(axis=1), sorted(self.eos))] = True
         return allowed
 
 
