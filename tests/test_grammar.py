@@ -224,10 +224,11 @@ def test_sampled_constrained_output_validates_and_follows_its_seed(pairs, tok):
         assert a.tokens == b.tokens
 
 
+@pytest.mark.slow
 def test_submit_refuses_an_invalid_schema_before_a_slot_is_taken(pairs, tok):
     eng = Engine(pairs["ngram"], tok, SpeculativeConfig("none")).start()
     try:
-        with pytest.raises(InvalidArgument, match="Invalid type"):
+        with pytest.raises(InvalidArgument, match="response_format.json_schema: type must be a string"):
             eng.submit(GenRequest(prompt(tok, 0), response_format=ResponseFormat("json_schema", '{"type": 3}')))
         assert eng.stats()["queued"] == 0 and eng.stats()["active_slots"] == 0
         r = eng.submit(GenRequest(prompt(tok, 0), max_tokens=8, sampling=GREEDY,
@@ -254,3 +255,32 @@ def test_grpc_response_format_and_its_errors(real_server):
     r = c.gen.Generate(pb.GenerateRequest(prompt="The capital of France is", max_tokens=8, sampling=pb.SamplingParams(
         temperature=0)), timeout=120)
     assert "Paris" in r.text  # the server keeps serving
+
+
+# ---- the CLI flags ----
+
+def test_cli_format_flags(tmp_path, capsys):
+    from service import cli
+
+    def fmt(*argv):
+        return cli._response_format(cli.build_parser().parse_args(["generate", "hi", *argv]))
+
+    schema = tmp_path / "user.schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    (tmp_path / "g.lark").write_text('start: "a"')
+    (tmp_path / "g.gbnf").write_text('root ::= "a"')
+    (tmp_path / "g.txt").write_text('root ::= "a"')
+    assert fmt() is None
+    assert fmt("--json-object") == ResponseFormat("json_object")
+    assert fmt("--json-schema", str(schema)) == FMT
+    assert fmt("--regex", "[0-9]+") == ResponseFormat("regex", "[0-9]+")
+    assert fmt("--grammar", str(tmp_path / "g.lark")) == ResponseFormat("lark", 'start: "a"')
+    assert fmt("--grammar", str(tmp_path / "g.gbnf")) == ResponseFormat("gbnf", 'root ::= "a"')
+    assert fmt("--grammar", str(tmp_path / "g.txt"), "--grammar-syntax", "gbnf").kind == "gbnf"
+    with pytest.raises(InvalidArgument, match="--grammar-syntax"):
+        fmt("--grammar", str(tmp_path / "g.txt"))
+    with pytest.raises(InvalidArgument, match="--json-schema"):
+        fmt("--json-schema", str(tmp_path / "missing.json"))
+    with pytest.raises(SystemExit):  # at most one format
+        fmt("--json-object", "--regex", "x")
+    capsys.readouterr()
