@@ -225,6 +225,18 @@ def test_sampled_constrained_output_validates_and_follows_its_seed(pairs, tok):
 
 
 @pytest.mark.slow
+def test_free_text_beside_constrained_requests_is_unchanged(pairs, tok):
+    """The mask touches only its own slot's rows: a free-text request batched with constrained ones gives
+    the tokens it gives alone (the backend is batch invariant)."""
+    free = GenRequest(prompt(tok, 3), max_tokens=24, sampling=GREEDY, speculative=SpeculativeConfig("ngram", n_max=4))
+    alone = run(pairs["ngram"], tok, [free])[0]
+    mixed = run(pairs["ngram"], tok, [free] + [GenRequest(prompt(tok, i), max_tokens=24, sampling=GREEDY,
+                                                          response_format=FMT) for i in range(3)])
+    assert mixed[0].tokens == alone.tokens
+    assert all(r.text.startswith('{"name":"') for r in mixed[1:])
+
+
+@pytest.mark.slow
 def test_submit_refuses_an_invalid_schema_before_a_slot_is_taken(pairs, tok):
     eng = Engine(pairs["ngram"], tok, SpeculativeConfig("none")).start()
     try:
