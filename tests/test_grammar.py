@@ -225,6 +225,31 @@ def test_sampled_constrained_output_validates_and_follows_its_seed(pairs, tok):
 
 
 @pytest.mark.slow
+def test_drafts_the_grammar_forbids_are_cut_and_the_output_is_unchanged(pairs, tok, monkeypatch):
+    """The prompt shows JSON with spaces; the format asks for compact JSON, so n-gram drafts copied from
+    the prompt hit forbidden tokens (' "'): they are cut there, and greedy output equals no speculation."""
+    from service.grammar import Matcher
+
+    example = json.dumps({"name": "Ann", "role": "guest", "home": {"city": "Oslo", "floor": 1}, "tags": ["red"]})
+    p = tuple(tok.encode(f"Example: {example}\nAnother one: ", add_special=False))
+    cuts = []
+    real = Matcher.valid_prefix
+
+    def spy(self, tokens):
+        n = real(self, tokens)
+        cuts.append((n, len(tokens)))
+        return n
+    monkeypatch.setattr(Matcher, "valid_prefix", spy)
+    reqs = [GenRequest(p, max_tokens=40, sampling=GREEDY, speculative=SpeculativeConfig(t, n_max=4, n_min=1),
+                       response_format=FMT) for t in ("none", "ngram")]
+    off, on = run(pairs["ngram"], tok, reqs[:1])[0], run(pairs["ngram"], tok, reqs[1:])[0]
+    assert on.tokens == off.tokens
+    jsonschema.validate(json.loads(on.text), SCHEMA)
+    assert any(n < k for n, k in cuts), f"no draft was cut: {cuts}"
+    assert on.drafted > 0
+
+
+@pytest.mark.slow
 def test_free_text_beside_constrained_requests_is_unchanged(pairs, tok):
     """The mask touches only its own slot's rows: a free-text request batched with constrained ones gives
     the tokens it gives alone (the backend is batch invariant)."""
