@@ -3,6 +3,7 @@
     specserve serve                                  the packaged SmolLM2-135M-Instruct as pair "default"
     specserve serve -m target.gguf -md draft.gguf -c 8192 -np 4 --spec-type draft
     specserve generate "Write a haiku about the sea" --chat -n 64
+    specserve generate "A user as JSON:" --json-schema user.schema.json   (also --json-object, --regex, --grammar)
     specserve fit -m target.gguf -c 32768            what it would take, without loading
     specserve load --name big -m target.gguf -md draft.gguf
     specserve list | unload NAME | spec get | spec set --draft-max 4 | tokenize TEXT | detokenize IDS...
@@ -36,7 +37,7 @@ from service.params import (
     ContextParams,
     SpeculativeConfig,
 )
-from service.requests import DEFAULT_MAX_TOKENS, SamplingParams
+from service.requests import DEFAULT_MAX_TOKENS, ResponseFormat, SamplingParams
 from service.vocab import DRAFTER_TYPES, KV_TYPES
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -207,6 +208,48 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def _sampling_changes(args) -> dict:
     """The SamplingParams fields the flags set."""
     return {field: getattr(args, dest) for _, dest, _, field, _ in SAMPLING_FLAGS if getattr(args, dest) is not None}
+
+
+def _add_format_flags(p: argparse.ArgumentParser) -> None:
+    """Structured output (GenerateRequest.response_format): at most one of the four."""
+    g = p.add_argument_group("structured output (enforced with llguidance)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", default="", help="a JSON Schema file ('-': stdin)")
+    x.add_argument("--json-object", action="store_true", help="any JSON object")
+    x.add_argument("--regex", metavar="RE", default=None, help="a regular expression the whole output matches")
+    x.add_argument("--grammar", metavar="FILE", default="", help="a grammar file, Lark or GBNF (see --grammar-syntax)")
+    g.add_argument("--grammar-syntax", choices=("lark", "gbnf"), default="",
+                   help="the syntax of --grammar (default: from its extension, .lark or .gbnf)")
+
+
+def _read_flag_file(path: str, flag: str) -> str:
+    """The text of a file a flag names ('-': stdin); InvalidArgument naming the flag when unreadable."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{flag} {path}: {e}") from e
+
+
+def _response_format(args) -> ResponseFormat | None:
+    """The response format the flags ask for (None: free text); the server checks the text itself."""
+    if args.json_object:
+        return ResponseFormat("json_object")
+    if args.json_schema:
+        return ResponseFormat("json_schema", _read_flag_file(args.json_schema, "--json-schema"))
+    if args.regex is not None:
+        return ResponseFormat("regex", args.regex)
+    if args.grammar:
+        syntax = args.grammar_syntax or {".lark": "lark", ".gbnf": "gbnf"}.get(os.path.splitext(args.grammar)[1])
+        if syntax is None:
+            raise InvalidArgument(f"--grammar {args.grammar}: say its syntax with --grammar-syntax lark|gbnf "
+                                  "(or name the file .lark or .gbnf)")
+        return ResponseFormat(syntax, _read_flag_file(args.grammar, "--grammar"))
+    if args.grammar_syntax:
+        raise InvalidArgument("--grammar-syntax needs --grammar FILE")
+    return None
 
 
 # ---- serve ----
@@ -483,6 +526,9 @@ def cmd_generate(args) -> int:
         fields["prompt_logprobs"] = args.prompt_logprobs
     if args.n_samples > 1:
         fields["n"] = args.n_samples
+    fmt = _response_format(args)
+    if fmt is not None:
+        fields["response_format"] = pb.ResponseFormat(**{fmt.kind: fmt.value or True})
     if args.no_stream:
         resp = gen.Generate(pb.GenerateRequest(**fields), timeout=args.timeout)
         if args.json:
@@ -557,6 +603,7 @@ def cmd_run(args) -> int:
         return _list_devices(args.threads)
     # Every flag is checked (by the dataclasses) before the model is read.
     sampling = SamplingParams(**_sampling_changes(args))
+    fmt = _response_format(args)
     spec = _speculative_config(args)
     params = _context_params(args, n_parallel=1)  # one prompt: one slot, and no cache unless asked for
     params = replace(params, prompt_cache_bytes=params.prompt_cache_bytes or 0,
@@ -568,7 +615,7 @@ def cmd_run(args) -> int:
     try:
         tok = Tokenizer.from_gguf(pair.target.file.reader)
         req = GenRequest(_run_prompt_ids(args, tok), max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
-                         sampling=sampling, stop=tuple(args.stop))
+                         sampling=sampling, stop=tuple(args.stop), response_format=fmt)
         engine = Engine(pair, tok, spec).start()
         try:
             stream = engine.submit(req)
@@ -721,6 +768,7 @@ def _add_prompt_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
     p.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
                    help=max_tokens_help)
     _add_sampling_flags(p)
+    _add_format_flags(p)
     p.add_argument("--stats", action="store_true", help="print usage, speed and acceptance to stderr")
 
 

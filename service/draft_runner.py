@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compute.llama import Batch, LlamaContext
+from service.grammar import constrain
 from service.ngram_index import RECORD_PROMPT_TAIL, NgramIndex
 from service.params import SpeculativeConfig
 from service.sampling import logits_to_probs, penalty_history, sample
@@ -195,6 +196,12 @@ class DraftRunner:
         """Sample the next draft from its distribution q; True when the slot drafts on."""
         s, cfg = d.ask.slot, d.ask.cfg
         sp = s.stream.request.sampling
+        if s.grammar is not None:  # q is the constrained draft's distribution: it never draws a forbidden token
+            allowed = s.grammar.mask_after(d.tokens)
+            if allowed is None:  # past the grammar's end
+                d.active = False
+                return False
+            logits = constrain(logits, allowed)
         q = logits_to_probs(logits, sp, penalty_history(s.tokens, d.tokens, sp))
         tok = sample(q, s.rng)
         if q.max() < cfg.p_min:  # the draft model is unsure: stop before this token

@@ -25,12 +25,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
+
+import numpy as np
 
 from compute.llama import LlamaContext
 from service import draft_policy as policy
 from service import logprobs as lp
 from service.draft_runner import Draft, DraftAsk, DraftRunner
-from service.errors import InvalidArgument, Unavailable, Unimplemented
+from service.errors import InvalidArgument, Unavailable
+from service.grammar import Grammars, constrain
 from service.ngram_index import NgramIndex
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig, check_draft_model
@@ -57,9 +61,6 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
             f"so a prompt may have at most {n_ctx_slot - 1}")
     if max(req.prompt) >= n_vocab or min(req.prompt) < 0:
         raise InvalidArgument(f"prompt token ids must be in [0, {n_vocab})")
-    unbuilt = [name for name, asked in (("response_format", req.response_format is not None),) if asked]
-    if unbuilt:  # in the proto already; the engine serves them as each lands (issue 16)
-        raise Unimplemented(f"not served yet: {', '.join(unbuilt)}")
 
 
 class Engine:
@@ -88,6 +89,7 @@ class Engine:
         self._running = False
         self._draining = False
         self._thread: threading.Thread | None = None
+        self._grammars: Grammars | None = None  # built at the first response_format (service/grammar.py)
 
     # ---- config ----
     @property
@@ -154,6 +156,8 @@ class Engine:
                                   "(Load it with a larger n_parallel)")
         if req.speculative is not None:
             self.check_speculative(req.speculative)
+        if req.response_format is not None:
+            self.grammars.compile(req.response_format)  # InvalidArgument before a slot is taken; cached
         st = Stream(req)
         with self._cv:
             if self._draining or not self._running:
@@ -188,12 +192,14 @@ class Engine:
             a.slot.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
                           reuse.n_target)
             self.drafter.reset(a.slot.idx, reuse.n_draft)
+            a.slot.grammar = self.grammars.matcher(req.response_format) if req.response_format else None
             if self.metrics is not None:
                 self.metrics.on_prompt_cache(reuse.n_target, reuse.evicted)
             for i, s in enumerate(a.siblings, 1):  # their cells are overwritten by completion 0's prompt (_fork)
                 s.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
                          index=i, follows=a.slot)
                 self.drafter.reset(s.idx)
+                s.grammar = self.grammars.matcher(req.response_format) if req.response_format else None
             a.slot.siblings = a.siblings if req.max_tokens else ()
             if a.slot.scoring:
                 a.slot.prompt_logprobs.append(lp.first_prompt_token(req.prompt[0]))
@@ -219,7 +225,7 @@ class Engine:
         plan = self.scheduler.plan({i: d.tokens for i, d in drafts.items()})
         if plan.batch is None:
             return
-        logits = self.target.decode(plan.batch)  # (len(plan.batch.outputs), n_vocab)
+        logits = self._constrain(plan.work, self.target.decode(plan.batch))  # (len(plan.batch.outputs), n_vocab)
         n_drafts = n_draft_tokens = n_accepted = 0
         for w in plan.work:
             s, d = w.slot, drafts.get(w.slot.idx)
@@ -315,11 +321,46 @@ class Engine:
             s.exploring = choice.exploring
             if choice.k > 0:
                 asks.append(DraftAsk(s, choice.k, cfg))
-        drafts = self.drafter.propose(asks)
+        drafts = self._grammar_checked(self.drafter.propose(asks))
         for a in asks:
             if a.cfg.type == "ngram" and a.slot.idx in drafts:
                 a.slot.stats = policy.drafted(a.slot.stats)
         return drafts
+
+    # ---- structured output (service/grammar.py) ----
+    @property
+    def grammars(self) -> Grammars:
+        """The pair's grammar compiler and cache, built on first use (llguidance reads the whole vocabulary)."""
+        with self._cv:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tok, self.target.hp.n_vocab)
+            return self._grammars
+
+    def _grammar_checked(self, drafts: dict[int, Draft]) -> dict[int, Draft]:
+        """Drafts cut before the first token their slot's grammar forbids (none left: no draft)."""
+        for s in self.scheduler.busy():
+            d = drafts.get(s.idx)
+            if d is None or s.grammar is None:
+                continue
+            m = s.grammar.valid_prefix(d.tokens)
+            if m == 0:
+                del drafts[s.idx]
+                self.drafter.accept(s.idx, d, 0)
+            elif m < len(d.tokens):
+                drafts[s.idx] = replace(d, tokens=d.tokens[:m], probs=None if d.probs is None else d.probs[:m])
+        return drafts
+
+    def _constrain(self, work: tuple[SlotWork, ...], logits: np.ndarray) -> np.ndarray:
+        """The target's logits with what each row's grammar forbids at -inf: row i of a slot's verify rows
+        follows its drafts d_1..d_i, so its mask is the grammar's state after them."""
+        ws = [w for w in work if w.complete and w.slot.grammar is not None]
+        if not ws:
+            return logits
+        allowed = self.grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
+        rows = np.concatenate([np.asarray(w.logit_rows) for w in ws])
+        out = logits.copy()
+        out[rows] = constrain(out[rows], allowed)
+        return out
 
     @staticmethod
     def _learn(s: Slot, w: SlotWork, j: int) -> None:
@@ -345,6 +386,9 @@ class Engine:
             appended.append(t)
             if s.out.push(t):
                 reason = "stop"  # a stop string
+                break
+            if s.grammar is not None and s.grammar.advance(t):
+                reason = "stop"  # the response format is complete
                 break
             if len(s.generated) >= req.max_tokens:
                 reason = "length"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.draft_policy import DraftStats
+from service.grammar import Matcher
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig
 from service.prompt_cache import common_prefix
@@ -54,6 +55,7 @@ class Slot:
     siblings: tuple[Slot, ...] = ()  # completion 0: the slots waiting for its prompt KV
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the prompt tokens scored so far
+    grammar: Matcher | None = None  # the request's response_format, where it stands (service/grammar.py)
 
     def assign(self, stream: Stream, out: TextOutput, n_cached: int = 0, index: int = 0,
                follows: Slot | None = None) -> None:
@@ -67,6 +69,7 @@ class Slot:
         self.index, self.follows, self.siblings, self.logprobs, self.prompt_logprobs = index, follows, (), [], []
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
+        self.grammar = None  # the engine sets the request's matcher
 
     def cached_tokens(self) -> list[int]:
         """The tokens whose KV cells this slot holds for a later request (none if not cacheable)."""
@@ -106,8 +109,8 @@ class Slot:
         first = self.t_first or now
         return GenResult(self.out.text, tuple(self.generated), reason, self.n_prompt, len(self.generated),
                          self.drafted, self.accepted, self.t_admit - self.stream.submitted_at,
-                         first - self.t_admit, now - first, self.n_cached, index=self.index, logprobs=tuple(self.logprobs),
-                         prompt_logprobs=tuple(self.prompt_logprobs))
+                         first - self.t_admit, now - first, self.n_cached, index=self.index,
+                         logprobs=tuple(self.logprobs), prompt_logprobs=tuple(self.prompt_logprobs))
 
 
 def seed_stream(seed: int | None, index: int) -> np.random.Generator:

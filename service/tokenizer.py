@@ -535,6 +535,16 @@ class Tokenizer:
         return self._pieces.piece(token_id, fragment_start=False, skip_special=False)
 
     @property
+    def token_pieces(self) -> tuple[bytes, ...]:
+        """Every token's bytes as decoded (control tokens: their text); grammar masks read them."""
+        return self._pieces.pieces
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Control and unknown tokens (never part of plain text)."""
+        return self._pieces.control_ids
+
+    @property
     def chat_template(self) -> str:
         """The Jinja chat template source (ChatML when the GGUF has none)."""
         return self._vocab.chat_template or _CHATML_TEMPLATE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -49,6 +50,8 @@ def test_node_client_calls_fit_and_generate(server):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["ok"] and seen["authenticated"] and seen["fit_buffers"] > 0 and seen["completion_tokens"] > 0
     assert seen["choices"] == 2
+    assert re.fullmatch(r"(yes|no)![0-9]{2}", seen["regex_text"])  # response_format from Node.js
+    assert set(json.loads(seen["json_schema_text"])) == {"ok", "kind"}
     server.wait_idle()
 
 

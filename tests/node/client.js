@@ -3,7 +3,8 @@
 //   [SPECSERVE_TOKEN=...] node client.js HOST:PORT
 //
 // Loads proto/specserve/v1/specserve.proto (no generated code), then calls ModelService.Fit,
-// GenerationService.Generate and GenerateStream (also with logprobs, prompt_logprobs and n = 2), and one error path; exits 0 when every check
+// GenerationService.Generate and GenerateStream (also with logprobs, prompt_logprobs and n = 2), structured output
+// (response_format), and error paths; exits 0 when every check
 // passes and prints one JSON line of what it saw. With $SPECSERVE_TOKEN (a server started with
 // --auth-token-file) every call sends "authorization: Bearer <token>", and one call without it
 // must be UNAUTHENTICATED. tests/test_service_crosslang.py runs it.
@@ -115,6 +116,22 @@ async function main() {
     const mine = multiStream.filter((m) => m.index === c.index);
     assert.deepEqual(mine.flatMap((m) => m.tokens), c.tokens, `stream completion ${c.index} == unary (same seed)`);
   }
+  // Structured output: a regex and a JSON Schema (response_format) shape the text; a bad regex is INVALID_ARGUMENT.
+  const fmtReq = (response_format) => ({ prompt: "Answer:", max_tokens: 24, sampling: { temperature: 0 }, response_format });
+  const re = await call(gen, "Generate", fmtReq({ regex: "(yes|no)![0-9]{2}" }));
+  assert.match(re.text, /^(yes|no)![0-9]{2}$/, `regex output ${JSON.stringify(re.text)}`);
+  assert.equal(re.finish_reason, "FINISH_REASON_STOP", "a complete format stops the generation");
+  const schema = { type: "object", properties: { ok: { type: "boolean" }, kind: { enum: ["a", "b"] } },
+    required: ["ok", "kind"], additionalProperties: false };
+  const js = await call(gen, "Generate", fmtReq({ json_schema: JSON.stringify(schema) }));
+  const obj = JSON.parse(js.text);
+  assert.deepEqual(Object.keys(obj).sort(), ["kind", "ok"], `schema output ${js.text}`);
+  assert.ok(typeof obj.ok === "boolean" && ["a", "b"].includes(obj.kind), `schema output ${js.text}`);
+  await assert.rejects(call(gen, "Generate", fmtReq({ regex: "a(b" })), (err) => {
+    assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(err.details, /response_format\.regex/);
+    return true;
+  });
 
   // An error path: an unknown pair is NOT_FOUND.
   await assert.rejects(call(gen, "Generate", { pair: "no-such-pair", prompt: "x" }), (err) => {
@@ -132,7 +149,8 @@ async function main() {
 
   console.log(JSON.stringify({ ok: true, authenticated: Boolean(TOKEN), fit_buffers: fit.plan.buffers.length, total_bytes: fit.plan.total_bytes,
     text: resp.text, completion_tokens: resp.usage.completion_tokens, stream_messages: messages.length,
-    choices: multi.choices.length }));
+    choices: multi.choices.length,
+    regex_text: re.text, json_schema_text: js.text }));
   models.close();
   gen.close();
 }
