@@ -42,7 +42,7 @@ from service import convert
 from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
 from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
 from service.http import schema as s
-from service.http.translate import gen_request_from_openai, param
+from service.http.translate import gen_request_from_openai, name_engine_error, param
 from service.logging_setup import new_request_id, request_id_var
 from service.metadata import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER, check_request_id, valid_request_id
 from service.registry import PairRegistry, ServedPair
@@ -446,7 +446,11 @@ class OpenAIDoor:
         def submit() -> Generation:  # a worker thread: tokenizing a long prompt must not block the loop
             req = gen_request_from_openai(body, sp.tokenizer, sp.engine.speculative, c.max_tokens,
                                           c.max_prompt_bytes, rid)
-            return Generation(sp, req, self.metrics, finish.t0, loop)
+            try:
+                return Generation(sp, req, self.metrics, finish.t0, loop)
+            except InvalidArgument as e:
+                name_engine_error(e, chat=shape is ChatShape)
+                raise
 
         gen = await self._in_worker(submit)
         self.executor.submit(contextvars.copy_context().run, gen.pump)

@@ -43,11 +43,31 @@ def gen_request_from_openai(body: ChatCompletionRequest | CompletionRequest, tok
     max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
     with param("stop"):
         stop = convert.check_stop([body.stop] if isinstance(body.stop, str) else body.stop or ())
-    return GenRequest(prompt=tuple(prompt), max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-                      sampling=sampling(body), stop=stop, speculative=speculative(body, live_spec),
-                      request_id=request_id, logprobs=top_logprobs(body), response_format=response_format(body),
-                      n=1 if body.n is None else body.n,
-                      cache_prompt=True if body.cache_prompt is None else body.cache_prompt)
+    fields = dict(sampling=sampling(body), speculative=speculative(body, live_spec), logprobs=top_logprobs(body),
+                  response_format=response_format(body))
+    try:
+        return GenRequest(prompt=tuple(prompt), max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+                          stop=stop, request_id=request_id, n=1 if body.n is None else body.n,
+                          cache_prompt=True if body.cache_prompt is None else body.cache_prompt, **fields)
+    except InvalidArgument as e:  # GenRequest's messages begin with the field's name
+        e.param = named_field(e, ("max_tokens", "stop", "n", "logprobs"))
+        if e.param == "logprobs" and chat:
+            e.param = "top_logprobs"
+        raise
+
+
+def name_engine_error(e: InvalidArgument, chat: bool) -> None:
+    """Set the `param` of an error the engine raised at submit (the prompt does not fit, a speculative
+    override the pair's plan has no room for)."""
+    e.param = named_field(e, ("prompt", "speculative"))
+    if e.param == "prompt" and chat:
+        e.param = "messages"
+
+
+def named_field(e: InvalidArgument, names) -> str | None:
+    """The field of `names` a message begins with ("stop: ...", "sampling.top_p 0: ..."), if any."""
+    head = str(e).removeprefix("sampling.").split(":")[0].split(" ")[0]
+    return head if head in names else None
 
 
 def refuse_unserved(body: GenerationBody) -> None:
@@ -112,7 +132,7 @@ def sampling(body: GenerationBody) -> SamplingParams:
     try:
         return SamplingParams(**fields)
     except InvalidArgument as e:  # "sampling.<field> ...": the body's field has the same name
-        e.param = next((n for n in fields if str(e).startswith(f"sampling.{n} ")), None)
+        e.param = named_field(e, fields)
         raise
 
 
