@@ -92,7 +92,7 @@ class HttpServer:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self.server.serve(sockets=[self._sock]))
+            self.server.run(sockets=[self._sock])  # its loop: uvloop when installed, else asyncio
         except BaseException as e:  # noqa: BLE001 - reported by start() or the log
             self._error = e
             log.error("the HTTP server stopped: %s", e, exc_info=e)
