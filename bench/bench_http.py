@@ -4,13 +4,15 @@
     .venv/bin/python bench/bench_http.py --n 100 --max-tokens 8 -- --backend numpy -np 4
 
 Starts `specserve serve --http-port` on free ports of 127.0.0.1 (extra serve flags after `--`;
-default: the packaged model, 8 slots), waits until /health answers 200, warms both doors up,
-then runs `--rounds` rounds, each HTTP then gRPC (interleaved, so a machine shared with other
-jobs slows both alike): POST /v1/completions from `--concurrency` httpx clients (one keep-alive
-connection each), and GenerationService/Generate from ghz (`-c` workers) with the same prompt,
-max_tokens and temperature 0. Prints, per door, requests, errors, p50/p99 latency, requests/s
-and completion tokens/s over all rounds, the HTTP/gRPC ratios and the CPU. Exit status 1 when any
-request failed (or ghz is missing: `make setup` builds .tools/ghz).
+default: the packaged model, 8 slots), waits until /health answers 200, warms every door up,
+then runs `--rounds` rounds, each running every door once (interleaved, so a machine shared
+with other jobs slows all alike): POST /v1/chat/completions from `--concurrency` httpx clients
+(one keep-alive connection each), then GenerationService/Generate with the same messages,
+max_tokens and temperature 0 from as many Python grpc.aio clients (the client language of the
+HTTP load: the difference from ghz is what the load generator costs) and from ghz (`-c`
+workers). Prints, per door: requests, errors, p50/p99 latency, requests/s, completion tokens/s
+and the server's CPU time per request over all rounds; then the HTTP/gRPC ratios and the CPU.
+Exit status 1 when any request failed (or ghz is missing: `make setup` builds .tools/ghz).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import httpx  # noqa: E402
 
 from bench.common import machine_line  # noqa: E402
 
-PROMPT = "Write one sentence about the sea."
+MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]  # the chat template on both doors
 
 
 def cpu_seconds(pid: int) -> float:
@@ -71,8 +73,8 @@ def start_server(extra: list[str], workdir: str, http_port: int) -> tuple[subpro
 
 
 async def http_load(url: str, n: int, concurrency: int, max_tokens: int) -> tuple[list[float], int, int, float]:
-    """n POSTs of /v1/completions by `concurrency` workers: (latencies s, errors, completion tokens, wall s)."""
-    body = {"model": "default", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    """n POSTs of /v1/chat/completions by `concurrency` workers: (latencies s, errors, completion tokens, wall s)."""
+    body = {"model": "default", "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
     latencies, errors, tokens, left = [], 0, 0, iter(range(n))
 
     async def worker(client: httpx.AsyncClient):
@@ -103,7 +105,8 @@ async def grpc_load(address: str, n: int, concurrency: int, max_tokens: int) -> 
     from service.pb.specserve.v1 import specserve_pb2 as pb
     from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 
-    req = pb.GenerateRequest(pair="default", prompt=PROMPT, max_tokens=max_tokens,
+    messages = pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in MESSAGES])
+    req = pb.GenerateRequest(pair="default", messages=messages, max_tokens=max_tokens,
                              sampling=pb.SamplingParams(temperature=0))
     latencies, errors, tokens, left = [], 0, 0, iter(range(n))
 
@@ -129,7 +132,8 @@ def ghz_load(ghz: str, address: str, n: int, concurrency: int, max_tokens: int, 
              tokens_each: int) -> tuple[list[float], int, int, float]:
     """n Generate calls with ghz: (latencies s of every call, errors, completion tokens, wall s). ghz does not
     report tokens: the prompt is the same and greedy, so every call generates `tokens_each`."""
-    data = {"pair": "default", "prompt": PROMPT, "max_tokens": max_tokens, "sampling": {"temperature": 0}}
+    data = {"pair": "default", "messages": {"messages": MESSAGES}, "max_tokens": max_tokens,
+            "sampling": {"temperature": 0}}
     subprocess.run([ghz, "--insecure", "--call", "specserve.v1.GenerationService/Generate", "-d", json.dumps(data),
                     "-n", str(n), "-c", str(concurrency), "--connections", "2", "--timeout", "300s",
                     "--format", "json", "--output", out, address], check=True, stdout=subprocess.DEVNULL)
@@ -188,7 +192,7 @@ def main() -> int:
         http_port = free_port()
         t0 = time.monotonic()
         proc, address = start_server(extra, workdir, http_port)
-        url = f"http://127.0.0.1:{http_port}/v1/completions"
+        url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
         print(f"bench_http: serve {' '.join(extra)} (ready in {time.monotonic() - t0:.1f} s); "
               f"{args.rounds} rounds x {per_round} requests per door, concurrency {args.concurrency}, "
               f"max_tokens {args.max_tokens}, temperature 0", flush=True)

@@ -12,7 +12,6 @@ each request with its request id).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import ssl
