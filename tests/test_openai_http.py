@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 import time
 from dataclasses import replace
 
@@ -189,7 +190,10 @@ def test_bodies_that_are_not_requests(door):
     assert r.status_code == 413 and "max-message-size" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/completions", json={"prompt": "x" * ((1 << 20) + 1)}, timeout=30)
     assert r.status_code == 400 and "max-prompt-bytes" in r.json()["error"]["message"]
-    assert httpx.get(f"{base}/chat/completions", timeout=10).status_code == 405
+    r = httpx.get(f"{base}/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{base}/embeddings", json={}, timeout=10)  # not served: 404 in the same shape
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 def test_an_unknown_model_is_404(oa):
@@ -308,5 +312,48 @@ def test_tls_from_the_grpc_ports_files(tiny_models_dir, tmp_path):
         with pytest.raises(httpx.TransportError):  # plaintext to the TLS port
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
     finally:
+        stop_server(c)
+
+
+def test_mutual_tls_asks_every_http_client_for_a_certificate(tiny_models_dir, tmp_path):
+    from tests.test_tls import make_pki
+
+    pki = make_pki(tmp_path)
+    c = start_server(replace(tiny_config(tiny_models_dir, n_parallel=1, n_ctx=512), http_port=0,
+                             tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)))
+    url = f"https://127.0.0.1:{c.server.http_port}/health"
+    try:
+        with_cert = ssl.create_default_context(cafile=str(pki.ca))
+        with_cert.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        assert httpx.get(url, verify=with_cert, timeout=10).status_code == 200
+        with pytest.raises(httpx.TransportError):  # no client certificate: refused, /health included
+            httpx.get(url, verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=10)
+    finally:
+        stop_server(c)
+
+
+def test_the_drain_lets_a_stream_finish_and_refuses_new_requests(tiny_models_dir):
+    c = start_server(replace(tiny_config(tiny_models_dir, n_parallel=2, n_ctx=2048), http_port=0))
+    base = f"http://127.0.0.1:{c.server.http_port}"
+    body = {"prompt": "the cat", "max_tokens": 900, "temperature": 0, "stream": True,
+            "speculative": {"type": "none"}}
+    drain = threading.Thread(target=c.server.drain_and_stop, kwargs={"grace": 60})
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # generating
+            drain.start()
+            while c.server.registry.any_ready():  # until the registry refuses new requests
+                time.sleep(0.01)
+            health = httpx.get(f"{base}/health", timeout=10)
+            refused = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, timeout=10)
+            rest = [line for line in lines if line]
+        assert health.status_code == 503 and refused.status_code == 503
+        assert refused.json()["error"]["type"] == "service_unavailable_error"
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        drain.join(30)
+        assert not drain.is_alive()
+    finally:
         c.channel.close()
-        c.server.stop()
+        if not drain.is_alive():
+            c.server.stop()

@@ -34,6 +34,7 @@ from typing import AsyncIterator, Callable
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -358,7 +359,7 @@ class OpenAIDoor:
             self._route("GET", "/v1/models", LIST_METHOD, self.models),
             self._route("GET", "/v1/models/{model}", LIST_METHOD, self.model),
             Route("/health", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: _routing_error})
 
     # ---- what every /v1 request goes through ----
     def _route(self, method: str, path: str, grpc_method: str, handler) -> Route:
@@ -526,6 +527,14 @@ class OpenAIDoor:
         """200 SERVING / 503 NOT_SERVING: the gRPC health status of service "" (no token needed)."""
         ok = self.serving()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
+
+
+async def _routing_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """No such path (404) or method (405), in OpenAI's error shape."""
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    body = s.ErrorBody(error=s.ErrorDetail(message=f"{request.method} {request.url.path}: {exc.detail}", type=kind,
+                                           code="not_found" if exc.status_code == 404 else "invalid_argument"))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
 
 def _card(sp: ServedPair) -> s.ModelCard:
