@@ -11,25 +11,22 @@ sent back as a header), the bearer token and its role (service.auth: the generat
 Generate's, /v1/models is ListPairs'), a bound on concurrent requests (--max-workers: more get 429
 as gRPC's RESOURCE_EXHAUSTED), the in-flight count the drain waits for, a log line and the
 `specserve_requests_total` metric (method "POST /v1/chat/completions", the gRPC code name).
-Errors are OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with the HTTP status of
-the gRPC code (HTTP_STATUS) and `code` the gRPC code's name in lower case.
+Errors are OpenAI's shape with the HTTP status of the gRPC code (errors.py).
 
-A generation is submitted to the pair's engine from a worker thread (tokenizing a long prompt
-never blocks the event loop); a pump thread moves the engine's deltas into an asyncio queue. A
-client that disconnects (mid-stream, or while a unary request waits) cancels the generation at
-once: its slot is freed at the engine's next step, as gRPC cancellation does.
+A generation (generation.py) is submitted from a worker thread and its deltas come back through
+an asyncio queue; the response bodies are built by shapes.py, streams sent by sse.py. A client
+that disconnects (mid-stream, or while a unary request waits) cancels the generation at once:
+its slot is freed at the engine's next step, as gRPC cancellation does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import logging
 import threading
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from pydantic import ValidationError
@@ -41,304 +38,24 @@ from starlette.routing import Route
 
 from service import convert
 from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
-from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
+from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError
 from service.http import schema as s
+from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
+from service.http.generation import Generation
+from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, usage_of
+from service.http.sse import EventStream
 from service.http.translate import gen_request_from_openai, name_engine_error, param
 from service.logging_setup import new_request_id, request_id_var
 from service.metadata import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER, check_request_id, valid_request_id
 from service.registry import PairRegistry, ServedPair
-from service.requests import GenRequest, GenResult
 
 log = logging.getLogger("specserve.http")
 
-# gRPC code -> (HTTP status, OpenAI error type); the statuses are google.rpc.Code's HTTP mapping
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "FAILED_PRECONDITION": (400, "invalid_request_error"),
-    "OUT_OF_RANGE": (400, "invalid_request_error"),
-    "UNAUTHENTICATED": (401, "authentication_error"),
-    "PERMISSION_DENIED": (403, "permission_error"),
-    "NOT_FOUND": (404, "not_found_error"),
-    "ALREADY_EXISTS": (409, "conflict_error"),
-    "ABORTED": (409, "conflict_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
-    "CANCELLED": (499, "cancelled_error"),
-    "INTERNAL": (500, "server_error"),
-    "UNIMPLEMENTED": (501, "not_implemented_error"),
-    "UNAVAILABLE": (503, "service_unavailable_error"),
-    "DEADLINE_EXCEEDED": (504, "timeout_error"),
-}
 # the gRPC method whose role rule (service.auth.allowed) each endpoint follows
 GENERATE_METHOD = "/specserve.v1.GenerationService/Generate"
 LIST_METHOD = "/specserve.v1.ModelService/ListPairs"
 assert {GENERATE_METHOD, LIST_METHOD} <= GENERATE_METHODS
 
-
-class PayloadTooLarge(SpecserveError):
-    """A body over --max-message-size (HTTP 413; gRPC says RESOURCE_EXHAUSTED for a message over its limit)."""
-
-    code = "RESOURCE_EXHAUSTED"
-    status = 413
-
-
-def error_body(exc: BaseException, request_id: str) -> tuple[int, s.ErrorBody]:
-    """The HTTP status and OpenAI-shaped body of an error; anything unexpected is a 500 naming the request id."""
-    if not isinstance(exc, SpecserveError):
-        return 500, s.ErrorBody(error=s.ErrorDetail(
-            message=f"internal error (request id {request_id}); see server log", type="server_error",
-            code="internal"))
-    status, kind = HTTP_STATUS.get(exc.code, (500, "server_error"))
-    status = getattr(exc, "status", status)
-    p = getattr(exc, "param", None)
-    code = "model_not_found" if isinstance(exc, NotFound) and p == "model" else exc.code.lower()
-    return status, s.ErrorBody(error=s.ErrorDetail(message=str(exc), type=kind, param=p, code=code))
-
-
-def validation_error(e: ValidationError) -> InvalidArgument:
-    """pydantic's first complaint as an InvalidArgument naming the field."""
-    first = e.errors(include_url=False)[0]
-    where = ".".join(str(x) for x in first.get("loc", ()))
-    err = InvalidArgument(f"{where + ': ' if where else ''}{first.get('msg', 'invalid request body')}")
-    err.param = where or None
-    return err
-
-
-# ---- one generation, seen from asyncio ----
-
-_END = object()
-
-
-class Generation:
-    """An engine stream tied to an HTTP request: deltas arrive through an asyncio queue that a pump thread
-    fills; `cancel()` frees the slot at the engine's next step (a client gone, an error)."""
-
-    def __init__(self, sp: ServedPair, req: GenRequest, metrics, t0: float, loop: asyncio.AbstractEventLoop):
-        self.sp, self.req, self.metrics, self.t0 = sp, req, metrics, t0
-        self.stream = sp.engine.submit(req)
-        self.ttft = 0.0
-        self.finished = False
-        self.client_gone = False
-        self.error_code = ""  # set when a stream ended with an error event
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        if metrics is not None:
-            metrics.for_pair(sp.name).on_prompt(len(req.prompt))
-        log.info("generation admitted", extra={"kv": {"pair": sp.name, "prompt_tokens": len(req.prompt),
-                                                      "max_tokens": req.max_tokens, "door": "http"}})
-
-    def pump(self) -> None:
-        """(A worker thread) move the engine's deltas into the event loop's queue, then the end mark."""
-        put = self._loop.call_soon_threadsafe
-        try:
-            for delta in self.stream:
-                put(self._queue.put_nowait, delta)
-            put(self._queue.put_nowait, _END)
-        except RuntimeError:  # the event loop is closed: the server stopped under us
-            self.stream.cancel()
-
-    async def deltas(self) -> AsyncIterator:
-        """The engine's TokenDeltas; records time to first token."""
-        while (delta := await self._queue.get()) is not _END:
-            if not self.ttft and delta.tokens:
-                self.ttft = time.monotonic() - self.t0
-                if self.metrics is not None:
-                    self.metrics.on_first_token(self.sp.name, self.ttft)
-            yield delta
-
-    def result(self) -> GenResult:
-        """The GenResult once deltas() ended; UNAVAILABLE when the server cancelled it under a waiting client."""
-        result = self.stream.result(timeout=0)
-        self.finished = True
-        if result.finish_reason == "cancelled" and not self.client_gone:
-            raise Unavailable("the generation was cancelled by the server (shutting down or unloading)")
-        log.info("generation done", extra={"kv": {
-            "pair": self.sp.name, "finish": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens, "drafted": result.drafted, "accepted": result.accepted,
-            "ms": round((time.monotonic() - self.t0) * 1000, 1), "door": "http"}})
-        return result
-
-    def cancel(self, client_gone: bool = False) -> None:
-        self.client_gone = self.client_gone or client_gone
-        if not self.finished:
-            self.finished = True
-            self.stream.cancel()
-
-    async def collect(self) -> tuple[GenResult, dict[int, list]]:
-        """Run to the end (unary); returns the result and each completion's logprobs by index."""
-        logprobs: dict[int, list] = {}
-        async for delta in self.deltas():
-            logprobs.setdefault(getattr(delta, "index", 0), []).extend(getattr(delta, "logprobs", None) or ())
-        return self.result(), logprobs
-
-
-# ---- what the engine returns, read in one place ----
-
-@dataclass
-class Done:
-    """One finished completion: index, text, why it ended, its tokens' logprobs (engine objects)."""
-
-    index: int
-    text: str
-    finish_reason: str
-    logprobs: list = field(default_factory=list)
-
-
-def completions_of(result: GenResult, streamed_logprobs: dict[int, list]) -> list[Done]:
-    """Every completion of a result in index order: GenResult.choices when the engine gives them (n > 1,
-    issue 16), else the result itself; logprobs from the result when it carries them, else as streamed."""
-    choices = getattr(result, "choices", None) or [result]
-    return [Done(getattr(c, "index", i), c.text, c.finish_reason,
-                 list(getattr(c, "logprobs", None) or streamed_logprobs.get(getattr(c, "index", i), [])))
-            for i, c in enumerate(choices)]
-
-
-def usage_of(result: GenResult) -> s.Usage:
-    cached = getattr(result, "cached_prompt_tokens", 0) or 0  # the prefix cache (issue 15), when it exists
-    return s.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                   total_tokens=result.prompt_tokens + result.completion_tokens,
-                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=cached))
-
-
-def stats_of(result: GenResult, request_id: str, ttft: float) -> s.SpecserveStats:
-    tps = result.completion_tokens / result.decode_seconds if result.decode_seconds > 0 else 0.0
-    return s.SpecserveStats(
-        request_id=request_id, drafted=result.drafted, accepted=result.accepted,
-        acceptance_rate=result.accepted / result.drafted if result.drafted else 0.0,
-        timings=s.Timings(queue_seconds=result.queue_seconds, prefill_seconds=result.prefill_seconds,
-                          decode_seconds=result.decode_seconds, tokens_per_second=tps,
-                          time_to_first_token_seconds=ttft))
-
-
-def _bytes(x) -> list[int]:
-    raw = getattr(x, "bytes", None)
-    return list(raw) if raw is not None else list(x.text.encode("utf-8"))
-
-
-def chat_logprobs(items: list) -> s.ChatLogprobs:
-    """Engine token logprobs (token, text, logprob, bytes, top) in the chat API's shape."""
-    return s.ChatLogprobs(content=[
-        s.TokenLogprobOut(token=x.text, logprob=x.logprob, bytes=_bytes(x),
-                          top_logprobs=[s.TopLogprobOut(token=t.text, logprob=t.logprob, bytes=_bytes(t))
-                                        for t in getattr(x, "top", ())])
-        for x in items])
-
-
-def completion_logprobs(items: list, offset: int = 0) -> s.CompletionLogprobs:
-    """Engine token logprobs in the legacy completions shape; text offsets count from `offset`."""
-    offsets = list(itertools.accumulate((len(x.text) for x in items), initial=offset))[:-1]
-    return s.CompletionLogprobs(tokens=[x.text for x in items], token_logprobs=[x.logprob for x in items],
-                                top_logprobs=[{t.text: t.logprob for t in getattr(x, "top", ())} for x in items],
-                                text_offset=offsets)
-
-
-# ---- the two APIs' shapes ----
-
-@dataclass(frozen=True)
-class Reply:
-    """What every response and chunk of one request repeats."""
-
-    id: str
-    created: int
-    model: str
-
-
-class ChatShape:
-    """/v1/chat/completions: `message` / `delta` with role and content."""
-
-    id_prefix = "chatcmpl"
-    request = s.ChatCompletionRequest
-
-    @staticmethod
-    def unary(r: Reply, done: list[Done], usage: s.Usage, stats: s.SpecserveStats, with_logprobs: bool):
-        return s.ChatCompletion(id=r.id, created=r.created, model=r.model, usage=usage, specserve=stats, choices=[
-            s.ChatChoice(index=d.index, message=s.AssistantMessage(content=d.text), finish_reason=d.finish_reason,
-                         logprobs=chat_logprobs(d.logprobs) if with_logprobs else None) for d in done])
-
-    @staticmethod
-    def chunk(r: Reply, index: int, text: str | None = None, logprobs: list | None = None, role: bool = False,
-              finish_reason: str | None = None, stats: s.SpecserveStats | None = None, offset: int = 0):
-        choice = s.ChatChunkChoice(index=index, delta=s.Delta(role="assistant" if role else None, content=text),
-                                   logprobs=chat_logprobs(logprobs) if logprobs else None,
-                                   finish_reason=finish_reason)
-        return s.ChatCompletionChunk(id=r.id, created=r.created, model=r.model, choices=[choice], specserve=stats)
-
-    @staticmethod
-    def usage_chunk(r: Reply, usage: s.Usage):
-        return s.ChatCompletionChunk(id=r.id, created=r.created, model=r.model, choices=[], usage=usage)
-
-
-class CompletionShape:
-    """/v1/completions: `text` in every choice and chunk."""
-
-    id_prefix = "cmpl"
-    request = s.CompletionRequest
-
-    @staticmethod
-    def unary(r: Reply, done: list[Done], usage: s.Usage, stats: s.SpecserveStats, with_logprobs: bool):
-        return s.Completion(id=r.id, created=r.created, model=r.model, usage=usage, specserve=stats, choices=[
-            s.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
-                               logprobs=completion_logprobs(d.logprobs) if with_logprobs else None) for d in done])
-
-    @staticmethod
-    def chunk(r: Reply, index: int, text: str | None = None, logprobs: list | None = None, role: bool = False,
-              finish_reason: str | None = None, stats: s.SpecserveStats | None = None, offset: int = 0):
-        choice = s.CompletionChoice(index=index, text=text or "", finish_reason=finish_reason,
-                                    logprobs=completion_logprobs(logprobs, offset) if logprobs else None)
-        return s.Completion(id=r.id, created=r.created, model=r.model, choices=[choice], specserve=stats)
-
-    @staticmethod
-    def usage_chunk(r: Reply, usage: s.Usage):
-        return s.Completion(id=r.id, created=r.created, model=r.model, choices=[], usage=usage)
-
-
-# ---- server-sent events ----
-
-class EventStream:
-    """A `text/event-stream` response: `data: <payload>` per item of `events`. When the client goes away,
-    `on_disconnect()` runs at once (it cancels the generation) and the stream ends; `on_close(code)` runs
-    last, with the gRPC code name of how it ended."""
-
-    def __init__(self, events: AsyncIterator[str], on_disconnect: Callable[[], None],
-                 on_close: Callable[[str], None], headers: dict[str, str]):
-        self.events, self.on_disconnect, self.on_close, self.headers = events, on_disconnect, on_close, headers
-        self.gone = False
-
-    async def __call__(self, scope, receive, send) -> None:
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                   (b"x-accel-buffering", b"no")]  # proxies (nginx) must not buffer the stream
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        watcher = asyncio.ensure_future(self._watch(receive))
-        code = "OK"
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async for data in self.events:
-                if self.gone:
-                    break
-                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
-            if not self.gone:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:  # servers of ASGI spec 2.4 tell of a client gone by failing send
-            self._disconnected()
-        except BaseException:
-            code = "INTERNAL"
-            raise
-        finally:
-            watcher.cancel()
-            await self.events.aclose()
-            self.on_close("CANCELLED" if self.gone else code)
-
-    async def _watch(self, receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._disconnected()
-
-    def _disconnected(self) -> None:
-        if not self.gone:
-            self.gone = True
-            self.on_disconnect()
-
-
-# ---- the app ----
 
 class OpenAIDoor:
     """The endpoints over one server's registry; `app` is the ASGI application uvicorn serves."""
@@ -359,7 +76,7 @@ class OpenAIDoor:
             self._route("GET", "/v1/models", LIST_METHOD, self.models),
             self._route("GET", "/v1/models/{model}", LIST_METHOD, self.model),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={HTTPException: _routing_error})
+        ], exception_handlers={HTTPException: routing_error})
 
     # ---- what every /v1 request goes through ----
     def _route(self, method: str, path: str, grpc_method: str, handler) -> Route:
@@ -529,22 +246,8 @@ class OpenAIDoor:
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
 
-async def _routing_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """No such path (404) or method (405), in OpenAI's error shape."""
-    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-    body = s.ErrorBody(error=s.ErrorDetail(message=f"{request.method} {request.url.path}: {exc.detail}", type=kind,
-                                           code="not_found" if exc.status_code == 404 else "invalid_argument"))
-    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
-
-
 def _card(sp: ServedPair) -> s.ModelCard:
     return s.ModelCard(id=sp.name, created=int(sp.loaded_at), state=sp.state)
-
-
-class ClientGone(SpecserveError):
-    """The client closed the connection before its answer was ready (nobody reads this status)."""
-
-    code = "CANCELLED"
 
 
 async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
