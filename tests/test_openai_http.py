@@ -15,6 +15,8 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from tests.conftest import start_server, stop_server, tiny_config
@@ -194,6 +196,32 @@ def test_bodies_that_are_not_requests(door):
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{base}/embeddings", json={}, timeout=10)  # not served: 404 in the same shape
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+SCALARS = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False) | \
+    st.text(max_size=8)
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) |
+                    st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+FIELDS = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+          "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "response_format", "speculative",
+          "top_k", "min_p", "repeat_penalty", "presence_penalty", "tools", "echo", "best_of", "speculative.n_max")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+       body=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON, max_size=6),
+       messages=st.booleans())
+def test_any_json_body_is_answered_without_a_server_error(door, path, body, messages):
+    if messages:  # often a valid prompt, so the other fields get checked too
+        body.setdefault("messages", [{"role": "user", "content": "hi"}])
+        body.setdefault("prompt", "hi")
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(name), int):
+            body[name] = min(body[name], 4)
+    r = httpx.post(f"http://127.0.0.1:{door.server.http_port}{path}", json=body, timeout=60)
+    assert r.status_code in (200, 400, 404, 501), (r.status_code, r.text)
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_an_unknown_model_is_404(oa):
