@@ -291,6 +291,28 @@ def test_a_unary_client_that_gives_up_frees_its_slot(door):
         time.sleep(0.02)
 
 
+def test_a_pair_unloaded_under_a_stream_ends_it_with_an_error_event(tiny_models_dir):
+    c = start_server(replace(tiny_config(tiny_models_dir, n_parallel=1, n_ctx=2048), http_port=0))
+    try:
+        stream = _client(c.server.http_port).completions.create(
+            model="default", prompt="the cat", max_tokens=1500, temperature=0, stream=True,
+            extra_body={"speculative": {"type": "none"}})
+        chunks = iter(stream)
+        assert next(chunks).choices[0].text is not None  # generating
+        unload = threading.Thread(target=c.model.Unload, args=(pb.UnloadRequest(name="default",
+                                                                               drain_timeout_seconds=0.05),))
+        unload.start()
+        with pytest.raises(openai.APIError) as e:
+            for _ in chunks:
+                pass
+        unload.join(30)
+        assert "cancelled by the server" in str(e.value)
+        assert c.server.metrics.value("specserve_requests_total", method="POST /v1/completions",
+                                      code="UNAVAILABLE") == 1
+    finally:
+        stop_server(c)
+
+
 # ---- security: the gRPC port's token file and TLS files ----
 
 GEN_TOKEN, ADMIN_TOKEN = "gen-http-1f", "adm-http-2e"

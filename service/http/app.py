@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from service import convert
 from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
-from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError
+from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
 from service.http import schema as s
 from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
 from service.http.generation import Generation
@@ -171,14 +171,22 @@ class OpenAIDoor:
                 raise
 
         gen = await self._in_worker(submit)
-        self.executor.submit(contextvars.copy_context().run, gen.pump)
+        try:
+            self.executor.submit(contextvars.copy_context().run, gen.pump)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            gen.cancel()
+            raise Unavailable("the server is shutting down") from None
         reply = Reply(id=f"{shape.id_prefix}-{rid}", created=int(time.time()), model=sp.name)
         with_logprobs = gen.req.logprobs is not None
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = self._events(gen, shape, reply, rid, include_usage, with_logprobs)
-            return EventStream(events, on_disconnect=lambda: gen.cancel(client_gone=True),
-                               on_close=lambda code: finish(gen.error_code or code), headers=headers)
+
+            def closed(code: str) -> None:
+                gen.cancel()  # a no-op once finished; frees the slot however the response ended
+                finish(gen.error_code or code)
+            return EventStream(events, on_disconnect=lambda: gen.cancel(client_gone=True), on_close=closed,
+                               headers=headers)
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gen))
         try:
             result, logprobs = await gen.collect()
@@ -221,8 +229,10 @@ class OpenAIDoor:
             if include_usage:
                 yield shape.usage_chunk(reply, usage_of(result)).model_dump_json()
             yield "[DONE]"
-        except SpecserveError as e:
-            gen.error_code = e.code
+        except Exception as e:  # noqa: BLE001 - the status line is sent: an error event is what is left
+            gen.error_code = e.code if isinstance(e, SpecserveError) else "INTERNAL"
+            if gen.error_code == "INTERNAL":
+                log.error("generation failed mid-stream", exc_info=e)
             yield error_body(e, rid)[1].model_dump_json()
         finally:
             gen.cancel()  # a no-op once finished; frees the slot when the stream ends early
