@@ -1,8 +1,10 @@
 """The generation controls of issue 16 through the OpenAI HTTP door, with the official `openai` package:
 logprobs / top_logprobs, response_format (json_object, json_schema) and n = 2, unary and streamed.
 
-They run against the packaged SmolLM2 (a model that writes JSON when asked), and pass once the
-engine serves those fields; until then each request is a 501 "not served yet"."""
+They run against the packaged SmolLM2 (a model that writes JSON when asked). While the engine
+still refuses a field (service/engine.py check_request: UNIMPLEMENTED, HTTP 501 "not served yet"),
+the tests of that field are expected to fail with exactly that 501 (strict xfail: one that passes
+then fails the run); once the engine serves the field they run as plain tests."""
 
 from __future__ import annotations
 
@@ -16,9 +18,36 @@ import pytest
 
 from service.factory import PairRequest
 from service.params import ContextParams, SpeculativeConfig
+from service.requests import ResponseFormat
 from service.server import ServerConfig
 from tests.conftest import start_server, stop_server
 
+
+def _not_served(**fields) -> bool:
+    """Whether the engine still refuses a request with these GenRequest fields as UNIMPLEMENTED."""
+    from service.engine import check_request
+    from service.errors import Unimplemented
+    from service.requests import GenRequest
+
+    try:
+        check_request(GenRequest(prompt=(1, 2), **fields), 64, 100)
+    except Unimplemented:
+        return True
+    except Exception:  # noqa: BLE001 - any other answer: the field is served, run the test
+        return False
+    return False
+
+
+def _until_served(name: str, **fields):
+    """xfail while the engine answers 501 "not served yet: <name>" (the openai client raises that as
+    InternalServerError); a plain test once it serves the field."""
+    return pytest.mark.xfail(_not_served(**fields), raises=openai.InternalServerError, strict=True,
+                             reason=f"issue 16: the engine does not serve {name} yet (HTTP 501)")
+
+
+LOGPROBS = _until_served("logprobs", logprobs=0)
+RESPONSE_FORMAT = _until_served("response_format", response_format=ResponseFormat("json_object"))
+N = _until_served("n > 1", n=2)
 ASK = [{"role": "user", "content": "Describe a cat as JSON."}]
 SCHEMA = {
     "type": "object",
@@ -58,6 +87,7 @@ def _check_token_logprobs(content, k: int, text: str) -> None:
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token
 
 
+@LOGPROBS
 def test_chat_logprobs_with_top_alternatives(oa):
     r = oa.chat.completions.create(model="default", messages=ASK, max_tokens=12, temperature=0, logprobs=True,
                                    top_logprobs=3)
@@ -66,6 +96,7 @@ def test_chat_logprobs_with_top_alternatives(oa):
     _check_token_logprobs(content, 3, r.choices[0].message.content)
 
 
+@LOGPROBS
 def test_streamed_logprobs_are_the_unary_ones(oa):
     kw = dict(model="default", messages=ASK, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
     unary = oa.chat.completions.create(**kw).choices[0].logprobs.content
@@ -74,6 +105,7 @@ def test_streamed_logprobs_are_the_unary_ones(oa):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in unary]
 
 
+@LOGPROBS
 def test_completion_logprobs_in_the_legacy_shape(oa):
     r = oa.completions.create(model="default", prompt="The capital of France is", max_tokens=8, temperature=0,
                               logprobs=2)
@@ -85,6 +117,7 @@ def test_completion_logprobs_in_the_legacy_shape(oa):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+@RESPONSE_FORMAT
 def test_response_format_json_schema(oa):
     for temperature in (0, 0.8):
         r = oa.chat.completions.create(
@@ -97,12 +130,14 @@ def test_response_format_json_schema(oa):
         assert len(cat["toys"]) <= 3 and set(cat["toys"]) <= {"ball", "mouse", "string"}
 
 
+@RESPONSE_FORMAT
 def test_response_format_json_object(oa):
     r = oa.chat.completions.create(model="default", messages=ASK, max_tokens=96, temperature=0,
                                    response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+@RESPONSE_FORMAT
 def test_an_invalid_schema_is_400(oa):
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="default", messages=ASK, max_tokens=8, response_format={
@@ -110,6 +145,7 @@ def test_an_invalid_schema_is_400(oa):
     assert e.value.param == "response_format" or "schema" in e.value.message
 
 
+@N
 def test_n_2_gives_two_indexed_choices(oa):
     kw = dict(model="default", messages=ASK, max_tokens=16, temperature=0.8, seed=11, n=2)
     r = oa.chat.completions.create(**kw)
