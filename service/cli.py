@@ -277,7 +277,8 @@ def serve_config(args):
         params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
         max_prompt_bytes=args.max_prompt_bytes,
         queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
-        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, auth_token_file=args.auth_token_file,
+        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, http_port=args.http_port,
+        auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         load_timeout=args.load_timeout)
 
@@ -745,6 +746,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=C.drain_timeout,
                    help="SIGTERM: seconds in-flight requests may finish (default %(default)s)")
     g.add_argument("--metrics-port", type=int, default=C.metrics_port, help="serve Prometheus /metrics on this port")
+    g.add_argument("--http-port", type=int, default=C.http_port,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
+                        "same host, tokens and TLS (0 = any free port; default %(default)s = off)")
     g.add_argument("--auth-token-file", default="",
                    help="require 'authorization: Bearer <token>': one role:token a line, role generate "
                         "(Generate, Tokenize, Detokenize, ListPairs, GetSpeculativeConfig) or admin (all); "

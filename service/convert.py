@@ -1,5 +1,8 @@
 """Protobuf <-> service dataclasses, at the edge: the only module besides the servicers that sees `pb`.
 
+The rules both doors share (prompt ids from text or messages, stop strings, a speculative override)
+are functions here that the OpenAI HTTP door (service/http/translate.py) calls too.
+
 `*_from_pb` functions validate what a client sent and raise errors.InvalidArgument naming the
 field; `*_to_pb` functions build responses. Request zeros and unset fields take the base values
 the caller passes (the server's flags, or a pair's live config).
@@ -67,11 +70,17 @@ def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> S
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
     if msg.HasField("p_min"):
-        if not math.isfinite(msg.p_min):
-            raise InvalidArgument("speculative.p_min must be a number within [0, 1]")
         changes["p_min"] = round(msg.p_min, 6)  # float32 on the wire: 0.3 arrives as 0.30000001
+    return speculative_with(base, changes)
+
+
+def speculative_with(base: SpeculativeConfig, changes: dict) -> SpeculativeConfig:
+    """`base` with `changes` (SpeculativeConfig field -> value; every door's override goes through here).
+    Setting only n_max lowers n_min to fit under it."""
+    if "p_min" in changes and not math.isfinite(changes["p_min"]):
+        raise InvalidArgument("speculative.p_min must be a number within [0, 1]")
     if "n_max" in changes and "n_min" not in changes:
-        changes["n_min"] = min(base.n_min, changes["n_max"])
+        changes = {**changes, "n_min": min(base.n_min, changes["n_max"])}
     return replace(base, **changes)  # SpeculativeConfig validates itself
 
 
@@ -200,21 +209,32 @@ def prompt_ids_from_pb(msg, tokenizer) -> list[int]:
     if which is None:
         raise InvalidArgument("no prompt: set one of prompt, messages or tokens")
     if which == "prompt":
-        ids = tokenizer.encode(msg.prompt, add_special=True, parse_special=True)
+        ids = prompt_ids_from_text(msg.prompt, tokenizer)
     elif which == "messages":
-        messages = msg.messages.messages
-        if not messages:
-            raise InvalidArgument("messages.messages is empty: give at least one message")
-        for i, m in enumerate(messages):
-            if not m.role:
-                raise InvalidArgument(f"messages.messages[{i}].role is empty (use system, user or assistant)")
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
-        ids = tokenizer.encode(text, add_special=False, parse_special=True)  # the template holds BOS if any
+        ids = prompt_ids_from_messages([(m.role, m.content) for m in msg.messages.messages], tokenizer,
+                                       "messages.messages")
     else:
         ids = check_token_ids(msg.tokens.ids, tokenizer.vocab_size, "tokens.ids")
     if not ids:
         raise InvalidArgument(f"the prompt ({which}) has no tokens")
     return ids
+
+
+def prompt_ids_from_text(text: str, tokenizer) -> list[int]:
+    """A text prompt's ids: the model's special tokens (BOS) added, control tokens parsed."""
+    return tokenizer.encode(text, add_special=True, parse_special=True)
+
+
+def prompt_ids_from_messages(messages: list[tuple[str, str]], tokenizer, field: str) -> list[int]:
+    """A conversation's ids: (role, content) pairs through the model's chat template (which holds BOS
+    if any); `field` names the messages in errors."""
+    if not messages:
+        raise InvalidArgument(f"{field} is empty: give at least one message")
+    for i, (role, _) in enumerate(messages):
+        if not role:
+            raise InvalidArgument(f"{field}[{i}].role is empty (use system, user or assistant)")
+    text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages])
+    return tokenizer.encode(text, add_special=False, parse_special=True)
 
 
 def check_token_ids(ids, vocab_size: int, field: str) -> list[int]:
@@ -226,13 +246,19 @@ def check_token_ids(ids, vocab_size: int, field: str) -> list[int]:
     return ids
 
 
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop strings, at most MAX_STOP_STRINGS (GenRequest refuses empty ones)."""
+    stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
+    return stop
+
+
 def gen_request_from_pb(msg, tokenizer, live_spec: SpeculativeConfig, default_max_tokens: int,
                         request_id: str) -> GenRequest:
     """A GenerateRequest or GenerateStreamRequest (same fields) as a GenRequest."""
     prompt = prompt_ids_from_pb(msg, tokenizer)
-    stop = tuple(msg.stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
+    stop = check_stop(msg.stop)
     override = speculative_from_pb(msg.speculative, live_spec) if msg.HasField("speculative") else None
     return GenRequest(prompt=tuple(prompt),
                       max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,

@@ -5,11 +5,13 @@
     server.drain_and_stop(grace)                          # SIGTERM: NOT_SERVING, finish in-flight, release
 
 Health (`grpc.health.v1`, service "" and each specserve service): NOT_SERVING until a pair is
-ready and while draining. The interceptor gives every RPC a request id (from the `x-request-id`
-header, else a new one; sent back as trailing metadata; a header that breaks the rule of
-metadata.check_request_id is INVALID_ARGUMENT before the handler runs), maps service.errors
-to status codes, turns anything unexpected into INTERNAL with a log line (no traceback to the client), and
-records the request in the metrics.
+ready and while draining. With `http_port` >= 0 the OpenAI-compatible HTTP door (service/http) serves
+the same registry on host:http_port, with the same tokens, TLS files, health and drain.
+The interceptor gives every RPC a request id (from the `x-request-id` header, else a new one;
+sent back as trailing metadata; a header that breaks the rule of metadata.check_request_id is
+INVALID_ARGUMENT before the handler runs), maps service.errors to status codes, turns anything
+unexpected into INTERNAL with a log line (no traceback to the client), and records the request in
+the metrics.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ServerConfig:
     tls_key: str = ""  # PEM private key of tls_cert
     tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
     load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
+    http_port: int = -1  # the OpenAI-compatible HTTP door (service/http) on host:http_port; -1: off; 0: any free port
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -301,6 +304,7 @@ class SpecServer:
         self.config = config
         self._draining = False
         self._credentials = self._tls(config)  # before anything starts: a bad file is a SystemExit
+        self._tokens = self._token_table(config)  # {token: role} of --auth-token-file, for both doors; None: off
         self.metrics = Metrics()
         self.in_flight = InFlight()
         self.backend = backend or make_backend(config.backend, config.device, config.threads, config.row_tile)
@@ -321,20 +325,29 @@ class SpecServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=_MethodAwarePool())
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.http = None  # service.http.server.HttpServer while --http-port serves
         self._metrics_http = None
         self._startup_error: BaseException | None = None
         self._startup_done = threading.Event()
         self._stopped = threading.Event()
         self._update_health()
 
+    @staticmethod
+    def _token_table(config: ServerConfig) -> dict[str, str] | None:
+        if not config.auth_token_file:
+            return None
+        from service.auth import load_token_file
+
+        return load_token_file(config.auth_token_file)
+
     def _interceptors(self, config: ServerConfig) -> list[grpc.ServerInterceptor]:
         """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
-        if not config.auth_token_file:
+        if self._tokens is None:
             return [ErrorInterceptor(self.metrics, self.in_flight)]
-        from service.auth import AuthInterceptor, load_token_file
+        from service.auth import AuthInterceptor
 
-        return [ErrorInterceptor(self.metrics, self.in_flight),
-                AuthInterceptor(load_token_file(config.auth_token_file))]
+        return [ErrorInterceptor(self.metrics, self.in_flight), AuthInterceptor(self._tokens)]
 
     @staticmethod
     def _tls(config: ServerConfig):
@@ -346,11 +359,15 @@ class SpecServer:
         return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
 
     # ---- health ----
+    def serving(self) -> bool:
+        """What health reports (gRPC, and HTTP /health): a pair is ready and the server is not draining."""
+        return not self._draining and self.registry.any_ready()
+
     def _update_health(self) -> None:
         """SERVING while a pair is ready and the server is not draining; NOT_SERVING otherwise."""
         if self._draining:
             return  # enter_graceful_shutdown() has set NOT_SERVING for good
-        serving = self.registry.any_ready()
+        serving = self.serving()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
@@ -371,9 +388,12 @@ class SpecServer:
         if self.config.metrics_port >= 0:
             self._metrics_http, self.metrics_port = start_metrics_server(self.config.metrics_port, self.metrics,
                                                                          addr=self.config.host)
+        if self.config.http_port >= 0:
+            self._start_http()
         log.info("listening", extra={"kv": {"address": f"{self.config.host}:{self.port}",
                                             "backend": self.backend.name, "models_dir": self.factory.models_dir,
                                             "metrics_port": self.metrics_port or None, "pid": os.getpid(),
+                                            "http_port": self.http_port or None,
                                             "tls": "mutual" if self.config.tls_client_ca else
                                             "on" if self._credentials is not None else "off"}})
         if self.config.startup is not None:
@@ -381,6 +401,24 @@ class SpecServer:
         else:
             self._startup_done.set()
         return self.port
+
+    def _start_http(self) -> None:
+        """The OpenAI-compatible door on host:http_port: the same registry, tokens, TLS files and bounds."""
+        from service.http.app import OpenAIDoor
+        from service.http.server import HttpServer, TlsFiles
+
+        c = self.config
+        # workers: tokenizing + submitting (short), and one engine-stream pump per generation (<= max_workers)
+        self._http_pool = futures.ThreadPoolExecutor(max_workers=c.max_workers + 4, thread_name_prefix="http")
+        door = OpenAIDoor(self.registry, c, self.metrics, self.in_flight, self.serving, self._http_pool,
+                          self._tokens)
+        tls = TlsFiles(c.tls_cert, c.tls_key, c.tls_client_ca) if self._credentials is not None else None
+        try:
+            self.http = HttpServer(door.app, c.host, c.http_port, tls)
+            self.http_port = self.http.start()
+        except BaseException:
+            self.server.stop(0)
+            raise
 
     def _load_startup(self) -> None:
         req = self.config.startup
@@ -415,6 +453,9 @@ class SpecServer:
         idle = self.in_flight.wait_idle(grace)
         log.info("drained", extra={"kv": {"in_flight_done": idle}})
         self.server.stop(0).wait()
+        if self.http is not None:
+            self.http.stop()
+            self._http_pool.shutdown(wait=False, cancel_futures=True)
         self.registry.shutdown(drain_timeout=0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
