@@ -26,6 +26,7 @@ every op launches when it is called, nothing is held back for the next call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -36,10 +37,21 @@ import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 
-from compute.backend import DTYPES, Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger, Proj
+from compute.backend import (
+    DTYPES,
+    Allocation,
+    AllocationError,
+    Backend,
+    BufferSpec,
+    DeviceMemory,
+    Ledger,
+    PassRecording,
+    Proj,
+)
 from compute.opencl import runtime
 from compute.opencl.probe import PREFERENCE, runtime_of
 from compute.opencl.programs import KERNEL_DIR, TUNINGS, BuildProfile, KernelBuildError, KernelCache, kernel_source
+from compute.opencl.replay import PassGraph, replay
 from compute.opencl.staging import ParamStaging
 from compute.quants import dequantize, tensor_nbytes
 
@@ -271,6 +283,24 @@ class OpenCLBackend(Backend):
     def forward(self, scratch):
         return self.staging.forward(scratch)
 
+    # ---- launch replay (compute/opencl/replay.py) ----
+    @contextlib.contextmanager
+    def record_pass(self):
+        rec = PassRecording()
+        with self._lock:
+            assert self.kernels.recording is None, "a pass is being recorded already"
+            graph = PassGraph()
+            self.kernels.recording = self.staging.recording = graph
+            try:
+                yield rec
+            finally:
+                self.kernels.recording = self.staging.recording = None
+        rec.graph = graph
+
+    def replay_pass(self, graph, params):
+        with self._lock:
+            replay(graph, self.queue, self.staging, params, _check_rows)
+
     # ---- sizes ----
     def weight_nbytes(self, ggml_type, shape):
         if len(shape) >= 2 and ggml_type in KERNEL_TYPES:
@@ -348,6 +378,8 @@ class OpenCLBackend(Backend):
     def embed(self, table: CLWeight, ids, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(ids, table.shape[0], "token id")  # a device read out of bounds would not raise
+        if self.kernels.recording is not None:
+            self.kernels.recording.bound("ids", table.shape[0], "token id")
         with self._lock:
             ids_buf = self.staging.stage("ids", ids, np.int32)
             self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, ids_buf, out, K, n)
@@ -355,6 +387,8 @@ class OpenCLBackend(Backend):
     def gather_rows(self, x: CLArray, rows, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(rows, x.shape[0], "row")
+        if self.kernels.recording is not None:
+            self.kernels.recording.bound("rows", x.shape[0], "row")
         with self._lock:
             self._get_rows("f32", x.buf, x.off, self.staging.stage("rows", rows, np.int32), out, K, n)
 
