@@ -14,7 +14,9 @@ step:
           (Python's kernel launches, scheduling, sampling, detokenising, bookkeeping)
   decode  wall time inside LlamaContext.decode (launches + waiting for the device)
 
-and the host share = host / step (item 4's target: <= 15 % at one slot). Commands of one
+and the host share = host / step (item 4's target: <= 15 % at one slot); tok/s = tokens
+per step / step time. --ab-replay adds each mode with launch replay off ("off/ops",
+"ngram/ops": every pass op by op, compute/opencl/replay.py), interleaved. Commands of one
 in-order queue do not overlap, so the sum of their times is the device's busy time. The
 profiling queue itself adds a little time per command; the figures are what this machine
 does with it on. Prints figures; asserts nothing.
@@ -33,6 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a sc
 import pyopencl as cl  # noqa: E402
 
 from bench.common import machine_line  # noqa: E402
+from compute import llama  # noqa: E402
+from compute.llama import REPLAY_MAX_ROWS  # noqa: E402
 from compute.select import opencl_backend  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
@@ -126,6 +130,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-max", type=int, default=8)
+    ap.add_argument("--ab-replay", action="store_true",
+                    help="also run every mode with launch replay off (each pass op by op), interleaved")
     ap.add_argument("--kernels", type=int, default=0, help="also print the N commands with the most device time")
     args = ap.parse_args()
 
@@ -142,17 +148,28 @@ def main() -> None:
           f"tokens={args.tokens} reps={args.reps}; one slot, greedy")
     rows: list = []
     instrument(eng, clock, rows)
-    modes = {"off": SpeculativeConfig("none"), "ngram": SpeculativeConfig("ngram", n_max=args.n_max)}
+    specs = {"off": SpeculativeConfig("none"), "ngram": SpeculativeConfig("ngram", n_max=args.n_max)}
+    modes = {m: (spec, True) for m, spec in specs.items()}  # name -> (speculative config, launch replay on)
+    if args.ab_replay:
+        modes |= {f"{m}/ops": (spec, False) for m, spec in specs.items()}
+    ctx = eng.target
     greedy = SamplingParams(temperature=0.0)
-    print(f"{'prompt':17} {'spec':5} {'steps':>5} {'rows/step':>9} {'tok/step':>8} {'step ms':>8} "
-          f"{'device ms':>9} {'decode ms':>9} {'host ms':>8} {'host %':>6}")
+    print(f"{'prompt':17} {'spec':9} {'steps':>5} {'rows/step':>9} {'tok/step':>8} {'step ms':>8} "
+          f"{'device ms':>9} {'decode ms':>9} {'host ms':>8} {'host %':>6} {'tok/s':>6}")
     for name, text in PROMPTS.items():
         ids = tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special=False))
         res = {m: [] for m in modes}
         for _ in range(args.reps):
-            for m, spec in modes.items():  # interleaved
+            for m, (spec, replay) in modes.items():  # interleaved
                 rows.clear()
-                r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy, speculative=spec)).result(600)
+                saved = ctx._passes
+                if not replay:  # every pass op by op, as before compute/opencl/replay.py
+                    llama.REPLAY_MAX_ROWS, ctx._passes = 0, {}
+                try:
+                    r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy,
+                                              speculative=spec)).result(600)
+                finally:
+                    llama.REPLAY_MAX_ROWS, ctx._passes = REPLAY_MAX_ROWS, saved
                 steps = rows[1:]  # the first step is the prefill
                 res[m].append((steps, r.completion_tokens))
         for m in modes:
@@ -162,8 +179,8 @@ def main() -> None:
                 per.append((len(steps), nrows, (ntok - 1) / max(len(steps), 1), wall, dev, dec))
             n, nrows, tps, wall, dev, dec = (statistics.median(c) for c in zip(*per))
             host = wall - dev
-            print(f"{name:17} {m:5} {n:5.0f} {nrows:9.1f} {tps:8.2f} {wall * 1e3:8.2f} {dev * 1e3:9.2f} "
-                  f"{dec * 1e3:9.2f} {host * 1e3:8.2f} {100 * host / wall:5.1f}%")
+            print(f"{name:17} {m:9} {n:5.0f} {nrows:9.1f} {tps:8.2f} {wall * 1e3:8.2f} {dev * 1e3:9.2f} "
+                  f"{dec * 1e3:9.2f} {host * 1e3:8.2f} {100 * host / wall:5.1f}% {tps / wall:6.1f}")
     if args.kernels:
         print("\n== device time by command, over every step above ==")
         tot = sum(v[0] for v in clock.by_kind.values())
