@@ -20,6 +20,7 @@ Layout = dict[str, tuple[tuple[int, ...], DType]]  # name -> (shape, dtype name)
 # Batches of up to this many rows are recorded once per (rows, outputs) and replayed
 # (Backend.record_pass): the decode and verify steps, where launching from Python costs most.
 REPLAY_MAX_ROWS = 16
+REPLAY_MAX_PASSES = 32  # recorded shapes kept per context (each holds ~10 kernel objects per layer)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -145,6 +146,8 @@ class LlamaContext:
             with be.record_pass() as rec:
                 self._graph(batch, cos, sin)
             if rec.graph is not None:
+                if len(self._passes) >= REPLAY_MAX_PASSES:  # bounded: drop the oldest recording
+                    del self._passes[next(iter(self._passes))]
                 self._passes[(n, n_out)] = rec.graph
         else:
             self._graph(batch, cos, sin)
