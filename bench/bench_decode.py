@@ -262,7 +262,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--tiles", default=None, help="row_tile modes, comma separated (default 0,1,8; "
-                                                   "0,1,4,8 with --invariance)")
+                                                   "0,1,4,8 with --invariance; none: no NumPy engine)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--invariance", action="store_true", help="batch-invariance cost table instead")
     ap.add_argument("--opencl", action="store_true",
@@ -275,7 +275,8 @@ def main():
         from compute.opencl import runtime
 
         runtime.set_threads(args.threads)
-    args.tiles = [int(t) for t in (args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")).split(",")]
+    tiles = args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")
+    args.tiles = [] if tiles == "none" else [int(t) for t in tiles.split(",")]
     model = args.model or common.model_path()
     (run_invariance if args.invariance else run_speed)(args, model)
 

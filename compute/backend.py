@@ -311,6 +311,27 @@ class Backend(ABC):
     def kv_from_store(self, cache, slot: int, start: int, store, block: int, offset: int, n: int) -> None:
         """cache[:, slot, start:start + n] = store[block, :, offset:offset + n]: `kv_to_store` back."""
         cache[:, slot, start:start + n] = store[block, :, offset:offset + n]
+    # ---- launch replay (issue 13): a forward pass recorded once per batch shape, then replayed ----
+    def record_pass(self) -> contextlib.AbstractContextManager:
+        """A context manager around one forward pass (inside `forward`); it yields a PassRecording
+        whose `graph`, after the block, replays the pass's device work for another batch of the same
+        shape (rows, outputs) through `replay_pass`. Default: nothing is recorded (graph stays None)."""
+        return contextlib.nullcontext(PassRecording())
+
+    def replay_pass(self, graph, params: dict[str, np.ndarray]) -> None:
+        """Enqueue a recorded pass again (inside `forward`) with this batch's host parameters:
+        tokens, positions, slots, outputs (int32) and the RoPE tables cos, sin (float32)."""
+        raise NotImplementedError(f"{type(self).__name__} records no passes")
+
+
+class PassRecording:
+    """What `Backend.record_pass` yields: after the block, `graph` is the recorded pass, or None
+    when the backend cannot replay (the default)."""
+
+    __slots__ = ("graph",)
+
+    def __init__(self):
+        self.graph = None
 
 
 def release_all(backend: Backend, allocs: Iterable[Allocation]) -> None:

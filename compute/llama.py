@@ -17,6 +17,10 @@ from compute.backend import DTYPES, KV_TYPES, Allocation, Backend, DType, KvType
 from compute.gguf_model import HParams
 
 Layout = dict[str, tuple[tuple[int, ...], DType]]  # name -> (shape, dtype name)
+# Batches of up to this many rows are recorded once per (rows, outputs) and replayed
+# (Backend.record_pass): the decode and verify steps, where launching from Python costs most.
+REPLAY_MAX_ROWS = 16
+REPLAY_MAX_PASSES = 32  # recorded shapes kept per context (each holds ~10 kernel objects per layer)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -112,6 +116,7 @@ class LlamaContext:
         self.pad = (self.s["pad_in"], self.s["pad_out"]) if "pad_in" in self.s else None
         self.n_slots, self.n_ctx_slot = n_slots, n_ctx_slot
         self.n_batch, self.n_outputs_max = n_batch, n_outputs_max
+        self._passes: dict[tuple[int, int], object] = {}  # (rows, outputs) -> the backend's recorded pass
 
     def check(self, batch: Batch) -> None:
         """Internal invariants of a batch; the scheduler never builds one that fails these."""
@@ -128,11 +133,34 @@ class LlamaContext:
             return self._decode(batch)
 
     def _decode(self, batch: Batch) -> np.ndarray:
+        """The pass over a batch: replayed when a batch of this shape was recorded before
+        (Backend.record_pass; small batches only: decode and verify steps), else run op by op."""
+        be, hp = self.backend, self.hp
+        n, n_out = len(batch), len(batch.outputs)
+        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)  # (n, rope_dim/2)
+        graph = self._passes.get((n, n_out))
+        if graph is not None:
+            be.replay_pass(graph, {"tokens": batch.tokens, "positions": batch.positions, "slots": batch.slots,
+                                   "outputs": batch.outputs, "cos": cos, "sin": sin})
+        elif n <= REPLAY_MAX_ROWS:
+            with be.record_pass() as rec:
+                self._graph(batch, cos, sin)
+            if rec.graph is not None:
+                if len(self._passes) >= REPLAY_MAX_PASSES:  # bounded: drop the oldest recording
+                    del self._passes[next(iter(self._passes))]
+                self._passes[(n, n_out)] = rec.graph
+        else:
+            self._graph(batch, cos, sin)
+        if n_out == 0:
+            return np.zeros((0, hp.n_vocab), np.float32)
+        return be.to_host(self.logits[:n_out], n_out)
+
+    def _graph(self, batch: Batch, cos: np.ndarray, sin: np.ndarray) -> None:
+        """Enqueue the forward pass op by op; the logits of `batch.outputs` land in self.logits."""
         be, hp, t, s = self.backend, self.hp, self.w.t, self.s
         n = len(batch)
         x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]  # (n, n_embd), (n, n_embd_q|kv)
         attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]  # (n, n_embd_q|n_embd|n_ff)
-        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)  # (n, rope_dim/2)
         be.embed(t["token_embd.weight"], batch.tokens, x)
         be.rms_norm(x, t["blk.0.attn_norm.weight"], hp.rms_eps, xn)  # later layers: fused with the residual add
         for i in range(hp.n_layer):
@@ -157,13 +185,11 @@ class LlamaContext:
                 be.add(x, o, x)
         n_out = len(batch.outputs)
         if n_out == 0:
-            return np.zeros((0, hp.n_vocab), np.float32)
+            return
         sel, seln = s["sel"][:n_out], s["seln"][:n_out]  # (n_out, n_embd)
         be.gather_rows(x, batch.outputs, sel)
         be.rms_norm(sel, t["output_norm.weight"], hp.rms_eps, seln)
-        logits = self.logits[:n_out]  # (n_out, n_vocab)
-        be.matmul(seln, self.w.head(), logits, pad=self.pad)
-        return be.to_host(logits, n_out)
+        be.matmul(seln, self.w.head(), self.logits[:n_out], pad=self.pad)  # (n_out, n_vocab)
 
     def copy_cells(self, src_slot: int, dst_slot: int, n: int) -> None:
         """Copy the first n KV cells of one slot into another (every layer, K and V)."""

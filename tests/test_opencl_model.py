@@ -165,3 +165,31 @@ def test_decode_waits_for_the_device_only_to_read_logits(model, backend, monkeyp
     finally:
         monkeypatch.undo()
         pair.release()
+
+
+def test_replayed_pass_equals_the_pass_run_op_by_op(model, backend, monkeypatch):
+    """A batch shape seen before is replayed from its recording (compute/opencl/replay.py): the
+    logits equal, bit for bit, those of the same batch run op by op, for other tokens, slots and
+    positions than the recorded ones; and the replay checks token ids as the embed op does."""
+    import compute.llama as llama
+
+    be = backend()
+    pair = PairFactory(be).load(_request(model))
+    try:
+        ctx = pair.target.context
+        for slot, p in enumerate(PROMPTS):
+            ctx.decode(Batch.make(p, range(len(p)), [slot] * len(p), []))
+        steps = [Batch.make([504, 19161], [16, 17], [0, 0], [0, 1]),  # recorded: (2 rows, 2 outputs)
+                 Batch.make([260, 30], [17, 18], [1, 1], [0, 1]),  # replayed: another slot and positions
+                 Batch.make([42, 7], [18, 19], [2, 2], [0, 1])]
+        replayed = [ctx.decode(b) for b in steps]
+        assert (2, 2) in ctx._passes
+        with pytest.raises(IndexError, match="token id"):
+            ctx.decode(Batch.make([ctx.hp.n_vocab, 5], [20, 21], [0, 0], [0, 1]))
+        monkeypatch.setattr(llama, "REPLAY_MAX_ROWS", 0)
+        ctx._passes.clear()
+        for b, got in zip(steps, replayed):  # the same cells are written again: the same inputs
+            assert np.array_equal(ctx.decode(b), got)
+        assert not ctx._passes
+    finally:
+        pair.release()

@@ -15,8 +15,9 @@ at a context's scratch and holds the backend's lock for the whole pass; `allocat
 the p_* sub-buffers (views, no new memory). Kernels and their builds: compute/opencl/programs.py.
 
 Batch invariance: every kernel computes a row's result with the same arithmetic whatever
-the number of rows; the matrix kernel has a mat-vec build (NR=1, used for one row) and a
-mat-mat build (NR=mat_rows rows per work-item) whose per-row operation order is identical.
+the number of rows; the matrix kernel has a mat-vec build (NR=1, used for one row) and
+mat-mat builds (NR rows per work-item, `_tile_rows`: 2, 4, mat_rows, and mat_rows + 1 for a
+verify batch of 1 + 8 drafts) whose per-row operation order is identical.
 
 Fusion: the graph calls the fused operations by name (`matmuls`, `add_rms_norm`, `rope_qk`)
 and each is one launch here (per layer 16 launches become 10; a PoCL launch costs ~20 us);
@@ -25,6 +26,7 @@ every op launches when it is called, nothing is held back for the next call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -35,10 +37,21 @@ import numpy as np
 import pyopencl as cl
 from gguf import GGMLQuantizationType as T
 
-from compute.backend import DTYPES, Allocation, AllocationError, Backend, BufferSpec, DeviceMemory, Ledger, Proj
+from compute.backend import (
+    DTYPES,
+    Allocation,
+    AllocationError,
+    Backend,
+    BufferSpec,
+    DeviceMemory,
+    Ledger,
+    PassRecording,
+    Proj,
+)
 from compute.opencl import runtime
 from compute.opencl.probe import PREFERENCE, runtime_of
 from compute.opencl.programs import KERNEL_DIR, TUNINGS, BuildProfile, KernelBuildError, KernelCache, kernel_source
+from compute.opencl.replay import PassGraph, replay
 from compute.opencl.staging import ParamStaging
 from compute.quants import dequantize, tensor_nbytes
 
@@ -179,12 +192,26 @@ def _cpu_row_cost(rows: int, mat_rows: int) -> float:
     >= rows, up to mat_rows (8): 1 row 21 ms, 2 rows 1.05x, 3-4 rows 1.27x, 5-8 rows 1.7x, each
     further 8 rows ~1.7x more."""
     tile = {1: 1.0, 2: 1.05, 4: 1.27, 8: 1.7}
+    if rows == mat_rows + 1:  # one tile of mat_rows + 1 rows (_tile_rows)
+        return tile[8] * rows / mat_rows
     if rows > mat_rows:
         return tile[8] * -(-rows // mat_rows)
     nr = 1
     while nr < rows:
         nr *= 2
     return tile.get(nr, 1.7)
+
+
+def _tile_rows(n: int, mat_rows: int) -> int:
+    """Rows per work-item of a matmul over n rows: 1 (mat-vec) for one row; the smallest power of
+    two >= n up to mat_rows; n itself for mat_rows + 1 rows (a verify batch of 1 + 8 drafts is one
+    tile, not a full tile plus a second one holding one row); else mat_rows."""
+    if n == mat_rows + 1:
+        return n
+    nr = 1
+    while nr < min(n, mat_rows):
+        nr *= 2
+    return nr
 
 
 def _check_size(spec: BufferSpec, has_layout: bool, max_alloc: int) -> None:
@@ -255,6 +282,24 @@ class OpenCLBackend(Backend):
 
     def forward(self, scratch):
         return self.staging.forward(scratch)
+
+    # ---- launch replay (compute/opencl/replay.py) ----
+    @contextlib.contextmanager
+    def record_pass(self):
+        rec = PassRecording()
+        with self._lock:
+            assert self.kernels.recording is None, "a pass is being recorded already"
+            graph = PassGraph()
+            self.kernels.recording = self.staging.recording = graph
+            try:
+                yield rec
+            finally:
+                self.kernels.recording = self.staging.recording = None
+        rec.graph = graph
+
+    def replay_pass(self, graph, params):
+        with self._lock:
+            replay(graph, self.queue, self.staging, params, _check_rows)
 
     # ---- sizes ----
     def weight_nbytes(self, ggml_type, shape):
@@ -333,6 +378,8 @@ class OpenCLBackend(Backend):
     def embed(self, table: CLWeight, ids, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(ids, table.shape[0], "token id")  # a device read out of bounds would not raise
+        if self.kernels.recording is not None:
+            self.kernels.recording.bound("ids", table.shape[0], "token id")
         with self._lock:
             ids_buf = self.staging.stage("ids", ids, np.int32)
             self._get_rows(KERNEL_TYPES[table.ggml_type], table.buf, 0, ids_buf, out, K, n)
@@ -340,6 +387,8 @@ class OpenCLBackend(Backend):
     def gather_rows(self, x: CLArray, rows, out: CLArray) -> None:
         n, K = out.shape
         _check_rows(rows, x.shape[0], "row")
+        if self.kernels.recording is not None:
+            self.kernels.recording.bound("rows", x.shape[0], "row")
         with self._lock:
             self._get_rows("f32", x.buf, x.off, self.staging.stage("rows", rows, np.int32), out, K, n)
 
@@ -378,9 +427,7 @@ class OpenCLBackend(Backend):
     def _launch_matmuls(self, x: CLArray, group: list[Proj]) -> None:
         """out_s = x (n, K) @ W_s^T (+ bias_s) for the (up to three) projections of group: one launch."""
         n, K = x.shape
-        nr = 1  # mat-vec for one row; mat-mat tiles of the smallest power of two >= n, up to mat_rows
-        while nr < min(n, self.mat_rows):
-            nr *= 2
+        nr = _tile_rows(n, self.mat_rows)
         segs = 1 if len(group) == 1 else 3
         kl = self.kernel(f"mul_mv_{KERNEL_TYPES[group[0].w.ggml_type]}_f32.cl", NR=nr, SEGS=segs)
         lx, outs = kl[1][0], kl[1][1]

@@ -93,6 +93,7 @@ class KernelCache:
         self._kernels: dict[tuple, Kernel] = {}
         self._programs: dict[tuple, cl.Program] = {}
         self._typed: set = set()  # kernels whose scalar argument types are declared
+        self.recording = None  # a replay.PassGraph while a pass is recorded (compute/opencl/replay.py)
 
     def program(self, fname: str, options: tuple[str, ...] = ()) -> cl.Program:
         """The program of one kernel file built with the profile's options plus `options`."""
@@ -137,6 +138,9 @@ class KernelCache:
         lsize = lws[:len(gsize)]
         gsize = tuple(-(-g // ls) * ls for g, ls in zip(gsize, lsize))
         with self._lock:
+            if self.recording is not None:  # this launch gets its own kernel, arguments set once
+                cl.enqueue_nd_range_kernel(self.queue, self.recording.launch(k, gsize, lsize, args), gsize, lsize)
+                return
             if k not in self._typed:
                 # declared scalar types make set_args ~20x cheaper than numpy scalars one by one
                 k.set_scalar_arg_dtypes([np.float32 if isinstance(a, float) else np.int32 if isinstance(a, int)

@@ -30,6 +30,7 @@ class ParamStaging:
         self._params: dict | None = None  # the scratch of the forward pass in progress
         self._staged: dict[int, tuple[cl.Buffer, bytes]] = {}  # id(p_* sub-buffer) -> (it, bytes last written)
         self._pending: list = []  # events of non-blocking uploads (they hold the host arrays)
+        self.recording = None  # a replay.PassGraph while a pass is recorded (compute/opencl/replay.py)
 
     def layout(self, hp, n_batch: int, n_outputs_max: int) -> dict:
         """The per-call parameters the ops stage (embed: ids; kv_store, attention: slots,
@@ -62,6 +63,8 @@ class ParamStaging:
         with self._lock:
             if self._params is None:
                 raise RuntimeError(f"{key}: ops that take host parameters run inside backend.forward(scratch)")
+            if self.recording is not None:
+                self.recording.stage(key, dtype)
             dst = self._params[PARAMS[key]]  # CLArray (n,)
             assert dst.dtype == arr.dtype and arr.nbytes <= dst.nbytes, \
                 f"{key}: {arr.nbytes} bytes of {arr.dtype} for a planned {dst.nbytes} of {dst.dtype}"
