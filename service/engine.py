@@ -181,7 +181,7 @@ class Engine:
                           reuse.n_target)
             self.drafter.reset(a.slot.idx, reuse.n_draft)
             if self.metrics is not None:
-                self.metrics.on_prompt_cache(reuse.n_target, reuse.evicted)
+                self.metrics.on_prompt_cache(reuse.n_target if req.cache_prompt else None, reuse.evicted)
             if req.max_tokens == 0:
                 self._release(a.slot, "length")
         if adm.dropped:
