@@ -341,3 +341,35 @@ def test_the_cache_over_grpc(tiny_models_dir):
         assert c.server.registry.factory.backend.ledger.entries() == []
     finally:
         stop_server(c)
+
+
+def test_a_cache_hit_on_the_real_model_is_bit_identical(real_model):
+    """The packaged SmolLM2 on the default NumPy backend: a follow-up turn that reuses the first turn's
+    cells gives the cold run's tokens and KV cells."""
+    be = NumpyBackend(n_threads=1)
+    pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
+        target_path=real_model, params=ContextParams(n_ctx=2 * 256, n_parallel=2, n_batch=64,
+                                                     prompt_cache_bytes=16 << 20),
+        speculative=SpeculativeConfig("ngram", n_max=4)))
+    tok = Tokenizer.from_gguf(pair.target.file.reader)
+    spec = SpeculativeConfig("ngram", n_max=4)
+    eng = Engine(pair, tok, spec).start()
+    chat = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    try:
+        first = run(eng, tok.encode(tok.apply_chat_template(chat), add_special=False), spec, max_tokens=16)
+        chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And two more?"}]
+        turn2 = tok.encode(tok.apply_chat_template(chat), add_special=False)
+        hit = run(eng, turn2, spec, max_tokens=16)
+        hit_slot = slot_of(eng, list(turn2) + list(hit.tokens))
+        cold = run(eng, turn2, spec, max_tokens=16, cache_prompt=False)
+        cold_slot = slot_of(eng, list(turn2) + list(cold.tokens), other_than=hit_slot)
+    finally:
+        eng.stop()
+    try:
+        assert hit.cached_prompt_tokens > 20 and cold.cached_prompt_tokens == 0
+        assert hit.tokens == cold.tokens and len(hit.tokens) > 0
+        n = min(hit_slot.n_past, cold_slot.n_past)
+        ctx = pair.target.context
+        assert_same_cells(cells(ctx, hit_slot.idx, n), cells(ctx, cold_slot.idx, n))
+    finally:
+        pair.release()
