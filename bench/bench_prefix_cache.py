@@ -144,7 +144,7 @@ def alternating(model: str, backend, reps: int, max_tokens: int) -> None:
     print("\n== 2. two conversations alternating on a -np 1 pair (each evicts the other from the slot) ==")
     b = Bench(backend, model, n_parallel=1, n_ctx_slot=4096)
     try:
-        ttft = {True: [], False: []}
+        ttft, cached = {True: [], False: []}, []
         same = True
         for rep in range(reps):
             for mode in ((True, False) if rep % 2 == 0 else (False, True)):
@@ -158,6 +158,8 @@ def alternating(model: str, backend, reps: int, max_tokens: int) -> None:
                         outs.append(res.tokens)
                         if len(msgs) > 3:  # turns 2 and 3: their prefix left the slot when the other took it
                             ttft[mode].append(t)
+                            if mode:
+                                cached.append((res.cached_prompt_tokens, n))
                 if mode:
                     outs_on = outs
                 else:
@@ -167,8 +169,12 @@ def alternating(model: str, backend, reps: int, max_tokens: int) -> None:
         print(f"store: {s['capacity_bytes'] >> 20} MiB planned, {s['entries']} states, {s['used_bytes'] >> 20} MiB "
               f"used, {s['evictions']} evictions")
         print(f"requests with the cache on: {s['hits']} hits, {s['misses']} misses "
-              f"(hit rate {s['hits'] / max(1, s['hits'] + s['misses']):.0%}; the misses are each conversation's "
-              f"first turn), {s['cached_tokens']} prompt tokens served from the cache")
+              f"(hit rate {s['hits'] / max(1, s['hits'] + s['misses']):.0%}; a first turn shares only the chat "
+              f"template's first tokens, if anything), {s['cached_tokens']} prompt tokens served from the cache")
+        served = [c for c, n in cached if c >= n - 64]  # all but the last user message and the template around it
+        print(f"turns 2-3 with the cache on: {len(served)} of {len(cached)} restored their conversation from the "
+              f"store (median {med([c for c, _ in cached]):.0f} of {med([n for _, n in cached]):.0f} prompt "
+              f"tokens cached)")
         print(f"TTFT of turns 2-3 (median): off {med(ttft[False]):.3f}s, on {med(ttft[True]):.3f}s: "
               f"{med(ttft[False]) / med(ttft[True]):.1f}x; outputs identical: {same}")
     finally:

@@ -194,7 +194,7 @@ class Engine:
             self.drafter.reset(a.slot.idx, reuse.n_draft)
             a.slot.grammar = self.grammars.matcher(req.response_format) if req.response_format else None
             if self.metrics is not None:
-                self.metrics.on_prompt_cache(reuse.n_target, reuse.evicted)
+                self.metrics.on_prompt_cache(reuse.n_target if req.cache_prompt else None, reuse.evicted)
             for i, s in enumerate(a.siblings, 1):  # their cells are overwritten by completion 0's prompt (_fork)
                 s.assign(a.stream, TextOutput(self.tok.incremental_decoder(prompt_ids=req.prompt), req.stop),
                          index=i, follows=a.slot)

@@ -6,7 +6,8 @@ The engine reports speculative decoding and generated tokens through a pair-boun
     pair_metrics.on_step(drafts, draft_tokens, accepted)   after each speculative step
     pair_metrics.on_tokens(n)                              when n completion tokens are produced
     pair_metrics.on_prompt_cache(cached, evicted)          when a request starts: prompt tokens reused
-                                                           (0: a miss), store entries evicted for it
+                                                           (0: a miss; None: opted out), store entries
+                                                           evicted for it
 
 The servicers count requests, prompt tokens, latency and time to first token. Metric
 names follow vLLM's spec-decode counters (`*_spec_decode_num_drafts_total`, ...).
@@ -32,9 +33,9 @@ class StepObserver(Protocol):
     def on_tokens(self, n: int) -> None:
         """`n` completion tokens were produced (accepted drafts and bonus tokens included)."""
 
-    def on_prompt_cache(self, cached: int, evicted: int) -> None:
-        """A request started with `cached` prompt tokens' KV reused (0: a miss); `evicted` store entries
-        were dropped to keep its slot's previous state."""
+    def on_prompt_cache(self, cached: int | None, evicted: int) -> None:
+        """A request started with `cached` prompt tokens' KV reused (0: a miss; None: it opted out, no
+        lookup); `evicted` store entries were dropped to keep its slot's previous state."""
 
 
 class PairMetrics:
@@ -59,9 +60,10 @@ class PairMetrics:
     def on_tokens(self, n: int) -> None:
         self._completion.inc(n)
 
-    def on_prompt_cache(self, cached: int, evicted: int) -> None:
-        (self._cache_hits if cached else self._cache_misses).inc()
-        self._cached_tokens.inc(cached)
+    def on_prompt_cache(self, cached: int | None, evicted: int) -> None:
+        if cached is not None:
+            (self._cache_hits if cached else self._cache_misses).inc()
+            self._cached_tokens.inc(cached)
         self._cache_evictions.inc(evicted)
 
     def on_prompt(self, n: int) -> None:

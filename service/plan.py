@@ -106,9 +106,12 @@ def _cache_buffers(target: ModelFile, draft: ModelFile | None, params: PairParam
 
 def plan_pair(target: ModelFile, draft: ModelFile | None, params: PairParams, backend: Backend,
               budget_bytes: int = 0) -> Plan:
-    """Every buffer of a pair, target first, then draft, then the pair's caches. Pure: reads metadata only."""
+    """Every buffer of a pair, target first, then draft, each model's part of the pair's caches after its
+    context (the order Load allocates them in). Pure: reads metadata only."""
+    caches = _cache_buffers(target, draft, params, backend)
     buffers = _context_buffers("target", target, params.target, backend)
+    buffers += [b for b in caches if b.spec.owner == "target"]
     if draft is not None and params.draft is not None:
         buffers += _context_buffers("draft", draft, params.draft, backend)
-    buffers += _cache_buffers(target, draft, params, backend)
+        buffers += [b for b in caches if b.spec.owner == "draft"]
     return Plan(tuple(buffers), params, budget_bytes)

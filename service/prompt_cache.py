@@ -228,7 +228,7 @@ class PrefixCache:
             return self._admit(slot, draft_valid, prompt, cache_prompt)
         except Exception:
             log.exception("prompt cache: reuse failed; the prompt is prefilled from the start")
-            self.counters.misses += 1
+            self.counters.misses += cache_prompt
             return Reuse()
 
     def _admit(self, slot, draft_valid: int, prompt: Sequence[int], cache_prompt: bool) -> Reuse:
@@ -247,8 +247,10 @@ class PrefixCache:
             d_hi = min(n, e.n_draft)
             self.store.restore(e, slot.idx, (keep_t, n), (keep_d, d_hi) if d_hi > keep_d else (0, 0))
             keep_t, keep_d, source = n, max(keep_d, d_hi), "store"
-        c = self.counters
-        c.hits, c.misses, c.cached_tokens = c.hits + (keep_t > 0), c.misses + (keep_t == 0), c.cached_tokens + keep_t
+        if cache_prompt:  # a request that opted out looked for nothing: neither a hit nor a miss
+            self.counters.hits += keep_t > 0
+            self.counters.misses += keep_t == 0
+            self.counters.cached_tokens += keep_t
         return Reuse(keep_t, keep_d, source, evicted)
 
     def stats(self) -> dict:

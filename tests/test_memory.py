@@ -141,6 +141,7 @@ eng = srv.registry.get("p").engine
 for first in (10, 1000, 2000):  # three prompts on two slots: one state goes to the prompt store (its pages in use)
     eng.submit(GenRequest(tuple(range(first, first + 150)), max_tokens=2)).result(timeout=120)
 assert eng.prefix.stats()["used_bytes"] > 0
+del eng  # no reference to the pair may outlive the Unload
 loaded = rss_mib()
 t0 = time.monotonic()
 srv.registry.unload("p", 0)

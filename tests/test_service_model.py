@@ -41,7 +41,8 @@ def test_fit_plans_without_allocating_and_load_allocates_exactly_the_plan(empty_
     plan = fit.plan
     assert plan.total_bytes == sum(b.bytes for b in plan.buffers) == plan.device_bytes + plan.host_bytes
     assert {b.owner for b in plan.buffers} == {"target", "draft"}
-    assert {b.kind for b in plan.buffers} == {"weights", "kv_cache", "outputs", "compute"}
+    assert {b.kind for b in plan.buffers} == {"weights", "kv_cache", "outputs", "compute",
+                                              "prompt_cache", "ngram_cache"}  # the pair's caches, by default
     # one derivation: an unset type with a draft path means the draft model; the draft decodes
     # one token per slot per step, the target verifies n_max + 1 per slot
     assert plan.speculative.type == pb.DRAFTER_TYPE_DRAFT_MODEL

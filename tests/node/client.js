@@ -70,7 +70,8 @@ async function main() {
   assert.equal(sum.toString(), fit.plan.total_bytes, "total_bytes is the sum of the buffers");
   for (const b of fit.plan.buffers) {
     assert.ok(["target", "draft"].includes(b.owner), `owner ${b.owner}`);
-    assert.ok(["weights", "kv_cache", "outputs", "compute", "prompt_cache", "ngram_cache"].includes(b.kind), `kind ${b.kind}`);
+    assert.ok(["weights", "kv_cache", "outputs", "compute", "prompt_cache", "ngram_cache"].includes(b.kind),
+              `kind ${b.kind}`);
   }
   assert.equal(fit.plan.target.n_ctx, 256);
   assert.equal(fit.plan.target.n_parallel, 2);
