@@ -11,9 +11,11 @@ another's KV). Each repetition runs, interleaved: every prompt alone, one after 
               1-stream figure serves the prompts one after the other, so both include every prefill.
   decode      tokens after each stream's first / seconds of the decode phase: for one stream its
               decode_seconds, for N streams from the moment the last stream got its first token
-              to the last result (only tokens sampled in that window are counted).
-  row cost    the fastest of a few timed decode calls of 1 row and of N rows (one per slot, after a
-              prompt-sized prefix): the kernels' bound on the decode ratio is N * cost(1) / cost(N).
+              to the last result (the tokens sampled in that window, estimated per stream as its
+              tokens 2..n spread evenly over its decode_seconds).
+  row cost    the fastest of a few timed decode calls of 1 row and of N rows (one per slot, at the
+              position of the middle of a generation): the kernels' bound on the decode ratio is
+              N * cost(1) / cost(N); the host share says how much of the rest the engine adds.
   host share  of the engine's step time, the part outside the target's decode call (scheduling,
               sampling, detokenising, bookkeeping), for 1 and N streams.
 
