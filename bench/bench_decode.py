@@ -1,9 +1,13 @@
 """Prefill and decode speed of the NumPy backend (row_tile 0, 1, 8) against llama.cpp, in one run.
 
     python bench/bench_decode.py [--threads 1] [--reps 5] [--prompt 64] [--gen 64] [--tiles 0,1,8] [--opencl]
+                                 [--n-batch N]
+    python bench/bench_decode.py --opencl --tiles none --threads 2 --prompt 512 --gen 16   (issue 13 item 6)
     python bench/bench_decode.py --invariance [--tiles 0,1,4,8] [--reps 5] [--opencl]
 
-Speed: every engine prefills the same 64-token prompt in one decode call, then greedy-decodes
+Speed: every engine prefills the same 64-token prompt (--prompt) in decode calls of n_batch tokens as
+the engine chunks a prompt (--n-batch: default 64 up to a 64-token prompt, else the server's default
+256; llama.cpp: llama-cpp-python's n_batch, 512), then greedy-decodes
 64 tokens one per call (logits to the host and argmax on the host after every call, as the
 server does). llama.cpp (llama-cpp-python, when importable) runs the same GGUF with
 n_threads = n_threads_batch = --threads; NumPy's BLAS is limited to --threads threads.
@@ -31,20 +35,30 @@ from bench import common  # noqa: E402
 from bench.common import Batch  # noqa: E402
 
 
+def prefill_in_chunks(ctx, prompt):
+    """Prefill as the engine does: chunks of n_batch tokens, one decode call each; the last row's logits."""
+    n = ctx.n_batch
+    for i in range(0, len(prompt) - n, n):
+        ctx.decode(Batch.make(prompt[i:i + n], range(i, i + n), [0] * n, [n - 1]))
+    i = (len(prompt) - 1) // n * n
+    k = len(prompt) - i
+    return ctx.decode(Batch.make(prompt[i:], range(i, i + k), [0] * k, [k - 1]))[0]
+
+
 class NumpyEngine:
-    def __init__(self, model, row_tile, threads, n_ctx):
+    def __init__(self, model, row_tile, threads, n_ctx, n_batch=64):
         self.name = f"numpy row_tile={row_tile}"
-        self.pair, self.ctx = common.load_numpy(model, row_tile, threads, n_ctx=n_ctx, n_batch=64)
+        self.pair, self.ctx = common.load_numpy(model, row_tile, threads, n_ctx=n_ctx, n_batch=n_batch)
 
     def prefill(self, prompt):
-        return common.numpy_prefill(self.ctx, prompt)
+        return prefill_in_chunks(self.ctx, prompt)
 
     def decode(self, tok, pos):
         return common.numpy_decode_one(self.ctx, tok, pos)
 
 
 class OpenCLEngine:
-    def __init__(self, model, n_ctx, device="", threads=0):
+    def __init__(self, model, n_ctx, device="", threads=0, n_batch=64):
         from compute.opencl.probe import runtime_of
         from compute.select import opencl_backend
         from service.factory import PairFactory, PairRequest
@@ -55,11 +69,12 @@ class OpenCLEngine:
         self.name = f"opencl {runtime_of(be.platform.name, is_gpu)}"
         self.device_line = f"{be.platform.name.strip()} / {be.device.name.strip()} ({be.platform.version.strip()})"
         self.pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
-            target_path=model, params=ContextParams(n_ctx=n_ctx, n_batch=64), speculative=SpeculativeConfig("none")))
+            target_path=model, params=ContextParams(n_ctx=n_ctx, n_batch=n_batch),
+            speculative=SpeculativeConfig("none")))
         self.ctx = self.pair.target.context
 
     def prefill(self, prompt):
-        return common.numpy_prefill(self.ctx, prompt)
+        return prefill_in_chunks(self.ctx, prompt)
 
     def decode(self, tok, pos):
         return common.numpy_decode_one(self.ctx, tok, pos)
@@ -72,10 +87,11 @@ class LlamaEngine:
         self.name = "llama.cpp"
         self.version = llama_cpp.__version__
         self.llm = common.load_llama(model, threads, n_ctx=n_ctx)
+        self.n_batch = self.llm.n_batch
 
     def prefill(self, prompt):
         self.llm.reset()  # the next eval drops every KV cell
-        self.llm.eval(prompt)  # n_batch 256 >= the prompt: one llama_decode call
+        self.llm.eval(prompt)  # one llama_decode call per n_batch (llama-cpp-python's default 512) tokens
         return common.llama_last_logits(self.llm)
 
     def decode(self, tok, pos):
@@ -98,11 +114,11 @@ def trial(engine, prompt, n_gen):
 def run_speed(args, model):
     prompt = common.prompt_ids(model, args.prompt)
     n_ctx = max(256, args.prompt + args.gen + 1)
-    engines = [NumpyEngine(model, t, args.threads, n_ctx) for t in args.tiles]
+    engines = [NumpyEngine(model, t, args.threads, n_ctx, args.n_batch) for t in args.tiles]
     if args.opencl:
         for device in args.devices.split(","):
             try:
-                engines.append(OpenCLEngine(model, n_ctx, device.strip(), args.threads))
+                engines.append(OpenCLEngine(model, n_ctx, device.strip(), args.threads, args.n_batch))
             except Exception as e:  # noqa: BLE001 - a runtime that does not work here: say so, go on
                 print(f"opencl {device or 'auto'}: skipped: {e}")
     if not args.no_llama and common.have_llama_cpp():
@@ -133,10 +149,11 @@ def run_speed(args, model):
         print(f"BLAS      {line}")
     llama = next((e for e in engines if isinstance(e, LlamaEngine)), None)
     if llama:
-        print(f"llama.cpp llama-cpp-python {llama.version}")
+        print(f"llama.cpp llama-cpp-python {llama.version}, n_batch {llama.n_batch}")
     from compute.numpy_backend import DEFAULT_ROW_TILE
     print(f"NumPy default row_tile: {DEFAULT_ROW_TILE}")
-    print(f"{args.reps} interleaved repetitions; prompt {args.prompt} tokens in one call; "
+    print(f"{args.reps} interleaved repetitions; prompt {args.prompt} tokens in calls of n_batch "
+          f"{args.n_batch} (specserve; the engine's chunks); "
           f"decode {args.gen} tokens one per call; medians (min..max)")
     print(f"{'engine':22s} {'prefill tok/s':>26s} {'decode tok/s':>24s} {'prefill/llama':>14s} {'decode/llama':>13s}")
     for e in engines:
@@ -261,6 +278,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--n-batch", type=int, default=None,
+                    help="specserve's prefill chunk, tokens per decode call (default: 64 for a prompt of up to 64 "
+                         "tokens, else the server's default n_batch)")
     ap.add_argument("--tiles", default=None, help="row_tile modes, comma separated (default 0,1,8; "
                                                    "0,1,4,8 with --invariance; none: no NumPy engine)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
@@ -277,6 +297,10 @@ def main():
         runtime.set_threads(args.threads)
     tiles = args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")
     args.tiles = [] if tiles == "none" else [int(t) for t in tiles.split(",")]
+    if args.n_batch is None:
+        from service.params import DEFAULT_N_BATCH
+
+        args.n_batch = 64 if args.prompt <= 64 else DEFAULT_N_BATCH
     model = args.model or common.model_path()
     (run_invariance if args.invariance else run_speed)(args, model)
 
