@@ -6,6 +6,9 @@ throughput at 1, 2, 4 and 8 concurrent streams. Prints its figures; asserts noth
 Copy-heavy prompts (repeat a paragraph; print a code snippet back with one variable renamed) are
 where prompt lookup shines; open-ended prompts show its overhead when drafts rarely match.
 Every configuration runs in the same process, interleaved per repetition; medians are printed.
+Every request opts out of the prompt cache (cache_prompt=False): no run reuses another's prompt KV
+or drafts from another's output through the cross-request n-gram index, so the figures are the
+drafter's on each request alone (bench/bench_prefix_cache.py measures what the caches add).
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ def encode(tok, text):
 
 
 def timed(engine, prompts, spec, n_tokens):
-    """Run prompts concurrently; return (completion tokens, wall seconds, drafted, accepted)."""
+    """Run prompts concurrently (each opting out of the prompt cache and the cross-request index);
+    return (completion tokens, wall seconds, drafted, accepted)."""
     t = time.perf_counter()
-    streams = [engine.submit(GenRequest(p, max_tokens=n_tokens, sampling=GREEDY, speculative=spec)) for p in prompts]
+    streams = [engine.submit(GenRequest(p, max_tokens=n_tokens, sampling=GREEDY, speculative=spec, cache_prompt=False))
+               for p in prompts]
     res = [s.result(timeout=3600) for s in streams]
     wall = time.perf_counter() - t
     return sum(r.completion_tokens for r in res), wall, sum(r.drafted for r in res), sum(r.accepted for r in res), \
