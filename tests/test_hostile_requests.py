@@ -35,7 +35,14 @@ def _greedy(**kw):
     return pb.GenerateRequest(max_tokens=4, sampling=pb.SamplingParams(temperature=0), **kw)
 
 
-def test_an_oversize_prompt_is_refused_at_once_beside_a_normal_request(server, monkeypatch):
+def _refusals(caplog) -> list[float]:
+    """The server's own handling time (ms, from the parsed request to the status) of each INVALID_ARGUMENT
+    RPC logged so far: what "refused at once" promises, apart from the client's upload of the message."""
+    return [r.kv["ms"] for r in caplog.records
+            if r.getMessage() == "rpc" and getattr(r, "kv", {}).get("code") == "INVALID_ARGUMENT"]
+
+
+def test_an_oversize_prompt_is_refused_at_once_beside_a_normal_request(server, monkeypatch, caplog):
     c = server
     tokenized = []
     tok = c.server.registry.get("default").tokenizer
@@ -60,17 +67,20 @@ def test_an_oversize_prompt_is_refused_at_once_beside_a_normal_request(server, m
     e = refused["error"]
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
     assert "prompt is 15000000 bytes" in e.details() and "--max-prompt-bytes" in e.details()
-    assert refused["seconds"] < 1.0
+    # refused at once: the server's handling, from the parsed request to the status, takes tens of ms (the
+    # client's wall time also holds its own upload of 15 MB, which on two shared vCPUs can pass a second)
+    print(f"15 MB prompt refused after {refused['seconds']:.3f} s at the client, {_refusals(caplog)} ms in the server")
+    assert len(_refusals(caplog)) == 1 and _refusals(caplog)[0] < 500
     assert all(n < MB for n in tokenized)  # the tokenizer never saw it
 
     for fn, req in ((c.gen.Tokenize, pb.TokenizeRequest(text=huge)),
                     (c.gen.Generate, _greedy(messages=pb.ChatMessages(
                         messages=[pb.ChatMessage(role="user", content=huge[:2 * MB])]))),
                     (c.gen.Generate, _greedy(tokens=pb.TokenIds(ids=[200] * MB)))):
-        t0 = time.monotonic()
+        n_before = len(_refusals(caplog))
         e = _error(fn, req)
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-prompt-bytes" in e.details(), e.details()
-        assert time.monotonic() - t0 < 1.0
+        assert len(_refusals(caplog)) == n_before + 1 and _refusals(caplog)[-1] < 500
     stream = c.gen.GenerateStream(pb.GenerateStreamRequest(prompt=huge, max_tokens=4), timeout=30)
     with pytest.raises(grpc.RpcError) as e:
         list(stream)
