@@ -201,6 +201,49 @@ def test_matmul_batch_invariant(be, cl_device, ggml_type, mat_rows):
         assert np.array_equal(host(be, out)[0], full[i]), f"row {i} alone"
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_nibble_table_dequant_is_bit_identical(cl_device, ref, ggml_type, monkeypatch):
+    """The 4-bit table dequantiser (NIBBLE_LUT, common.clh) gives the same bits as the arithmetic
+    one, mat-vec and mat-mat: a table entry is the same fma of the code with the block's scale."""
+    from compute.opencl import programs
+
+    monkeypatch.setattr(programs, "host_has_avx512", lambda: False)
+    be = OpenCLBackend(device=cl_device)
+    assert "-DNIBBLE_LUT=1" not in be.build_options
+    rng = np.random.default_rng(7 + int(ggml_type))
+    N, K = 70, 8 * QK[ggml_type]
+    raw = random_raw(rng, ggml_type, (N, K))
+    w = load(be, ggml_type, (N, K), raw)
+    x = (rng.standard_normal((9, K)) / math.sqrt(K)).astype(np.float32)
+    xd = dev(be, x)
+
+    def run():
+        outs = []
+        for n in (1, 9):
+            out = empty(be, (n, N))
+            be.matmul(xd[:n], w, out)
+            outs.append(host(be, out))
+        return outs
+
+    arithmetic = run()
+    be.kernel = lambda fname, **d: be.kernels.kernel(fname, **d, NIBBLE_LUT=1)
+    table = run()
+    for a, t in zip(arithmetic, table):
+        assert np.array_equal(a, t)
+    expect = np.empty((9, N), np.float32)
+    ref.matmul(x, load(ref, ggml_type, (N, K), raw), expect)
+    np.testing.assert_allclose(table[1], expect, **TOL)
+
+
+def test_nibble_table_only_where_it_pays(cl_device):
+    """The native profile turns the table dequantiser on for Intel's CPU runtime on an AVX-512 host, only."""
+    from compute.opencl import programs
+
+    be = OpenCLBackend(device=cl_device)
+    want = be.is_cpu and "-DVENDOR_INTEL=1" in be.build_options and programs.host_has_avx512()
+    assert ("-DNIBBLE_LUT=1" in be.build_options) == want
+
+
 # ---- embedding / gather ----
 @pytest.mark.parametrize("ggml_type", NATIVE + [T.Q5_1, T.BF16], ids=lambda t: t.name)
 def test_embed_matches_numpy(be, ref, ggml_type):

@@ -62,6 +62,18 @@ def vendor_define(platform: cl.Platform, dev: cl.Device) -> str:
     return "VENDOR_OTHER"
 
 
+def host_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512F (a CPU OpenCL device is this CPU): Linux's cpuinfo flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class BuildProfile:
     """How the kernels are built for a device: the tuning's name and the build options."""
@@ -76,6 +88,8 @@ class BuildProfile:
         vendor = vendor_define(platform, device)
         if tuning is None:
             defines = (["-DDEV_CPU=1"] if is_cpu else []) + [f"-D{vendor}=1"]  # the kernels' #ifdef table
+            if is_cpu and vendor == "VENDOR_INTEL" and host_has_avx512():
+                defines.append("-DNIBBLE_LUT=1")  # 4-bit codes through one vpermps (common.clh)
             tuning = "cpu" if is_cpu else {"VENDOR_NVIDIA": "nvidia", "VENDOR_AMD": "amd",
                                            "VENDOR_INTEL": "intel"}.get(vendor, "generic")
         else:
