@@ -6,7 +6,7 @@
 // Global: (RED_LWS * n).
 #include "rms_norm.clh"
 
-__kernel __attribute__((reqd_work_group_size(RED_LWS, 1, 1)))
+__kernel __attribute__((reqd_work_group_size(RED_LWS, 1, 1))) __attribute__((vec_type_hint(float16)))
 void rms_norm_f32(__global const float* x, int x_off,    // (n, E)
                   __global const float* w, int w_off,    // (E,)
                   __global float* out, int out_off,      // (n, E); may be x

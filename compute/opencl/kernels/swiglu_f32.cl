@@ -4,7 +4,7 @@
 // Global: round_up(ceil(total / 16), EW_LWS).
 #include "common.clh"
 
-__kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1)))
+__kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1))) __attribute__((vec_type_hint(float16)))
 void swiglu_f32(__global const float* gate, int g_off,
                 __global const float* up, int u_off,
                 __global float* out, int out_off,
