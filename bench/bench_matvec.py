@@ -1,13 +1,15 @@
 """The matrix kernels alone: device time of out = x (n, K) @ W^T per weight type, shape and row count.
 
     python bench/bench_matvec.py [--types q4_1,q4_k] [--shapes 1536x576,5632x2048] [--rows 1,2,4,8,9]
-                                 [--reps 20] [--device intel] [--threads 0]
+                                 [--reps 20] [--device intel] [--threads 0] [--define NAME] [--cold-mib 256]
 
 Each launch is timed by the device (an OpenCL profiling queue; the median of --reps launches
 after one warm launch). Prints microseconds per launch, the cost of n rows relative to one
 row, and the weight bytes read per second (the weights once per launch: what a mat-vec must
-stream; the matrix is small enough to stay in the caches for the small shapes, so the large
-ones say more about memory bandwidth). Asserts nothing.
+stream). By default one copy of the weights is launched on again and again, so small shapes
+run from the caches; --cold-mib cycles through copies totalling that much, so every launch
+streams its weights from memory as a decode step does. --define NAME times each kernel also
+built with -DNAME=1, interleaved, with the ratio. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main() -> None:
     ap.add_argument("--segs", type=int, default=1, help="projections of the same x per launch (1 or 2: gate+up)")
     ap.add_argument("--mat-rows", type=int, default=0, help="the mat-mat tile (default: the backend's)")
     ap.add_argument("--define", default="", help="A/B: also time each kernel built with -D<this>=1, interleaved")
+    ap.add_argument("--cold-mib", type=int, default=0,
+                    help="cycle through copies of the weights totalling at least this many MiB, so every launch "
+                         "reads them from memory as a decode step does (default 0: one copy, cache-warm)")
     args = ap.parse_args()
 
     be = opencl_backend(args.device, args.threads)
@@ -79,7 +84,8 @@ def main() -> None:
     cl.enqueue_nd_range_kernel = grab
     print(f"# {machine_line()}")
     print(f"# {be.platform.name.strip()} / {be.device.name.strip()}; threads={args.threads or 'all'}; "
-          f"median of {args.reps} launches")
+          f"median of {args.reps} launches; " + (f"weights cold (copies >= {args.cold_mib} MiB cycled)"
+                                                 if args.cold_mib else "weights cache-warm (one copy)"))
     rows = [int(r) for r in args.rows.split(",")]
     rng = np.random.default_rng(0)
     print(f"{'type':5} {'N x K':>11} {'MiB':>6} " + " ".join(f"{f'{r} rows us':>10}" for r in rows)
@@ -96,6 +102,11 @@ def main() -> None:
                 spec = BufferSpec("target", "weights", "w", "device", be.weight_nbytes(t, (N, K)))
                 ws.append(be.load_weight(be.allocate("bench", spec), t, (N, K), raw))
                 nbytes += spec.nbytes
+            copies = [ws]
+            while len(copies) * nbytes < args.cold_mib << 20:  # more weights of the same shape, elsewhere in memory
+                copies.append([be.load_weight(be.allocate("bench", BufferSpec(
+                    "target", "weights", "w", "device", be.weight_nbytes(t, (N, K)))), t, (N, K),
+                    random_raw(rng, t, (N, K))) for _ in ws])
             variants = [{}] + ([{args.define: 1}] if args.define else [])
             times = {i: [] for i in range(len(variants))}  # variant -> per row count: median seconds
             for n in rows:
@@ -104,13 +115,13 @@ def main() -> None:
                 xa = CLArray(xb, 0, (n, K), np.float32)
                 outs = [CLArray(cl.Buffer(be.context, cl.mem_flags.READ_WRITE, n * N * 4), 0, (n, N), np.float32)
                         for _ in ws]
-                projs = [Proj(w, o) for w, o in zip(ws, outs)]
                 got = {i: [] for i in times}
                 for rep in range(args.reps + 1):
                     for i, extra in enumerate(variants):  # interleaved
                         be.kernel = lambda fname, __e=extra, **d: be.kernels.kernel(fname, **d, **__e)
                         events.clear()
-                        be.matmuls(xa, projs)
+                        cws = copies[(rep * len(variants) + i) % len(copies)]
+                        be.matmuls(xa, [Proj(w, o) for w, o in zip(cws, outs)])
                         q.finish()
                         if rep:  # the first launch builds the kernel
                             got[i].append(sum(e.profile.end - e.profile.start for e in events) * 1e-9)
