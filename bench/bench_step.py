@@ -166,8 +166,8 @@ def main() -> None:
                 if not replay:  # every pass op by op, as before compute/opencl/replay.py
                     llama.REPLAY_MAX_ROWS, ctx._passes = 0, {}
                 try:
-                    r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy,
-                                              speculative=spec)).result(600)
+                    r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy, speculative=spec,
+                                              cache_prompt=False)).result(600)  # drafts from this request only
                 finally:
                     llama.REPLAY_MAX_ROWS, ctx._passes = REPLAY_MAX_ROWS, saved
                 steps = rows[1:]  # the first step is the prefill
