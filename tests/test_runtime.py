@@ -11,7 +11,6 @@ settings the runtimes themselves read (the probes run in child processes, which 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import signal
 import subprocess
@@ -310,26 +309,3 @@ def test_warm_up_measures_the_row_cost_the_draft_policy_uses(tiny_models_dir, ca
         assert logged and logged[-1]["row_cost"] == engine.row_cost.describe()
     finally:
         stop_server(c)
-
-
-def test_intel_cpu_schedule_is_static_unless_the_operator_chose(monkeypatch):
-    """Intel's CPU runtime gets one contiguous range of work-groups per thread (faster mat-vecs:
-    compute/opencl/runtime.py); an operator's DPCPP_CPU_SCHEDULE is left as it is."""
-    from compute.opencl import runtime
-
-    monkeypatch.delenv(runtime.SCHEDULE_VARIABLE, raising=False)
-    runtime.set_schedule()
-    assert runtime.os.environ[runtime.SCHEDULE_VARIABLE] == "static"
-    monkeypatch.setenv(runtime.SCHEDULE_VARIABLE, "dynamic")
-    runtime.set_schedule()
-    assert runtime.os.environ[runtime.SCHEDULE_VARIABLE] == "dynamic"
-
-
-def test_a_fresh_process_starts_the_cpu_runtime_with_the_static_schedule():
-    """Importing compute.opencl (before any platform query) is what sets the schedule."""
-    env = {k: v for k, v in os.environ.items() if k != "DPCPP_CPU_SCHEDULE"}
-    out = subprocess.run([sys.executable, "-c", "import os, compute.opencl, pyopencl; "
-                          "print(os.environ.get('DPCPP_CPU_SCHEDULE'))"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "static"

@@ -12,14 +12,6 @@ says why):
 * **PoCL** (`pyopencl[pocl]`): the loader bundled in the pyopencl wheel finds it by itself.
   Its LLVM 14 does not know Zen 4/5 CPUs; there it builds some kernels and fails others.
 
-Intel's runtime hands each launch's work-groups to its worker threads through a TBB
-partitioner chosen by `DPCPP_CPU_SCHEDULE` (`dynamic`, the runtime's default: split and
-stolen as threads free up; `affinity`; `static`: one contiguous range per thread).
-`register()` sets `static` unless the operator chose: a mat-vec then streams one contiguous
-half of the weight rows per core, which the hardware prefetchers follow, and nothing is
-stolen mid-launch. Decode of the packaged model on 2 threads of a Zen 4: 111-126 tok/s ->
-137-140 (`docs/benchmarks.md`).
-
 The ICD loader reads `OCL_ICD_VENDORS` and each runtime reads its thread setting when the
 first platform is queried, so both must be set before that: importing `compute.opencl`
 calls `register()`, and `set_threads()` must run before the first `cl.get_platforms()`
@@ -42,8 +34,6 @@ log = logging.getLogger("specserve.opencl")
 
 SYSTEM_VENDORS = "/etc/OpenCL/vendors"
 INTEL_CPU_LIBRARY = "libintelocl.so"
-# Intel's CPU runtime: how work-groups are split among its threads (module docstring).
-SCHEDULE_VARIABLE, SCHEDULE = "DPCPP_CPU_SCHEDULE", "static"
 # The environment variable each CPU runtime reads its worker-thread count from.
 THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "CL_CONFIG_CPU_TBB_NUM_WORKERS")
 
@@ -112,7 +102,6 @@ def register() -> None:
     if _state["registered"]:
         return
     _state["registered"] = True
-    set_schedule()
     if os.environ.get("OCL_ICD_VENDORS"):
         log.debug("OCL_ICD_VENDORS is set (%s): using the operator's vendors", os.environ["OCL_ICD_VENDORS"])
         return
@@ -123,13 +112,6 @@ def register() -> None:
         os.environ["OCL_ICD_VENDORS"] = _write_vendors(lines)
     except OSError as e:
         log.warning("Intel's CPU OpenCL runtime is installed but cannot be registered: %s", e)
-
-
-def set_schedule() -> None:
-    """Intel's CPU runtime splits each launch into one contiguous range of work-groups per thread
-    (DPCPP_CPU_SCHEDULE=static), unless the operator set the variable. Read when the runtime starts."""
-    if not os.environ.get(SCHEDULE_VARIABLE):
-        os.environ[SCHEDULE_VARIABLE] = SCHEDULE
 
 
 def set_threads(threads: int) -> None:
