@@ -40,67 +40,58 @@ static inline void scales(const bq4k* b, float* dsc, float* dm) {  // ggml's get
     }
 }
 
-static void mv_arith(const void* Wv, const float* x, float* out, int N, int K) {
-    const bq4k* W = Wv; int nb = K / 256; const __m512i m15 = _mm512_set1_epi32(15);
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < N; o++) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const bq4k* blk = W + (size_t)o * nb + b; float dsc[8], dm[8]; scales(blk, dsc, dm);
-            const float* xb = x + b * 256;
-            for (int c = 0; c < 4; c++) for (int h = 0; h < 2; h++) {  // 32-byte chunk c, 16-byte half h
-                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk->qs + 32 * c + 16 * h)));
-                __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, m15)), _mm512_set1_ps(dsc[2 * c]), _mm512_set1_ps(dm[2 * c]));
-                __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_set1_ps(dsc[2 * c + 1]), _mm512_set1_ps(dm[2 * c + 1]));
-                a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 64 * c + 16 * h), a0);
-                a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 64 * c + 32 + 16 * h), a1);
-            }
-        }
-        out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+// The row loop the three variants share: the rows split into one contiguous range per thread,
+// two accumulators per row, the blocks in order; the variadic argument is the work on one block
+// (`blk`, its 256 x values at `xb`, accumulating into a0 and a1). A macro, not a function
+// pointer, so each variant's inner loop is compiled in place as if written out.
+#define MATVEC(name, BLOCK_T, ...)                                                                  \
+    static void name(const void* Wv, const float* x, float* out, int N, int K) {                   \
+        const BLOCK_T* W = Wv; int nb = K / 256;                                                    \
+        const __m512i m15 = _mm512_set1_epi32(15);                                                  \
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);   \
+        (void)m15; (void)iota;                                                                      \
+        _Pragma("omp parallel for schedule(static)")                                                \
+        for (int o = 0; o < N; o++) {                                                               \
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                              \
+            for (int b = 0; b < nb; b++) {                                                          \
+                const BLOCK_T* blk = W + (size_t)o * nb + b; const float* xb = x + b * 256;         \
+                __VA_ARGS__                                                                         \
+            }                                                                                       \
+            out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                   \
+        }                                                                                           \
     }
-}
 
-static void mv_lut(const void* Wv, const float* x, float* out, int N, int K) {
-    const bq4k* W = Wv; int nb = K / 256;
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < N; o++) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const bq4k* blk = W + (size_t)o * nb + b; float dsc[8], dm[8]; scales(blk, dsc, dm);
-            const float* xb = x + b * 256;
-            for (int c = 0; c < 4; c++) {
-                __m512 l0 = _mm512_fmsub_ps(iota, _mm512_set1_ps(dsc[2 * c]), _mm512_set1_ps(dm[2 * c]));
-                __m512 l1 = _mm512_fmsub_ps(iota, _mm512_set1_ps(dsc[2 * c + 1]), _mm512_set1_ps(dm[2 * c + 1]));
-                for (int h = 0; h < 2; h++) {
-                    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk->qs + 32 * c + 16 * h)));
-                    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, l0), _mm512_loadu_ps(xb + 64 * c + 16 * h), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), l1), _mm512_loadu_ps(xb + 64 * c + 32 + 16 * h), a1);
-                }
-            }
+MATVEC(mv_arith, bq4k,
+    float dsc[8], dm[8]; scales(blk, dsc, dm);
+    for (int c = 0; c < 4; c++) for (int h = 0; h < 2; h++) {  // 32-byte chunk c, 16-byte half h
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk->qs + 32 * c + 16 * h)));
+        __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, m15)), _mm512_set1_ps(dsc[2 * c]), _mm512_set1_ps(dm[2 * c]));
+        __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_set1_ps(dsc[2 * c + 1]), _mm512_set1_ps(dm[2 * c + 1]));
+        a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 64 * c + 16 * h), a0);
+        a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 64 * c + 32 + 16 * h), a1);
+    })
+
+MATVEC(mv_lut, bq4k,
+    float dsc[8], dm[8]; scales(blk, dsc, dm);
+    for (int c = 0; c < 4; c++) {
+        __m512 l0 = _mm512_fmsub_ps(iota, _mm512_set1_ps(dsc[2 * c]), _mm512_set1_ps(dm[2 * c]));
+        __m512 l1 = _mm512_fmsub_ps(iota, _mm512_set1_ps(dsc[2 * c + 1]), _mm512_set1_ps(dm[2 * c + 1]));
+        for (int h = 0; h < 2; h++) {
+            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk->qs + 32 * c + 16 * h)));
+            a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, l0), _mm512_loadu_ps(xb + 64 * c + 16 * h), a0);
+            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), l1), _mm512_loadu_ps(xb + 64 * c + 32 + 16 * h), a1);
         }
-        out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
-}
+    })
 
-static void mv_repack(const void* Wv, const float* x, float* out, int N, int K) {
-    const rq4k* W = Wv; int nb = K / 256; const __m512i m15 = _mm512_set1_epi32(15);
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < N; o++) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const rq4k* blk = W + (size_t)o * nb + b; const float* xb = x + b * 256;
-            for (int h = 0; h < 2; h++) {
-                __m512i v = _mm512_loadu_si512(blk->q + 16 * h);
+// Element 16p + j of a 128-weight half h sits at nibble p of dword j.
 #define STEP(p, acc) { __m512 w = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * p), m15)), \
                         _mm512_set1_ps(blk->dsc[4 * h + p / 2]), _mm512_set1_ps(blk->dm[4 * h + p / 2])); \
                        acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + 128 * h + 16 * p), acc); }
-                STEP(0, a0) STEP(1, a1) STEP(2, a0) STEP(3, a1) STEP(4, a0) STEP(5, a1) STEP(6, a0) STEP(7, a1)
-            }
-        }
-        out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
-}
+MATVEC(mv_repack, rq4k,
+    for (int h = 0; h < 2; h++) {
+        __m512i v = _mm512_loadu_si512(blk->q + 16 * h);
+        STEP(0, a0) STEP(1, a1) STEP(2, a0) STEP(3, a1) STEP(4, a0) STEP(5, a1) STEP(6, a0) STEP(7, a1)
+    })
 
 typedef void (*mv_fn)(const void*, const float*, float*, int, int);
 
