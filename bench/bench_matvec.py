@@ -1,7 +1,7 @@
 """The matrix kernels alone: device time of out = x (n, K) @ W^T per weight type, shape and row count.
 
     python bench/bench_matvec.py [--types q4_1,q4_k] [--shapes 1536x576,5632x2048] [--rows 1,2,4,8,9]
-                                 [--reps 20] [--device intel] [--threads 0] [--define NAME] [--cold-mib 256]
+                                 [--reps 20] [--device intel] [--threads 0] [--define NAME[=VALUE]] [--cold-mib 256]
 
 Each launch is timed by the device (an OpenCL profiling queue; the median of --reps launches
 after one warm launch). Prints microseconds per launch, the cost of n rows relative to one
@@ -9,7 +9,7 @@ row, and the weight bytes read per second (the weights once per launch: what a m
 stream). By default one copy of the weights is launched on again and again, so small shapes
 run from the caches; --cold-mib cycles through copies totalling that much, so every launch
 streams its weights from memory as a decode step does. --define NAME times each kernel also
-built with -DNAME=1, interleaved, with the ratio. Asserts nothing.
+built with -DNAME=1 (or -DNAME=VALUE), interleaved, with the ratio. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--segs", type=int, default=1, help="projections of the same x per launch (1 or 2: gate+up)")
     ap.add_argument("--mat-rows", type=int, default=0, help="the mat-mat tile (default: the backend's)")
-    ap.add_argument("--define", default="", help="A/B: also time each kernel built with -D<this>=1, interleaved")
+    ap.add_argument("--define", default="",
+                    help="A/B: also time each kernel built with -D<this>=1 (or NAME=VALUE), interleaved")
     ap.add_argument("--cold-mib", type=int, default=0,
                     help="cycle through copies of the weights totalling at least this many MiB, so every launch "
                          "reads them from memory as a decode step does (default 0: one copy, cache-warm)")
@@ -107,7 +108,8 @@ def main() -> None:
                 copies.append([be.load_weight(be.allocate("bench", BufferSpec(
                     "target", "weights", "w", "device", be.weight_nbytes(t, (N, K)))), t, (N, K),
                     random_raw(rng, t, (N, K))) for _ in ws])
-            variants = [{}] + ([{args.define: 1}] if args.define else [])
+            dname, _, dval = args.define.partition("=")
+            variants = [{}] + ([{dname: dval or 1}] if args.define else [])
             times = {i: [] for i in range(len(variants))}  # variant -> per row count: median seconds
             for n in rows:
                 x = rng.standard_normal((n, K)).astype(np.float32)
