@@ -66,10 +66,15 @@ def main() -> None:
     ap.add_argument("--mat-rows", type=int, default=0, help="the mat-mat tile (default: the backend's)")
     ap.add_argument("--define", default="",
                     help="A/B: also time each kernel built with -D<this>=1 (or NAME=VALUE), interleaved")
+    ap.add_argument("--ab-x-tile", action="store_true",
+                    help="A/B: also time each row count without the backend's x-tile cap on the mat-mat tile "
+                         "(OpenCLBackend.x_tile_bytes = 0), interleaved; the ratio row is uncapped / capped")
     ap.add_argument("--cold-mib", type=int, default=0,
                     help="cycle through copies of the weights totalling at least this many MiB, so every launch "
                          "reads them from memory as a decode step does (default 0: one copy, cache-warm)")
     args = ap.parse_args()
+    if args.define and args.ab_x_tile:
+        ap.error("--define and --ab-x-tile: one A/B at a time")
 
     be = opencl_backend(args.device, args.threads)
     be.mat_rows = args.mat_rows or be.mat_rows
@@ -110,6 +115,9 @@ def main() -> None:
                     random_raw(rng, t, (N, K))) for _ in ws])
             dname, _, dval = args.define.partition("=")
             variants = [{}] + ([{dname: dval or 1}] if args.define else [])
+            x_tiles = [be.x_tile_bytes] + ([0] if args.ab_x_tile else [])  # aligned with variants
+            if args.ab_x_tile:
+                variants.append({})
             times = {i: [] for i in range(len(variants))}  # variant -> per row count: median seconds
             for n in rows:
                 x = rng.standard_normal((n, K)).astype(np.float32)
@@ -121,6 +129,7 @@ def main() -> None:
                 for rep in range(args.reps + 1):
                     for i, extra in enumerate(variants):  # interleaved
                         be.kernel = lambda fname, __e=extra, **d: be.kernels.kernel(fname, **d, **__e)
+                        be.x_tile_bytes = x_tiles[i] if args.ab_x_tile else x_tiles[0]
                         events.clear()
                         cws = copies[(rep * len(variants) + i) % len(copies)]
                         be.matmuls(xa, [Proj(w, o) for w, o in zip(cws, outs)])
@@ -132,9 +141,10 @@ def main() -> None:
             for i, extra in enumerate(variants):
                 ts = times[i]
                 name = tname + ("" if not extra else f"+{args.define}")
+                name += " no x-tile cap" if args.ab_x_tile and i else ""
                 print(f"{name:5} {shape:>11} {nbytes / 2**20:6.2f} " + " ".join(f"{s * 1e6:10.1f}" for s in ts)
                       + " " + " ".join(f"{s / ts[0]:5.2f}" for s in ts[1:]) + f" {nbytes / ts[0] / 1e9:7.1f}")
-            if args.define:
+            if args.define or args.ab_x_tile:
                 print(f"{'':5} {'ratio':>11} {'':6} " + " ".join(f"{b / a:10.3f}" for a, b in zip(times[0], times[1])))
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from compute.backend import BufferSpec, Proj  # noqa: E402
 from compute.numpy_backend import NumpyBackend  # noqa: E402
-from compute.opencl.backend import KERNEL_DIR, MAT_ROWS, CLArray, OpenCLBackend  # noqa: E402
+from compute.opencl.backend import KERNEL_DIR, MAT_ROWS, CLArray, OpenCLBackend, _tile_rows  # noqa: E402
 from tests.opencl_runtimes import device_params  # noqa: E402
 
 pytestmark = pytest.mark.opencl
@@ -176,15 +176,18 @@ def test_matmul_bias_and_offsets(be, ref):
     np.testing.assert_allclose(host(be, out), expect, **TOL)
 
 
-@pytest.mark.parametrize("mat_rows", [None, 3])
+@pytest.mark.parametrize("mat_rows,x_tile", [(None, False), (3, False), (None, True)])
 @pytest.mark.parametrize("ggml_type", NATIVE, ids=lambda t: t.name)
-def test_matmul_batch_invariant(be, cl_device, ggml_type, mat_rows):
+def test_matmul_batch_invariant(be, cl_device, ggml_type, mat_rows, x_tile):
     """A row's output is bit-identical whether it is computed alone (mat-vec) or in any batch
-    (mat-mat, with the device's tile and an odd one)."""
-    if mat_rows is not None:
-        be = OpenCLBackend(device=cl_device, tuning=be.tuning, mat_rows=mat_rows)
+    (mat-mat, with the device's tile, an odd one, and the x-tile cap of prompt chunks: 4 rows)."""
+    if mat_rows is not None or x_tile:
+        be = OpenCLBackend(device=cl_device, tuning=be.tuning, mat_rows=mat_rows or (8 if x_tile else None))
     rng = np.random.default_rng(100 + int(ggml_type))
     N, K = 70, 2 * QK[ggml_type] if QK[ggml_type] > 1 else 77
+    if x_tile:
+        be.x_tile_bytes = 4 * K * 4  # x of 4 rows fits, of 8 not: batches of 10+ rows take 4-row tiles
+        assert [_tile_rows(n, be.mat_rows, K, be.x_tile_bytes) for n in (9, 10, 17)] == [9, 4, 4]
     w = load(be, ggml_type, (N, K), random_raw(rng, ggml_type, (N, K)))
     x = rng.standard_normal((17, K)).astype(np.float32)
     xd = dev(be, x)
@@ -199,6 +202,16 @@ def test_matmul_batch_invariant(be, cl_device, ggml_type, mat_rows):
         out = empty(be, (1, N))
         be.matmul(dev(be, x[i:i + 1]), w, out)
         assert np.array_equal(host(be, out)[0], full[i]), f"row {i} alone"
+
+
+def test_tile_rows_cap_only_for_prompt_chunks():
+    """The L1 cap on the mat-mat tile (_tile_rows) leaves decode and verify batches alone, takes
+    prompt chunks to the largest power-of-two tile of 4+ rows whose x fits, and is off on GPUs."""
+    l1 = 32 << 10
+    assert [_tile_rows(n, 8, 2048, l1) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]  # as without the cap
+    assert [_tile_rows(n, 8, 2048, l1) for n in (10, 16, 64)] == [4, 4, 4]  # 4 rows of 2048 floats fit 32 KiB
+    assert [_tile_rows(64, 8, K, l1) for K in (576, 1536, 5632)] == [8, 4, 8]  # 8 fit; 4 fit; not even 4: as before
+    assert _tile_rows(64, 8, 2048, 0) == 8  # no cap (GPUs)
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
