@@ -276,6 +276,14 @@ class Backend(ABC):
         self.rope(q, cos, sin, n_head, head_dim, rope_dim, neox)
         self.rope(k, cos, sin, n_head_kv, head_dim, rope_dim, neox)
 
+    def rope_kv_store(self, q, k, v, cos: np.ndarray, sin: np.ndarray, n_head: int, n_head_kv: int,
+                      head_dim: int, rope_dim: int, neox: bool, k_cache, v_cache, layer: int,
+                      slots: np.ndarray, positions: np.ndarray) -> None:
+        """`rope_qk` then `kv_store`: q rotated in place, the rotated k and v written into the caches.
+        Afterwards only q and the caches are defined: a backend may leave k unrotated."""
+        self.rope_qk(q, k, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox)
+        self.kv_store(k_cache, v_cache, layer, slots, positions, k, v)
+
     # ---- KV cells between slots (n > 1 completions of one prompt share its prefill) ----
     def kv_copy(self, k_cache, v_cache, src_slot: int, dst_slot: int, n: int) -> None:
         """Copy cells 0..n-1 of slot src_slot to slot dst_slot, in every layer of both caches, on the

@@ -169,8 +169,8 @@ class LlamaContext:
             be.matmuls(xn, [Proj(t[p + "attn_q.weight"], q, t.get(p + "attn_q.bias")),
                             Proj(t[p + "attn_k.weight"], k, t.get(p + "attn_k.bias")),
                             Proj(t[p + "attn_v.weight"], v, t.get(p + "attn_v.bias"))], pad=self.pad)
-            be.rope_qk(q, k, cos, sin, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox)
-            be.kv_store(self.k, self.v, i, batch.slots, batch.positions, k, v)
+            be.rope_kv_store(q, k, v, cos, sin, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox,
+                             self.k, self.v, i, batch.slots, batch.positions)
             be.attention(self.k, self.v, i, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
                          hp.head_dim, attn)
             be.matmul(attn, t[p + "attn_output.weight"], o, pad=self.pad)

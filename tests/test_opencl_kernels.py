@@ -497,6 +497,42 @@ def test_fused_rope_pair(be):
     assert np.array_equal(host(be, qd), host(be, q1)) and np.array_equal(host(be, kd), host(be, k1))
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("neox,n_head,n_head_kv,head_dim,rope_dim", [(False, 9, 3, 64, 64), (True, 4, 2, 32, 32),
+                                                                     (False, 6, 2, 40, 24), (True, 4, 4, 16, 8)])
+def test_fused_rope_kv_store(be, kv, neox, n_head, n_head_kv, head_dim, rope_dim):
+    """rope_kv_store is one launch and gives q and both caches bit for bit as rope_qk then kv_store,
+    partial rotary dimensions and both KV types included; rows land at their (slot, position)."""
+    rng = np.random.default_rng(head_dim + rope_dim + int(neox))
+    n, n_layer, n_slots, n_ctx = 5, 2, 3, 12
+    E = n_head_kv * head_dim
+    q = rng.standard_normal((n, n_head * head_dim)).astype(np.float32)
+    k = rng.standard_normal((n, E)).astype(np.float32)
+    v = rng.standard_normal((n, E)).astype(np.float32)
+    theta = rng.uniform(0, 50, (n, rope_dim // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    slots, positions = np.array([0, 2, 2, 1, 0], np.int32), np.array([3, 0, 1, 11, 4], np.int32)
+    runs = []
+    for fused in (True, False):
+        kc, vc, _, _ = _caches(be, None, n_layer, n_slots, n_ctx, E, kv)
+        qd, kd, vd = offset_dev(be, q), dev(be, k), offset_dev(be, v)
+        with Launches(be) as launched:
+            if fused:
+                be.rope_kv_store(qd, kd, vd, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox, kc, vc, 1,
+                                 slots, positions)
+            else:
+                be.rope_qk(qd, kd, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox)
+                be.kv_store(kc, vc, 1, slots, positions, kd, vd)
+        assert launched.n == (1 if fused else 2)
+        runs.append((host(be, qd), *(host(be, c) for c in (kc, vc))))
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+    _, kcache, vcache = runs[0]
+    stored = v.astype(np.float16 if kv == "f16" else np.float32).astype(np.float32)  # read back as float32
+    assert np.array_equal(vcache[1, slots, positions], stored)  # each row at its cell
+    assert not kcache[0].any() and not vcache[0].any()  # other layers untouched
+
+
 @pytest.mark.parametrize("tuning", ["nvidia", "amd", "intel", "generic"])
 def test_gpu_tunings_fit_common_gpu_limits(cl_device, tuning):
     """Every kernel of a GPU tuning builds, and its work-group (<= 256 work-items) and local
@@ -508,7 +544,7 @@ def test_gpu_tunings_fit_common_gpu_limits(cl_device, tuning):
             builds.append((f, dict(NR=MAT_ROWS["gpu"], SEGS=3)))
         elif f == "attn_f32.cl":
             builds += [(f, dict(HEAD_DIM=128, KV_F16=kv)) for kv in (0, 1)]
-        elif f == "kv_store_f32.cl":
+        elif f in ("kv_store_f32.cl", "rope_kv_store_f32.cl"):
             builds += [(f, dict(KV_F16=kv)) for kv in (0, 1)]
         else:
             builds.append((f, {}))

@@ -20,8 +20,9 @@ mat-mat builds (NR rows per work-item, `_tile_rows`: 2, 4, mat_rows, mat_rows + 
 verify batch of 1 + 8 drafts, and on CPUs for prompt chunks the largest tile whose rows of x fit
 the L1 data cache) whose per-row operation order is identical.
 
-Fusion: the graph calls the fused operations by name (`matmuls`, `add_rms_norm`, `rope_qk`)
-and each is one launch here (per layer 16 launches become 10; a PoCL launch costs ~20 us);
+Fusion: the graph calls the fused operations by name (`matmuls`, `add_rms_norm`,
+`rope_kv_store`) and each is one launch here (per layer 16 launches become 9; a PoCL launch
+costs ~20 us);
 every op launches when it is called, nothing is held back for the next call.
 """
 
@@ -501,6 +502,24 @@ class OpenCLBackend(Backend):
             sb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
             self.kernels.enqueue(kl, (n * E,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, k.buf, k.off,
                                          v.buf, v.off, sb, pb, int(layer), n_slots, n_ctx, E, n))
+
+    def rope_kv_store(self, q: CLArray, k: CLArray, v: CLArray, cos, sin, n_head, n_head_kv, head_dim, rope_dim,
+                      neox, k_cache: CLArray, v_cache: CLArray, layer, slots, positions) -> None:
+        """rope_qk + kv_store in one launch (rope_kv_store_f32.cl); k is left unrotated."""
+        n_layer, n_slots, n_ctx, E = k_cache.shape
+        n = q.shape[0]
+        if (k.shape != (n, E) or v.shape != (n, E) or any(_overlaps(q, t) for t in (k, v))
+                or n_head_kv * head_dim != E):
+            return super().rope_kv_store(q, k, v, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox,
+                                         k_cache, v_cache, layer, slots, positions)
+        kl = self.kernel("rope_kv_store_f32.cl", KV_F16=int(k_cache.dtype == np.float16))
+        with self._lock:
+            cb, sb = self.staging.stage("cos", cos, np.float32), self.staging.stage("sin", sin, np.float32)
+            slb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
+            self.kernels.enqueue(kl, (n * n_head * (rope_dim // 2) + n * E,),
+                                 (q.buf, q.off, k.buf, k.off, v.buf, v.off, k_cache.buf, k_cache.off,
+                                  v_cache.buf, v_cache.off, cb, sb, slb, pb, n_head, n_head_kv, head_dim, rope_dim,
+                                  int(bool(neox)), int(layer), n_slots, n_ctx, n))
 
     def attention(self, k_cache: CLArray, v_cache: CLArray, layer, q: CLArray, slots, positions,
                   n_head, n_head_kv, head_dim, out: CLArray) -> None:
