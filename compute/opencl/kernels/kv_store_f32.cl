@@ -4,14 +4,7 @@
 // Work-item t = i * E + e copies one element of k and of v.
 // Global: round_up(n * E, EW_LWS).
 #include "common.clh"
-
-#if KV_F16
-#define KV_T half
-#define KV_STORE(val, idx, p) vstore_half_rte((val), (idx), (p))
-#else
-#define KV_T float
-#define KV_STORE(val, idx, p) ((p)[idx] = (val))
-#endif
+#include "kv_store.clh"
 
 __kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1)))
 void kv_store_f32(__global KV_T* kc, int kc_off, __global KV_T* vc, int vc_off,

@@ -9,6 +9,7 @@
 // Work-item t rotates one pair: t < n * n_heads0 * rope_dim / 2 in x0, the rest in x1.
 // Global: round_up(n * (n_heads0 + n_heads1) * rope_dim / 2, EW_LWS).
 #include "common.clh"
+#include "rope.clh"
 
 __kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1)))
 void rope_f32(__global float* x0, int x0_off, int n_heads0,
@@ -31,12 +32,8 @@ void rope_f32(__global float* x0, int x0_off, int n_heads0,
     const int hrow = t / half_;              // row * n_heads + head
     const int row = hrow / n_heads;
     __global float* h = x + (size_t)hrow * head_dim;
-    const int ia = neox ? i : 2 * i;
-    const int ib = neox ? i + half_ : 2 * i + 1;
-    const float c = cos_t[row * half_ + i];
-    const float s = sin_t[row * half_ + i];
-    const float a = h[ia], b = h[ib];
-    const float ac = a * c, bs = b * s, as_ = a * s, bc = b * c;
-    h[ia] = ac - bs;
-    h[ib] = as_ + bc;
+    const int ia = ROPE_DA(i, half_, neox), ib = ROPE_DB(i, half_, neox);
+    const float2 r = rope_rotate(h[ia], h[ib], cos_t[row * half_ + i], sin_t[row * half_ + i]);
+    h[ia] = r.x;
+    h[ib] = r.y;
 }

@@ -5,18 +5,12 @@
 // with -DKV_F16=1 (round to nearest even, as kv_store_f32.cl). cos, sin: (n, rope_dim / 2).
 // k itself is left as it was (only its rotated copy in the cache is used afterwards).
 // Work-items: t < n * n_head * rope_dim / 2 rotates one pair of q (as rope_f32.cl); the next
-// n * E each store one element of k (rotated, when its dimension is < rope_dim: the same
-// products and sum as rope_f32.cl) and of v.
+// n * E each store one element of k (rotated, when its dimension is < rope_dim: rope.clh, as
+// rope_f32.cl) and of v.
 // Global: round_up(n * n_head * rope_dim / 2 + n * E, EW_LWS).
 #include "common.clh"
-
-#if KV_F16
-#define KV_T half
-#define KV_STORE(val, idx, p) vstore_half_rte((val), (idx), (p))
-#else
-#define KV_T float
-#define KV_STORE(val, idx, p) ((p)[idx] = (val))
-#endif
+#include "kv_store.clh"
+#include "rope.clh"
 
 __kernel __attribute__((reqd_work_group_size(EW_LWS, 1, 1)))
 void rope_kv_store_f32(__global float* q, int q_off, __global const float* k, int k_off,
@@ -36,14 +30,10 @@ void rope_kv_store_f32(__global float* q, int q_off, __global const float* k, in
         const int hrow = t / half_;             // row * n_head + head
         const int row = hrow / n_head;
         __global float* h = q + q_off + (size_t)hrow * head_dim;
-        const int ia = neox ? i : 2 * i;
-        const int ib = neox ? i + half_ : 2 * i + 1;
-        const float c = cos_t[row * half_ + i];
-        const float s = sin_t[row * half_ + i];
-        const float a = h[ia], b = h[ib];
-        const float ac = a * c, bs = b * s, as_ = a * s, bc = b * c;
-        h[ia] = ac - bs;
-        h[ib] = as_ + bc;
+        const int ia = ROPE_DA(i, half_, neox), ib = ROPE_DB(i, half_, neox);
+        const float2 r = rope_rotate(h[ia], h[ib], cos_t[row * half_ + i], sin_t[row * half_ + i]);
+        h[ia] = r.x;
+        h[ib] = r.y;
         return;
     }
     t -= nq;
@@ -51,21 +41,13 @@ void rope_kv_store_f32(__global float* q, int q_off, __global const float* k, in
     const int row = t / E, e = t % E;
     const int d = e % head_dim;                 // dimension within its head
     float kv = k[k_off + t];
-    if (d < rope_dim) {                         // rotated: the pair (a, b) holding d
+    if (d < rope_dim) {                         // rotated: this element of its pair (da, db)
         const bool first = neox ? d < half_ : (d % 2) == 0;
         const int i = neox ? (first ? d : d - half_) : d / 2;
-        const int da = neox ? i : 2 * i, db = neox ? i + half_ : 2 * i + 1;
         __global const float* h = k + k_off + (size_t)t - d;
-        const float c = cos_t[row * half_ + i];
-        const float s = sin_t[row * half_ + i];
-        const float a = h[da], b = h[db];
-        if (first) {
-            const float ac = a * c, bs = b * s;
-            kv = ac - bs;
-        } else {
-            const float as_ = a * s, bc = b * c;
-            kv = as_ + bc;
-        }
+        const float2 r = rope_rotate(h[ROPE_DA(i, half_, neox)], h[ROPE_DB(i, half_, neox)],
+                                     cos_t[row * half_ + i], sin_t[row * half_ + i]);
+        kv = first ? r.x : r.y;
     }
     const size_t cell = ((size_t)layer * n_slots + slots[row]) * n_ctx + positions[row];
     const size_t dst = cell * E + e;
