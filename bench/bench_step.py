@@ -35,8 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a sc
 import pyopencl as cl  # noqa: E402
 
 from bench.common import machine_line  # noqa: E402
-from compute import llama  # noqa: E402
-from compute.llama import REPLAY_MAX_ROWS  # noqa: E402
 from compute.select import opencl_backend  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.factory import PairFactory, PairRequest  # noqa: E402
@@ -164,12 +162,13 @@ def main() -> None:
                 rows.clear()
                 saved = ctx._passes
                 if not replay:  # every pass op by op, as before compute/opencl/replay.py
-                    llama.REPLAY_MAX_ROWS, ctx._passes = 0, {}
+                    ctx.backend.replay_max_rows, ctx._passes = 0, {}
                 try:
                     r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy, speculative=spec,
                                               cache_prompt=False)).result(600)  # drafts from this request only
                 finally:
-                    llama.REPLAY_MAX_ROWS, ctx._passes = REPLAY_MAX_ROWS, saved
+                    del ctx.backend.replay_max_rows  # back to the class's
+                    ctx._passes = saved
                 steps = rows[1:]  # the first step is the prefill
                 res[m].append((steps, r.completion_tokens))
         for m in modes:

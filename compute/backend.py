@@ -29,12 +29,13 @@ import numpy as np
 Owner = Literal["target", "draft"]  # which model of the pair a buffer belongs to
 BufferKind = Literal["weights", "kv_cache", "outputs", "compute", "prompt_cache", "ngram_cache"]
 Placement = Literal["device", "host"]  # the backend's memory, or a separate host memory
-DType = Literal["f32", "f16", "i32"]  # element types of the per-context arrays (layouts)
+DType = Literal["f32", "f16", "i32", "u8"]  # element types of the per-context arrays (layouts)
 KvType = Literal["f32", "f16"]  # element types of the KV cache
 
 # THE element-type table: every layout byte count and every array a backend makes from a layout
 # take their dtype (and so their element size) from here.
-DTYPES: dict[str, np.dtype] = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32)}
+DTYPES: dict[str, np.dtype] = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "i32": np.dtype(np.int32),
+                                "u8": np.dtype(np.uint8)}
 KV_TYPES: tuple[str, ...] = get_args(KvType)
 assert set(DTYPES) == set(get_args(DType)) and set(KV_TYPES) <= set(DTYPES)
 
@@ -137,6 +138,10 @@ class Backend(ABC):
     """What the planner, the loader and the llama graph need from a compute backend."""
 
     name: str = "abstract"
+    # Batches of up to this many rows are recorded once per (rows, outputs) and replayed (record_pass):
+    # the decode and verify steps, where launching op by op from Python costs most. A backend whose
+    # passes are always graphs (ggml) records every shape.
+    replay_max_rows: int = 16
 
     def __init__(self, ledger: Ledger | None = None):
         self.ledger = ledger or Ledger()
@@ -159,6 +164,16 @@ class Backend(ABC):
         """Relative cost of a forward pass over `rows` rows (1.0 = one row); the engine uses it to
         choose how many drafts are worth verifying. Default: rows are nearly free (a GPU)."""
         return 1.0 + 0.02 * (rows - 1)
+
+    def compute_layout(self, model, n_batch: int, n_outputs_max: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The layout of a context's compute buffer for passes of up to n_batch rows and n_outputs_max
+        outputs of `model` (a ModelFile: its hparams and tensor types). Default: the llama graph's
+        scratch arrays (compute/llama.py `scratch_layout`) with this backend's row multiple and params."""
+        from compute.llama import scratch_layout
+
+        hp = model.hparams
+        return scratch_layout(hp, n_batch, n_outputs_max, self.scratch_row_multiple(),
+                              self.param_layout(hp, n_batch, n_outputs_max))
 
     def param_layout(self, hp, n_batch: int, n_outputs_max: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Device copies of the per-call host parameters (token ids, rows, RoPE tables, ...) this

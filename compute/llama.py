@@ -17,9 +17,6 @@ from compute.backend import DTYPES, KV_TYPES, Allocation, Backend, DType, KvType
 from compute.gguf_model import HParams
 
 Layout = dict[str, tuple[tuple[int, ...], DType]]  # name -> (shape, dtype name)
-# Batches of up to this many rows are recorded once per (rows, outputs) and replayed
-# (Backend.record_pass): the decode and verify steps, where launching from Python costs most.
-REPLAY_MAX_ROWS = 16
 REPLAY_MAX_PASSES = 32  # recorded shapes kept per context (each holds ~10 kernel objects per layer)
 
 
@@ -134,7 +131,7 @@ class LlamaContext:
 
     def _decode(self, batch: Batch) -> np.ndarray:
         """The pass over a batch: replayed when a batch of this shape was recorded before
-        (Backend.record_pass; small batches only: decode and verify steps), else run op by op."""
+        (Backend.record_pass; up to `replay_max_rows` rows: the decode and verify steps), else run op by op."""
         be, hp = self.backend, self.hp
         n, n_out = len(batch), len(batch.outputs)
         cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)  # (n, rope_dim/2)
@@ -142,7 +139,7 @@ class LlamaContext:
         if graph is not None:
             be.replay_pass(graph, {"tokens": batch.tokens, "positions": batch.positions, "slots": batch.slots,
                                    "outputs": batch.outputs, "cos": cos, "sin": sin})
-        elif n <= REPLAY_MAX_ROWS:
+        elif n <= be.replay_max_rows:
             with be.record_pass() as rec:
                 self._graph(batch, cos, sin)
             if rec.graph is not None:

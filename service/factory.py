@@ -281,6 +281,11 @@ class LoadedPair:
     def params(self) -> PairParams:
         return self.plan.params
 
+    @property
+    def backend(self) -> Backend:
+        """The backend the pair's buffers live on and its passes run on."""
+        return self._backend
+
     def allocated(self):
         return [a.spec for a in self._allocs]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from compute.backend import Backend, BufferSpec, Owner
 from compute.gguf_model import ModelFile
-from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout, scratch_layout
+from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout
 from service.ngram_index import ngram_layout
 from service.params import ContextParams, PairParams
 from service.prompt_cache import kv_token_bytes, store_blocks, store_layout
@@ -75,8 +75,7 @@ def _context_buffers(owner: Owner, mf: ModelFile, cp: ContextParams, backend: Ba
         out.append(PlannedBuffer(BufferSpec(owner, "kv_cache", tag, kv_dev, layout_nbytes(lay)), tuple(lay.items())))
     lay = outputs_layout(hp, cp.n_outputs_max)
     out.append(PlannedBuffer(BufferSpec(owner, "outputs", "logits", "device", layout_nbytes(lay)), tuple(lay.items())))
-    lay = scratch_layout(hp, cp.n_batch, cp.n_outputs_max, backend.scratch_row_multiple(),
-                         backend.param_layout(hp, cp.n_batch, cp.n_outputs_max))
+    lay = backend.compute_layout(mf, cp.n_batch, cp.n_outputs_max)
     out.append(PlannedBuffer(BufferSpec(owner, "compute", "scratch", "device", layout_nbytes(lay)), tuple(lay.items())))
     return out
 

@@ -36,6 +36,8 @@ def _pair_info(sp: ServedPair) -> pb.PairInfo:
         info.target_path = sp.pair.target.file.path if sp.pair.target is not None else sp.request.target_path
         if sp.pair.draft is not None:
             info.draft_path = sp.pair.draft.file.path
+        backend = sp.pair.backend
+        info.backend, info.device = backend.name, backend.device_memory().name
     if sp.engine is not None:
         info.speculative.CopyFrom(convert.speculative_to_pb(sp.engine.speculative))
         stats = sp.engine.stats()

@@ -17,9 +17,10 @@ from service.errors import InvalidArgument, NotFound, PermissionDenied, Resource
 from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig, derive_pair_params
 from service.prompt_cache import BLOCK_TOKENS, kv_token_bytes
+from tests.ggml_backend import make_ggml
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
-BACKENDS = ["numpy"]
+BACKENDS = ["numpy", "ggml"]
 try:  # the OpenCL backend joins every property test when PyOpenCL finds a device
     from compute.opencl.backend import OpenCLBackend
     from tests.opencl_runtimes import usable_device
@@ -32,6 +33,8 @@ except Exception:  # noqa: BLE001 - no OpenCL runtime: numpy only
 
 
 def make_backend(name: str):
+    if name == "ggml":
+        return make_ggml()
     return NumpyBackend(n_threads=1) if name == "numpy" else OpenCLBackend(device=OPENCL_DEVICE)
 
 

@@ -11,6 +11,7 @@ from compute.numpy_backend import NumpyBackend
 from compute.quants import dequantize
 from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig
+from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_tiny_llama
 
@@ -79,9 +80,9 @@ def test_graph_matches_the_naive_maths(tmp_path, arch, tied, row_tile):
     pair.release()
 
 
-@pytest.fixture(scope="module")
-def real_ctx():
-    be = NumpyBackend(n_threads=1)  # default row_tile
+@pytest.fixture(scope="module", params=["numpy", "ggml"])
+def real_ctx(request):
+    be = NumpyBackend(n_threads=1) if request.param == "numpy" else make_ggml()  # numpy: default row_tile
     pair = PairFactory(be, device_memory_bytes=1 << 34).load(
         PairRequest(target_path=packaged_model_path(), params=ContextParams(n_ctx=3 * 64, n_parallel=3, n_batch=32),
                     speculative=SpeculativeConfig("ngram", n_max=8)))

@@ -24,6 +24,7 @@ from service.requests import GenRequest, SamplingParams
 from service.scheduler import Scheduler
 from service.tokenizer import Tokenizer
 from tests.conftest import TINY, TINY_DRAFT
+from tests.ggml_backend import ggml_param
 from tests.opencl_runtimes import device_params
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -141,7 +142,7 @@ def _close(eng, pair):
 
 
 def _backends():
-    return [pytest.param(lambda: NumpyBackend(n_threads=1, row_tile=8), id="numpy")] + [
+    return [pytest.param(lambda: NumpyBackend(n_threads=1, row_tile=8), id="numpy"), ggml_param()] + [
         pytest.param(lambda d=p.values[0]: _opencl(d), id=f"opencl-{p.id}", marks=(*p.marks, pytest.mark.opencl))
         for p in device_params()]
 

@@ -22,6 +22,7 @@ from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig
 from service.requests import GenRequest, SamplingParams
 from service.tokenizer import Tokenizer
+from tests.ggml_backend import ggml_param
 from tests.models import packaged_model_path
 from tests.opencl_runtimes import device_params
 from tests.test_forward import naive_forward
@@ -59,7 +60,7 @@ def _opencl(device):
     return OpenCLBackend(device=device)
 
 
-BACKENDS = [pytest.param(lambda: NumpyBackend(n_threads=1, row_tile=8), id="numpy")] + [
+BACKENDS = [pytest.param(lambda: NumpyBackend(n_threads=1, row_tile=8), id="numpy"), ggml_param()] + [
     pytest.param(lambda d=p.values[0]: _opencl(d), id=f"opencl-{p.id}", marks=(*p.marks, pytest.mark.opencl))
     for p in device_params()]
 

@@ -171,7 +171,6 @@ def test_replayed_pass_equals_the_pass_run_op_by_op(model, backend, monkeypatch)
     """A batch shape seen before is replayed from its recording (compute/opencl/replay.py): the
     logits equal, bit for bit, those of the same batch run op by op, for other tokens, slots and
     positions than the recorded ones; and the replay checks token ids as the embed op does."""
-    import compute.llama as llama
 
     be = backend()
     pair = PairFactory(be).load(_request(model))
@@ -186,7 +185,7 @@ def test_replayed_pass_equals_the_pass_run_op_by_op(model, backend, monkeypatch)
         assert (2, 2) in ctx._passes
         with pytest.raises(IndexError, match="token id"):
             ctx.decode(Batch.make([ctx.hp.n_vocab, 5], [20, 21], [0, 0], [0, 1]))
-        monkeypatch.setattr(llama, "REPLAY_MAX_ROWS", 0)
+        monkeypatch.setattr(ctx.backend, "replay_max_rows", 0)
         ctx._passes.clear()
         for b, got in zip(steps, replayed):  # the same cells are written again: the same inputs
             assert np.array_equal(ctx.decode(b), got)

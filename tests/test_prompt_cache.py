@@ -23,10 +23,11 @@ from service.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
 from service.requests import GenRequest, SamplingParams
 from service.tokenizer import Tokenizer
 from tests.conftest import TINY, start_server, stop_server, tiny_config
+from tests.ggml_backend import make_ggml
 from tests.test_speculative import write_truncated_copy
 from tests.tiny_gguf import write_tiny_llama
 
-BACKENDS = ["numpy"]
+BACKENDS = ["numpy", "ggml"]
 try:  # the OpenCL backend's copies (rectangular buffer copies) too, when PyOpenCL finds a device
     from compute.opencl.backend import OpenCLBackend
     from tests.opencl_runtimes import usable_device
@@ -51,7 +52,8 @@ def models(tmp_path_factory):
 def load(models, n_parallel=2, n_ctx_slot=512, n_batch=32, n_max=4, backend="numpy", **params):
     """A pair (target + draft) on a batch-invariant backend (NumPy row_tile 8, or OpenCL), its tokenizer
     and backend."""
-    be = NumpyBackend(n_threads=1, row_tile=8) if backend == "numpy" else OpenCLBackend(device=OPENCL_DEVICE)
+    be = {"numpy": lambda: NumpyBackend(n_threads=1, row_tile=8), "ggml": make_ggml,
+          "opencl": lambda: OpenCLBackend(device=OPENCL_DEVICE)}[backend]()
     pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
         target_path=models[0], draft_path=models[1],
         params=ContextParams(n_ctx=n_parallel * n_ctx_slot, n_parallel=n_parallel, n_batch=n_batch, **params),

@@ -200,7 +200,7 @@ class ListPairsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PairInfo(_message.Message):
-    __slots__ = ("name", "state", "target_path", "draft_path", "plan", "allocated", "speculative", "active_slots", "queued", "prompt_cache")
+    __slots__ = ("name", "state", "target_path", "draft_path", "plan", "allocated", "speculative", "active_slots", "queued", "prompt_cache", "backend", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,8 @@ class PairInfo(_message.Message):
     ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: PairState
     target_path: str
@@ -221,7 +223,9 @@ class PairInfo(_message.Message):
     active_slots: int
     queued: int
     prompt_cache: PromptCacheStats
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., target_path: _Optional[str] = ..., draft_path: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., allocated: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., prompt_cache: _Optional[_Union[PromptCacheStats, _Mapping]] = ...) -> None: ...
+    backend: str
+    device: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., target_path: _Optional[str] = ..., draft_path: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., allocated: _Optional[_Iterable[_Union[Buffer, _Mapping]]] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., prompt_cache: _Optional[_Union[PromptCacheStats, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class PromptCacheStats(_message.Message):
     __slots__ = ("capacity_bytes", "used_bytes", "entries", "hits", "misses", "evictions", "cached_tokens")
