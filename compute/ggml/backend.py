@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger, PassRecording, carve_host
+from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger, PassRecording, Proj, carve_host
 from compute.ggml.graph import (
     Placeholder,
     Recorder,
@@ -36,9 +36,12 @@ from compute.ggml.graph import (
     attention_args,
     data_ptr,
 )
-from compute.ggml.lib import RopeArgs, load
+from compute.ggml.lib import MulMatArgs, QuantizeArgs, RopeArgs, load
 from compute.quants import tensor_nbytes
 
+K_QUANTS = (12, 14)  # Q4_K, Q6_K: specserve's multi-row mat-mul (compute/ggml/csrc/ops.c); others: ggml_mul_mat
+QK_K = 256
+GGML_TYPE_I8 = 24
 SCRATCH_NAMES = ("x", "xn", "q", "k", "v", "attn", "o", "gate", "up", "sel", "seln")  # compute/llama.py's
 
 
@@ -188,6 +191,33 @@ class GgmlBackend(Backend):
         finally:
             r.close()
 
+    def run_once(self, build) -> None:
+        """Record the ops `build(recorder)` adds (outside any context: probes and op tests), place them
+        in a compute buffer sized for them and compute them once; host outputs hold the results."""
+        g, r = self.g, Recorder(self.libs)
+        try:
+            with self.forward(GgmlScratch(self.libs, 0, None)), self.recording(r):
+                build(r)
+            gf = r.build()
+            sizes = (ctypes.c_size_t * 1)()
+            tmp = g.ggml_gallocr_new(self.libs.cpu_buffer_type())
+            try:
+                g.ggml_gallocr_reserve_n_size(tmp, gf, None, None, sizes)
+            finally:
+                g.ggml_gallocr_free(tmp)
+            scratch = GgmlScratch(self.libs, max(int(sizes[0]), 64), None)
+            try:
+                if not g.ggml_gallocr_alloc_graph(scratch.galloc, gf):
+                    raise MemoryError("ggml could not place a graph")
+                work = np.zeros(g.ggml_graph_plan(gf, self.n_threads, self.threadpool).work_size + 64, np.uint8)
+                p = r.bind(gf, self.n_threads, self.threadpool, work)
+                p.fill(r.record_values())
+                p.compute()
+            finally:
+                scratch.free()
+        finally:
+            r.close()
+
     def replay_pass(self, graph, params):
         graph.fill(params)
         graph.compute()
@@ -209,12 +239,37 @@ class GgmlBackend(Backend):
         r.set(out, self.g.ggml_mul(c, self.g.ggml_rms_norm(c, r.get(x), eps), r.get(w)))
 
     def matmul(self, x, w, out, bias=None, pad=None):
+        self.matmuls(x, [Proj(w, out, bias)])
+
+    def matmuls(self, x, projs, pad=None):
+        """Each p.out = x @ p.w^T [+ bias]; x is quantised to q8_K once for every K-quant matrix."""
+        r, g = self.r, self.g
+        xq = None
+        for p in projs:
+            if p.w.ggml_type in K_QUANTS and p.w.ne[0] % QK_K == 0:
+                if xq is None:
+                    xq = self._quantize_q8_k(x)
+                y = self._mul_mat_k(p.w, xq, x.n)
+            else:
+                y = g.ggml_mul_mat(r.ctx, r.get(p.w), r.get(x))  # (N, n): each row of x against each row of W
+            if p.bias is not None:
+                y = g.ggml_add(r.ctx, y, r.get(p.bias))
+            r.set(p.out, y)
+
+    def _quantize_q8_k(self, x: ScratchRef):
         r = self.r
-        c = r.ctx
-        y = self.g.ggml_mul_mat(c, r.get(w), r.get(x))  # (N, n): each row of x against each row of W
-        if bias is not None:
-            y = self.g.ggml_add(c, y, r.get(bias))
-        r.set(out, y)
+        xt = r.get(x)
+        k = xt.contents.ne[0]
+        args = QuantizeArgs(k=k, n_rows=x.n)
+        return r.custom(args, {"x": xt}, self.libs.quantize_q8_k, [xt],
+                        (k // QK_K * self.libs.q8_k_block_bytes, x.n), GGML_TYPE_I8)
+
+    def _mul_mat_k(self, w: WeightHandle, xq, n_rows: int):
+        r = self.r
+        wt = r.get(w)
+        k, n = w.ne
+        args = MulMatArgs(w=w.ptr, n=n, k=k, n_rows=n_rows, type=w.ggml_type)
+        return r.custom(args, {"xq": xq}, self.libs.mul_mat_k, [wt, xq], (n, n_rows))
 
     def add(self, a, b, out):
         r = self.r

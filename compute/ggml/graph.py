@@ -197,13 +197,14 @@ class Recorder:
             got = self.inputs[name] = (t, values.astype(np.float32 if ggml_type == GGML_F32 else np.int32))
         return got[0]
 
-    def custom(self, args: ctypes.Structure, pointers: dict, fun, srcs: list, ne: tuple[int, int]):
+    def custom(self, args: ctypes.Structure, pointers: dict, fun, srcs: list, ne: tuple[int, int],
+               ggml_type: int = 0):
         """A node computed by one of specserve's ops (`fun`) over `srcs` (which it reads, so the graph
-        computes them first), of float32 shape ne; its data and `pointers`' tensors' data are written
-        into `args` once the graph is placed."""
+        computes them first), of shape ne (float32 unless `ggml_type`); its data and `pointers`' tensors'
+        data are written into `args` once the graph is placed."""
         g = self.g
         arr = (ctypes.POINTER(g.ggml_tensor) * len(srcs))(*srcs)
-        node = g.ggml_custom_4d(self.ctx, GGML_F32, ne[0], ne[1], 1, 1, arr, len(srcs), fun, -1,
+        node = g.ggml_custom_4d(self.ctx, ggml_type, ne[0], ne[1], 1, 1, arr, len(srcs), fun, -1,
                                 ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
         self.custom_args.append((args, dict(pointers, out=node)))
         return node

@@ -45,6 +45,19 @@ class RopeArgs(ctypes.Structure):
     ]
 
 
+class QuantizeArgs(ctypes.Structure):
+    """compute/ggml/csrc/ops.c `quantize_args`: activations to q8_K blocks."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("out", ctypes.c_void_p), ("k", ctypes.c_int64), ("n_rows", ctypes.c_int32)]
+
+
+class MulMatArgs(ctypes.Structure):
+    """compute/ggml/csrc/ops.c `mul_mat_args`: a K-quant matrix times q8_K activation rows."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("xq", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("n_rows", ctypes.c_int32), ("type", ctypes.c_int32)]
+
+
 @dataclass(frozen=True)
 class Libs:
     """ggml's binding module, the ops library, and the ops as ggml_custom_op_t function pointers."""
@@ -53,8 +66,12 @@ class Libs:
     ops: ctypes.CDLL
     attention: object  # ggml.ggml_custom_op_t
     rope: object  # ggml.ggml_custom_op_t
+    quantize_q8_k: object  # ggml.ggml_custom_op_t
+    mul_mat_k: object  # ggml.ggml_custom_op_t
     max_head_dim: int
     max_group: int
+    q8_k_block_bytes: int
+    vnni: bool  # the K-quant mat-mul runs its AVX-512 VNNI path on this CPU
 
     def cpu_buffer_type(self) -> int:
         """ggml_backend_cpu_buffer_type(), called with its real return type (the binding declares a
@@ -81,5 +98,7 @@ def load() -> Libs:
     except OSError as e:
         raise GgmlUnavailable(f"specserve's ggml ops cannot be loaded ({e})") from e
     op = functools.partial(ctypes.cast, typ=ggml.ggml_custom_op_t)
-    return Libs(ggml, ops, op(ops.specserve_attention), op(ops.specserve_rope),
-                ops.specserve_attention_max_head_dim(), ops.specserve_attention_max_group())
+    return Libs(ggml, ops, op(ops.specserve_attention), op(ops.specserve_rope), op(ops.specserve_quantize_q8_k),
+                op(ops.specserve_mul_mat_k), ops.specserve_attention_max_head_dim(),
+                ops.specserve_attention_max_group(), ops.specserve_q8_k_block_bytes(),
+                bool(ops.specserve_mul_mat_k_vnni()))

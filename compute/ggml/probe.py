@@ -8,12 +8,10 @@ and threadpool that serving uses, and compares the result with the NumPy referen
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from compute.backend import DTYPES
-from compute.ggml.graph import Recorder, ScratchRef, WeightHandle
+from compute.ggml.graph import ScratchRef, WeightHandle
 from compute.numpy_backend import NumpyBackend
 
 N_ROWS, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_CTX = 3, 64, 4, 2, 16, 8
@@ -52,37 +50,16 @@ def probe(be) -> None:
     cos, sin = be.rope_tables(c["positions"], HEAD_DIM, 10000.0, 1.0)
     n = N_ROWS
     q, k, x, attn = ScratchRef("q", n), ScratchRef("k", n), ScratchRef("x", n), ScratchRef("attn", n)
-    from compute.ggml.backend import GgmlScratch
 
-    scratch = GgmlScratch(be.libs, 0, None)
-    r = Recorder(be.libs)
-    try:
-        with be.forward(scratch), be.recording(r):
-            r.set(x, r.input("x", c["x"]))
-            be.matmul(x, handle, q)
-            r.set(k, be.g.ggml_cont(r.ctx, be.g.ggml_view_2d(r.ctx, r.get(q), N_HEAD_KV * HEAD_DIM, n,
-                                                             r.get(q).contents.nb[1], 0)))
-            be.rope_kv_store(q, k, k, cos, sin, N_HEAD, N_HEAD_KV, HEAD_DIM, HEAD_DIM, False, kc, vc, 0,
-                             c["slots"], c["positions"])
-            be.attention(kc, vc, 0, q, c["slots"], c["positions"], N_HEAD, N_HEAD_KV, HEAD_DIM, attn)
-            be.add(attn, attn, out)
-        gf = r.build()
-        g = be.g
-        sizes = (ctypes.c_size_t * 1)()
-        tmp = g.ggml_gallocr_new(be.libs.cpu_buffer_type())
-        try:
-            g.ggml_gallocr_reserve_n_size(tmp, gf, None, None, sizes)
-        finally:
-            g.ggml_gallocr_free(tmp)
-        scratch = GgmlScratch(be.libs, int(sizes[0]), None)
-        try:
-            assert g.ggml_gallocr_alloc_graph(scratch.galloc, gf), "ggml could not place the probe's graph"
-            work = np.zeros(g.ggml_graph_plan(gf, be.n_threads, be.threadpool).work_size + 64, np.uint8)
-            p = r.bind(gf, be.n_threads, be.threadpool, work)
-            p.fill(r.record_values())
-            p.compute()
-        finally:
-            scratch.free()
-    finally:
-        r.close()
+    def build(r):
+        r.set(x, r.input("x", c["x"]))
+        be.matmul(x, handle, q)
+        g, qt = be.g, r.get(q)
+        r.set(k, g.ggml_cont(r.ctx, g.ggml_view_2d(r.ctx, qt, N_HEAD_KV * HEAD_DIM, n, qt.contents.nb[1], 0)))
+        be.rope_kv_store(q, k, k, cos, sin, N_HEAD, N_HEAD_KV, HEAD_DIM, HEAD_DIM, False, kc, vc, 0,
+                         c["slots"], c["positions"])
+        be.attention(kc, vc, 0, q, c["slots"], c["positions"], N_HEAD, N_HEAD_KV, HEAD_DIM, attn)
+        be.add(attn, attn, out)
+
+    be.run_once(build)
     np.testing.assert_allclose(out, 2 * _reference(c), **TOLERANCE)

@@ -173,3 +173,285 @@ void specserve_rope(void *dst, int ith, int nth, void *userdata) {
     const rope_args *a = (const rope_args *)userdata;
     for (int row = ith; row < a->n_rows; row += nth) rope_row(a, row);
 }
+
+// ---- mat-mul of K-quant weights by 8-bit activations, every weight block unpacked once for all rows ----
+//
+// out (n_rows, N) = x (n_rows, K) @ W^T for W the file's (N, K) Q4_K or Q6_K matrix. The activations are
+// first quantised to ggml's q8_K blocks (quantize_q8_k: one scale per 256 values, int8 values and the sums
+// of each 16) by one op; the mat-mul op then takes each weight block once, unpacks its 4- or 6-bit codes
+// and scales once, and multiplies it with the same block of every activation row. A (weight row, activation
+// row) pair always runs the same instructions in the same order, whatever the number of rows: the result of
+// a row never depends on the others (batch invariance), and a verify batch of 9 rows costs far less than 9
+// decodes, because unpacking, not multiplying, is what a one-row mat-vec spends its time on.
+//
+// The integer sums are exact; float enters once per 256-value block (scale products, one FMA) and in the
+// final sum of the 16 lanes, in a fixed order.
+
+#define QK_K 256
+
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} block_q8_k;
+
+typedef struct {
+    uint16_t d, dmin;  // f16 super-block scales of the scales and of the mins
+    uint8_t scales[12];  // 8 six-bit scales and 8 six-bit mins
+    uint8_t qs[QK_K / 2];
+} block_q4_k;
+
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+} block_q6_k;
+
+typedef struct {
+    const float *x;
+    void *out;  // (n_rows, K / 256) block_q8_k
+    int64_t k;
+    int32_t n_rows;
+} quantize_args;
+
+typedef struct {
+    const void *w;   // (N, K / 256) weight blocks
+    const void *xq;  // (n_rows, K / 256) block_q8_k
+    float *out;      // (n_rows, N)
+    int64_t n, k;
+    int32_t n_rows, type;  // type: 12 (Q4_K) or 14 (Q6_K), ggml's numbering
+} mul_mat_args;
+
+static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+        float amax = 0.0f, max = 0.0f;  // the value of largest magnitude, with its sign
+        for (int j = 0; j < QK_K; j++) {
+            const float a = fabsf(x[j]);
+            if (a > amax) { amax = a; max = x[j]; }
+        }
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof(block_q8_k));
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < QK_K; j++) {
+            const int v = (int)lrintf(iscale * x[j]);
+            y[b].qs[j] = (int8_t)(v > 127 ? 127 : v);
+        }
+        for (int j = 0; j < QK_K / 16; j++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += y[b].qs[j * 16 + i];
+            y[b].bsums[j] = (int16_t)s;
+        }
+        y[b].d = 1.0f / iscale;
+    }
+}
+
+void specserve_quantize_q8_k(void *dst, int ith, int nth, void *userdata) {
+    (void)dst;
+    const quantize_args *a = (const quantize_args *)userdata;
+    const int64_t nb = a->k / QK_K;
+    for (int r = ith; r < a->n_rows; r += nth)
+        quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
+}
+
+static inline void q4_k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+#define MAX_ROWS 64  // activation rows per call (the planner's n_batch may be larger: taken in groups)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+VNNI_TARGET static inline float hsum16(__m512 v) {  // fixed order: halves, then quarters, ...
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+
+// one weight row of Q4_K against rows c0..c1 of the activations
+VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq, int64_t nb, int c0, int c1,
+                                       float *out, int64_t out_stride) {
+    __m512 acc[MAX_ROWS];
+    for (int c = c0; c < c1; c++) acc[c - c0] = _mm512_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0xF);
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q4_k *wb = &w[b];
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++) q4_k_scale_min(j, wb->scales, &sc[j], &mn[j]);
+        __m512i wq[4], scv[4];
+        for (int j = 0; j < 4; j++) {  // 64 values 64j..64j+63: low nibbles, then high
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            scv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(sc[2 * j])),
+                                        _mm256_set1_epi32(sc[2 * j + 1]), 1);
+        }
+        int16_t m16[16];
+        for (int j = 0; j < 16; j++) m16[j] = mn[j / 2];
+        const __m256i mins = _mm256_loadu_si256((const __m256i *)m16);
+        const float d = _cvtsh_ss(wb->d), dmin = _cvtsh_ss(wb->dmin);
+        for (int c = c0; c < c1; c++) {
+            const block_q8_k *xb = &xq[c * nb + b];
+            __m512i isum = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
+                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
+            }
+            const __m256i msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mins);
+            acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xb->d), acc[c - c0]);
+            acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castsi256_si512(msum)),
+                                          _mm512_set1_ps(-dmin * xb->d), acc[c - c0]);
+        }
+    }
+    for (int c = c0; c < c1; c++) out[(c - c0) * out_stride] = hsum16(acc[c - c0]);
+}
+
+// one weight row of Q6_K against rows c0..c1 of the activations
+VNNI_TARGET static void row_q6_k_vnni(const block_q6_k *w, const block_q8_k *xq, int64_t nb, int c0, int c1,
+                                       float *out, int64_t out_stride) {
+    __m512 acc[MAX_ROWS];
+    for (int c = c0; c < c1; c++) acc[c - c0] = _mm512_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q6_k *wb = &w[b];
+        __m256i g[8];  // the 6-bit codes (0..63) of values 32i..32i+31
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * n + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * n));
+            g[4 * n + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(h, low2), 4));
+            g[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4));
+            g[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4));
+            g[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4));
+        }
+        __m512i wq[4], scv[4];
+        for (int j = 0; j < 4; j++) {
+            wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g[2 * j]), g[2 * j + 1], 1);
+            scv[j] = _mm512_cvtepi8_epi32(_mm_set_epi8(
+                wb->scales[4 * j + 3], wb->scales[4 * j + 3], wb->scales[4 * j + 3], wb->scales[4 * j + 3],
+                wb->scales[4 * j + 2], wb->scales[4 * j + 2], wb->scales[4 * j + 2], wb->scales[4 * j + 2],
+                wb->scales[4 * j + 1], wb->scales[4 * j + 1], wb->scales[4 * j + 1], wb->scales[4 * j + 1],
+                wb->scales[4 * j], wb->scales[4 * j], wb->scales[4 * j], wb->scales[4 * j]));
+        }
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
+        const float d = _cvtsh_ss(wb->d);
+        for (int c = c0; c < c1; c++) {
+            const block_q8_k *xb = &xq[c * nb + b];
+            __m512i isum = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
+                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
+            }
+            // the codes are offset by 32: subtract 32 * scale * (sum of each 16 activations)
+            const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
+            isum = _mm512_sub_epi32(isum, _mm512_castsi256_si512(_mm256_slli_epi32(off, 5)));
+            acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xb->d), acc[c - c0]);
+        }
+    }
+    for (int c = c0; c < c1; c++) out[(c - c0) * out_stride] = hsum16(acc[c - c0]);
+}
+#endif
+
+// The same sums in plain C, for CPUs without AVX-512 VNNI: exact integer sums per block, then the
+// same float steps (results may differ from the vector path in the last bits, never between batches).
+static void row_k_generic(const mul_mat_args *a, int64_t r, int c0, int c1) {
+    const int64_t nb = a->k / QK_K;
+    for (int c = c0; c < c1; c++) {
+        const block_q8_k *xq = (const block_q8_k *)a->xq + c * nb;
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t isum = 0, isub = 0;
+            float dw, dsub;
+            if (a->type == 12) {
+                const block_q4_k *wb = (const block_q4_k *)a->w + r * nb + b;
+                for (int j = 0; j < 8; j++) {
+                    uint8_t sc, mn;
+                    q4_k_scale_min(j, wb->scales, &sc, &mn);
+                    int32_t s = 0;
+                    for (int i = 0; i < 32; i++) {
+                        const int idx = 32 * j + i;
+                        const uint8_t byte = wb->qs[32 * (j / 2) + i];
+                        s += ((j & 1) ? (byte >> 4) : (byte & 0xF)) * xq[b].qs[idx];
+                    }
+                    isum += s * sc;
+                    isub += mn * (xq[b].bsums[2 * j] + xq[b].bsums[2 * j + 1]);
+                }
+                dw = half_to_float(wb->d);
+                dsub = half_to_float(wb->dmin);
+            } else {
+                const block_q6_k *wb = (const block_q6_k *)a->w + r * nb + b;
+                for (int idx = 0; idx < QK_K; idx++) {
+                    const int n = idx / 128, l = idx % 32, grp = (idx % 128) / 32;
+                    const uint8_t ql = wb->ql[64 * n + l + (grp & 1) * 32], qh = wb->qh[32 * n + l];
+                    const int q = ((grp < 2 ? ql & 0xF : ql >> 4) | (((qh >> (2 * grp)) & 3) << 4));
+                    isum += q * xq[b].qs[idx] * wb->scales[idx / 16];
+                }
+                for (int j = 0; j < 16; j++) isum -= 32 * wb->scales[j] * xq[b].bsums[j];
+                dw = half_to_float(wb->d);
+                dsub = 0.0f;
+            }
+            acc += (float)isum * (dw * xq[b].d) - (float)isub * (dsub * xq[b].d);
+        }
+        a->out[c * a->n + r] = acc;
+    }
+}
+
+static int have_vnni(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+// ggml_custom_op_t: weight rows are split into nth equal ranges; each row against every activation row
+void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
+    (void)dst;
+    const mul_mat_args *a = (const mul_mat_args *)userdata;
+    const int64_t nb = a->k / QK_K, per = (a->n + nth - 1) / nth;
+    const int64_t r0 = ith * per, r1 = r0 + per < a->n ? r0 + per : a->n;
+    const int vnni = have_vnni();
+    for (int64_t r = r0; r < r1; r++) {
+        for (int c0 = 0; c0 < a->n_rows; c0 += MAX_ROWS) {
+            const int c1 = c0 + MAX_ROWS < a->n_rows ? c0 + MAX_ROWS : a->n_rows;
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (vnni) {
+                const block_q8_k *xq = (const block_q8_k *)a->xq;
+                if (a->type == 12)
+                    row_q4_k_vnni((const block_q4_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
+                else
+                    row_q6_k_vnni((const block_q6_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
+                continue;
+            }
+#endif
+            row_k_generic(a, r, c0, c1);
+        }
+    }
+}
+
+int specserve_q8_k_block_bytes(void) { return (int)sizeof(block_q8_k); }
+int specserve_mul_mat_k_vnni(void) { return have_vnni(); }

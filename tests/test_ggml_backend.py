@@ -1,0 +1,139 @@
+"""The ggml backend: its K-quant mat-mul against dequantised NumPy and batch invariant to the bit, its
+compute buffer planned by ggml's allocator and never grown, agreement with the NumPy reference on
+the real model, and its place in `--backend auto`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compute.ggml.graph import ScratchRef, WeightHandle
+from compute.llama import Batch
+from compute.numpy_backend import NumpyBackend
+from compute.quants import dequantize
+from compute.select import device_report, make_backend
+from service.factory import PairFactory, PairRequest
+from service.params import ContextParams, SpeculativeConfig
+from tests.ggml_backend import make_ggml
+from tests.models import packaged_model_path
+from tests.tiny_gguf import write_tiny_llama
+
+Q4_K, Q6_K = 12, 14
+BLOCK_BYTES = {Q4_K: 144, Q6_K: 210}
+
+
+@pytest.fixture(scope="module")
+def be():
+    return make_ggml()
+
+
+def random_k_matrix(rng, ggml_type: int, n: int, k: int) -> np.ndarray:
+    """(n, k) weights as K-quant blocks with random codes and scales and modest f16 super-scales."""
+    nb = k // 256
+    raw = rng.integers(0, 256, size=(n, nb, BLOCK_BYTES[ggml_type]), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, size=(n, nb, 2)).astype(np.float16).view(np.uint8)
+    if ggml_type == Q4_K:
+        raw[:, :, 0:4] = scales  # d, dmin lead the block
+    else:
+        raw[:, :, 208:210] = scales[:, :, :2]  # d ends it
+    return raw.reshape(-1)
+
+
+def run_matmul(be, raw: np.ndarray, ggml_type: int, n: int, k: int, x: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(x), n), np.float32)
+    w = WeightHandle(raw, ggml_type, (k, n))
+    ref = ScratchRef("x", len(x))
+
+    def build(r):
+        r.set(ref, r.input("x", x))
+        be.matmul(ref, w, out)
+
+    be.run_once(build)
+    return out
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_K, Q6_K], ids=["q4_k", "q6_k"])
+def test_k_quant_matmul_matches_dequantised_weights_and_is_batch_invariant(be, ggml_type):
+    rng = np.random.default_rng(ggml_type)
+    n, k = 40, 512
+    raw = random_k_matrix(rng, ggml_type, n, k)
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    full = run_matmul(be, raw, ggml_type, n, k, x)
+    ref = x.astype(np.float64) @ dequantize(raw, ggml_type, (n, k)).astype(np.float64).T
+    # 8-bit activations: the error is that of rounding x to 1/127 of each block's largest value
+    scale = np.abs(ref).max()
+    assert np.abs(full - ref).max() < 0.02 * scale
+    for rows in (1, 2, 3, 5, 9):  # every row alone or in smaller batches: the same bits
+        for a in range(0, len(x), rows):
+            assert np.array_equal(run_matmul(be, raw, ggml_type, n, k, x[a:a + rows]), full[a:a + rows]), rows
+
+
+def test_graph_matches_the_numpy_reference_on_tiny_models(tmp_path, be):
+    """The whole graph (tied and untied heads, qkv bias) against NumPy, within 8-bit activations' error."""
+    for arch, tied in (("llama", True), ("llama", False), ("qwen2", True)):
+        path = write_tiny_llama(tmp_path / f"{arch}{tied}.gguf", arch=arch, tied=tied, n_layer=2, seed=5, scale=2.0)
+        tokens = [3, 17, 200, 5, 5, 90, 31]
+        n = len(tokens)
+        got = {}
+        for name, backend in (("numpy", NumpyBackend(n_threads=1)), ("ggml", be)):
+            pair = PairFactory(backend, device_memory_bytes=1 << 34).load(
+                PairRequest(target_path=path, params=ContextParams(n_ctx=64, n_batch=16, kv_type="f32"),
+                            speculative=SpeculativeConfig("ngram", n_max=8)))
+            got[name] = pair.target.context.decode(Batch.make(tokens, range(n), [0] * n, range(n)))
+            pair.release()
+        np.testing.assert_allclose(got["ggml"], got["numpy"], atol=0.05 * np.abs(got["numpy"]).max())
+
+
+def test_every_batch_shape_fits_the_planned_compute_buffer(be):
+    """Passes of every row count up to n_batch, with up to n_outputs_max outputs, are placed in the compute
+    buffer Fit measured (the allocator would grow it otherwise: GgmlScratch.check_size); the ledger stays
+    the plan."""
+    f = PairFactory(be, device_memory_bytes=1 << 34)
+    req = PairRequest(target_path=packaged_model_path(), params=ContextParams(n_ctx=256, n_parallel=2, n_batch=24),
+                      speculative=SpeculativeConfig("ngram", n_max=4))
+    pair = f.load(req)
+    try:
+        before = be.ledger.snapshot()
+        ctx = pair.target.context
+        for n in (24, 1, 7, 13, 2, 24):
+            for n_out in sorted({0, 1, min(n, ctx.n_outputs_max)}):
+                ctx.decode(Batch.make([5] * n, range(n), [0] * n, range(n_out)))
+        assert be.ledger.snapshot() == before
+        assert len(ctx._passes) >= 10
+    finally:
+        pair.release()
+    assert be.ledger.entries() == []
+
+
+def test_greedy_argmax_agrees_with_numpy_on_the_real_model(be):
+    """The packaged model's next-token argmax after each of 24 prefixes agrees between ggml and NumPy
+    wherever the reference's top choice leads the next by more than half a logit (8-bit activations
+    move logits by a few hundredths; near ties may go either way)."""
+    tokens = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504, 3575, 28, 1070,
+              30, 198, 72, 5]
+    out = {}
+    for name, backend in (("numpy", NumpyBackend(n_threads=1)), ("ggml", be)):
+        pair = PairFactory(backend, device_memory_bytes=1 << 34).load(PairRequest(
+            target_path=packaged_model_path(), params=ContextParams(n_ctx=64, n_batch=32),
+            speculative=SpeculativeConfig("none")))
+        ctx = pair.target.context
+        out[name] = np.concatenate([ctx.decode(Batch.make([t], [i], [0], [0])) for i, t in enumerate(tokens)])
+        pair.release()
+    top2 = np.sort(out["numpy"], axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 0.5  # positions where the reference's choice is not a near tie
+    assert decided.sum() >= 12
+    agree = out["ggml"].argmax(-1) == out["numpy"].argmax(-1)
+    assert agree[decided].all(), f"ggml's argmax differs at decided positions {np.flatnonzero(decided & ~agree)}"
+
+
+def test_auto_takes_ggml_where_no_gpu_is_installed_and_list_devices_names_it():
+    be = make_backend("auto", threads=1)
+    import pyopencl as cl
+
+    from compute.opencl.backend import _all_devices
+
+    if not any(d.type & cl.device_type.GPU for _, d in _all_devices()):
+        assert be.name == "ggml"
+    assert any(line.startswith("ggml: ") and line.endswith(" ok") for line in device_report(1))
+    with pytest.raises(Exception, match="needs the OpenCL backend"):
+        make_backend("ggml", device="0")
