@@ -143,10 +143,11 @@ class Boom(RuntimeError):
     pass
 
 
-def test_fault_at_every_allocation_leaves_nothing_behind(tiny):
+@pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
+def test_fault_at_every_allocation_leaves_nothing_behind(tiny, backend_name):
     """Fail the k-th allocation of a Load for every k: the ledger returns to its exact previous state
     and a pair loaded before keeps generating the same logits."""
-    be = NumpyBackend(n_threads=1)
+    be = make_backend(backend_name)
     f = PairFactory(be, device_memory_bytes=1 << 34)
     first = f.load(PairRequest(name="first", target_path=tiny["target"], speculative=SpeculativeConfig("none")))
     before_logits = _generate_logits(first)

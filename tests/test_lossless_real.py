@@ -11,6 +11,7 @@ from service.factory import PairFactory, PairRequest
 from service.params import ContextParams, SpeculativeConfig
 from service.requests import GenRequest, SamplingParams
 from service.tokenizer import Tokenizer
+from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_truncated_copy
 
@@ -26,11 +27,12 @@ MESSAGES = [
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["numpy", "ggml"])
+def setup(tmp_path_factory, request):
     model = packaged_model_path()
     trunc = write_truncated_copy(model, tmp_path_factory.mktemp("draft") / "smollm2-4layers.gguf", n_layer=4)
-    be = NumpyBackend(n_threads=1, row_tile=8)  # batch invariant, and drafts are cheap enough that the engine drafts
+    # both batch invariant, and drafts are cheap enough that the engine drafts
+    be = NumpyBackend(n_threads=1, row_tile=8) if request.param == "numpy" else make_ggml()
     f = PairFactory(be, device_memory_bytes=1 << 34)
     pairs = {}
     for name, draft, npar in [("same4", model, 4), ("trunc4", trunc, 4), ("trunc1", trunc, 1)]:

@@ -240,6 +240,8 @@ class Recorder:
         g = self.g
         views = {}
         for name, (t, values) in self.inputs.items():
+            if not t.contents.data:  # no node the graph computes reads it (a pass without outputs)
+                continue
             ctype = ctypes.c_float if values.dtype == np.float32 else ctypes.c_int32
             views[name] = np.ctypeslib.as_array(ctypes.cast(t.contents.data, ctypes.POINTER(ctype)), values.shape)
         for args, tensors in self.custom_args:
