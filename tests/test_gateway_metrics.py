@@ -108,14 +108,18 @@ def test_waiting_running_and_kv_use_follow_requests_as_they_arrive_and_finish(ga
         calls[k] = c.gen.Generate.future(pb.GenerateRequest(prompt=prompts[k], max_tokens=budget[k], sampling=GREEDY,
                                                             cache_prompt=False), timeout=120)
 
+    def queued(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while c.pair_info().queued < n:
+            assert time.monotonic() < deadline, f"{n} requests were not queued"
+            time.sleep(0.01)
+
     send("a")
     gate.wait_parked()  # a is in a slot, nothing computed yet
     send("b")
+    queued(1)  # b before c: the queue's order is the order calls reach the engine
     send("c")
-    deadline = time.monotonic() + 10
-    while c.pair_info().queued < 2:
-        assert time.monotonic() < deadline, "b and c were not queued"
-        time.sleep(0.01)
+    queued(2)
     check(0)
     assert c.pair_info().active_slots == 1
 

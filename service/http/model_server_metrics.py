@@ -11,12 +11,13 @@ sigs.k8s.io/gateway-api-inference-extension):
     vllm:cache_config_info{block_size, num_gpu_blocks} = 1
                                                 the prompt store's blocks: BLOCK_TOKENS cells each, how many
 
-The picker reads ONE sample per family (it keeps the last one it parses), so each is one series
-for the whole server: summed over the serving pairs (KV use is the sum of cells in use over the sum
-of cells planned), `model_name` the pairs' names joined by "," ("default" in the usual one-pair
-server). specserve's own series stay per pair; `specserve_kv_cache_usage_ratio{pair}` is the KV
-use of each. No LoRA series: specserve serves no adapters. Everything is read from the engines'
-and prompt stores' stats at scrape time, the same numbers ListPairs reports.
+The picker keeps ONE sample per family (without a label filter, the first or the last it parses,
+depending on its version: none carries a timestamp), so each is one series for the whole server:
+summed over the serving pairs (KV use is the sum of cells in use over the sum of cells planned),
+`model_name` the pairs' names joined by "," ("default" in the usual one-pair server). specserve's
+own series stay per pair; `specserve_kv_cache_usage_ratio{pair}` is the KV use of each. No LoRA
+series: specserve serves no adapters. Everything is read from the engines' and prompt stores'
+stats at scrape time, the same numbers ListPairs reports.
 """
 
 from __future__ import annotations
