@@ -15,7 +15,9 @@
 #      .tools/kustomize, .tools/llm-d-inference-sim (pinned in tests/sim/go.mod), and the JSON
 #      schemas of the InferencePool, Gateway and HTTPRoute CRDs in .cache/k8s-schemas/ (converted
 #      by kubeconform's scripts/openapi2jsonschema.py) and of the core kinds (from the ones
-#      kubernetes-validate, a dev dependency, bundles: scripts/k8s_core_schemas.py)
+#      kubernetes-validate, a dev dependency, bundles: scripts/k8s_core_schemas.py). The simulator
+#      needs Go 1.25.7; an older go fetches that toolchain from the module proxy (GOTOOLCHAIN=auto).
+#      Cold (empty Go caches) this step takes about 4 min of CPU, mostly the simulator; warm, 3 s.
 #
 # Each step leaves a stamp under .cache/stamps holding a hash of its inputs (pyproject.toml,
 # package-lock.json, versions); a step whose stamp matches is skipped.
