@@ -67,6 +67,22 @@ def test_every_overlay_validates_with_kubeconform_and_kubernetes_validate(overla
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_every_component_together_validates(tmp_path):
+    """models-pvc, tls-auth and inference-gateway on one overlay: the files no overlay above uses."""
+    k8s = shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = k8s / "overlays" / "all"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../nvidia]\n"
+        "components: [../../components/tls-auth, ../../components/inference-gateway]\n")
+    out = render(overlay)
+    assert "specserve-tls" in out and "InferencePool" in out and "PersistentVolumeClaim" in out
+    r = kubeconform(out)
+    assert r.returncode == 0 and "Invalid: 0, Errors: 0, Skipped: 0" in r.stdout, r.stdout + r.stderr
+    r = kubernetes_validate(out, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_the_gateway_overlay_routes_the_openai_port_through_the_pool():
     docs = [d for d in yaml.safe_load_all(render(K8S / "overlays" / "cpu-inference-gateway")) if d]
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
