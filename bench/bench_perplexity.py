@@ -7,7 +7,7 @@
 
 and the mean and max |logprob difference| of each against the float64 one, per token.
 
-    python bench/bench_perplexity.py [--tokens 200] [--backend numpy|opencl]
+    python bench/bench_perplexity.py [--tokens 200] [--backends ggml,opencl,numpy]
 
 Perplexity = exp(-mean logprob of tokens 1..n-1 given the ones before). Prints; asserts nothing
 (tests/test_gen_controls_real.py holds the bounds).
@@ -114,16 +114,19 @@ def _logprobs_of(logits: np.ndarray, ids: list[int]) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--backend", default="numpy", choices=["numpy", "opencl"])
+    ap.add_argument("--backends", default="ggml,opencl,numpy",
+                    help="comma-separated specserve backends to measure (ggml: 8-bit activations; opencl, numpy: "
+                         "float32)")
     args = ap.parse_args()
     model = model_path()
     ids = text_ids(model, args.tokens)
     print(machine_line())
-    print(f"model {os.path.basename(model)}, {len(ids)} tokens of a fixed text, backend {args.backend}")
+    print(f"model {os.path.basename(model)}, {len(ids)} tokens of a fixed text, backends {args.backends}")
     ref = float64_logprobs(model, ids)
     rows = [("float64 forward", ref)]
-    for kv in ("f16", "f32"):
-        rows.append((f"specserve API, {kv} KV", api_logprobs(model, ids, kv, args.backend)))
+    for backend in args.backends.split(","):
+        for kv in ("f16", "f32"):
+            rows.append((f"specserve {backend}, {kv} KV", api_logprobs(model, ids, kv, backend)))
     cpp = llama_cpp_logprobs(model, ids)
     rows.append(("llama.cpp (llama-cpp-python)", cpp))
     print(f"{'':32} {'perplexity':>10} {'mean |d| vs f64':>16} {'max |d| vs f64':>15}")

@@ -262,6 +262,8 @@ TIMINGS+=("Generate (4 tokens): $(( $(now) - t0 ))s")
 echo "client: $where"
 echo "output: $out"
 [ -n "$out" ] || fail "Generate returned nothing"
+grep -q "backend=ggml" "$SERVER_LOG" || { grep -i backend "$SERVER_LOG" | tail -5; fail "the image did not serve on ggml"; }
+echo "backend: ggml (server log)"
 
 GHZ=$(command -v "$ROOT/.tools/ghz" ghz 2>/dev/null | head -1 || true)
 if [ -n "$GHZ" ]; then

@@ -37,7 +37,7 @@ GHZ_VERSION=${GHZ_VERSION:-latest}
 SMOLLM2_VERSION=${SMOLLM2_VERSION:-0.1.2}
 GGML_PYTHON_VERSION=0.0.45
 # llamafile's sgemm is not batch invariant (docs/ggml-backend.md); ggml's own threadpool, not OpenMP's.
-# GGML_NATIVE: built for this CPU (the images build every x86-64 variant and pick one at run time).
+# GGML_NATIVE: built for this CPU (the CPU image builds for a portable x86-64-v3 baseline instead).
 GGML_CMAKE_ARGS=${GGML_CMAKE_ARGS:--DGGML_LLAMAFILE=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
 KUSTOMIZE_VERSION=${KUSTOMIZE_VERSION:-v5.7.1}
