@@ -46,7 +46,7 @@ def text_ids(model: str, n: int) -> list[int]:
     """The first n token ids of TEXT (BOS first when the model adds one), with the model's vocabulary."""
     import gguf
 
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     ids = Tokenizer.from_gguf(gguf.GGUFReader(model)).encode(TEXT, add_special=True)
     if len(ids) < n:
@@ -58,8 +58,8 @@ def api_logprobs(model: str, ids: list[int], kv_type: str, backend: str) -> np.n
     """Logprobs of ids[1:] through a real server's GenerateRequest(prompt_logprobs=0, max_tokens=0)."""
     import grpc
 
-    from service.factory import PairRequest
-    from service.params import ContextParams, SpeculativeConfig
+    from service.fit.factory import PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
     from service.pb.specserve.v1 import specserve_pb2 as pb
     from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
     from service.server import ServerConfig, SpecServer

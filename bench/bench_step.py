@@ -38,13 +38,13 @@ from bench.common import machine_line  # noqa: E402
 from compute import llama  # noqa: E402
 from compute.llama import REPLAY_MAX_ROWS  # noqa: E402
 from compute.select import opencl_backend  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
-from service.warmup import warm_up  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.pairs.warmup import warm_up  # noqa: E402
 
 PROMPTS = {
     "repeat-paragraph": "Repeat the following paragraph exactly, word for word:\n\nThe lighthouse keeper climbed the "

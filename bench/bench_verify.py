@@ -48,8 +48,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from compute.select import opencl_backend
-    from service.factory import PairFactory, PairRequest
-    from service.params import ContextParams, SpeculativeConfig
+    from service.fit.factory import PairFactory, PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
 
     be = opencl_backend(args.device, args.threads)
     model = common.model_path()

@@ -32,7 +32,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from service.models import packaged_model_path  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
 
 # The one bench script that imports tests/: what it checks IS the test emulation of ggml's CPU
 # rounding (tests/ggml_cpu.py, used by tests/test_reference.py), against llama.cpp's own tensors.

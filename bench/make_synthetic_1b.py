@@ -51,7 +51,7 @@ def write_q8_0(out: Path, seed: int = 0) -> None:
     """The Q8_0 model (the source of every requantized type)."""
     import gguf
 
-    from service.models import packaged_model_path
+    from service.common.packaged_model import packaged_model_path
 
     s = SHAPES
     reader = gguf.GGUFReader(packaged_model_path())

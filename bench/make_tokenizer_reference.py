@@ -19,7 +19,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from service.models import packaged_model_path  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
 
 OUTPUT = REPO / "tests" / "data" / "tokenizer_reference.json"
 
@@ -52,7 +52,7 @@ def specserve_ids(model: pathlib.Path) -> list[list[int]]:
     """Token ids from service.tokenizer, with the same settings."""
     import gguf
 
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(model))
     return [tokenizer.encode(text, add_special=False, parse_special=True) for text in CASES]

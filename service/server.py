@@ -29,17 +29,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from compute.select import make_backend
-from service.errors import InvalidArgument, ResourceExhausted, SpecserveError
-from service.factory import PairFactory, PairRequest
-from service.logging_setup import new_request_id, request_id_var
-from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
-from service.metrics import Metrics, start_metrics_server
-from service.params import ContextParams, SpeculativeConfig
+from service.common.errors import InvalidArgument, ResourceExhausted, SpecserveError
+from service.common.logging_setup import new_request_id, request_id_var
+from service.edge.headers import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
+from service.edge.metrics import Metrics, start_metrics_server
+from service.engine.request import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
+from service.pairs.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
-from service.requests import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS
-from service.servicers import GenerationServicer, ModelServicer
+from service.rpc.servicers import GenerationServicer, ModelServicer
 
 log = logging.getLogger("specserve.server")
 
@@ -337,7 +337,7 @@ class SpecServer:
     def _token_table(config: ServerConfig) -> dict[str, str] | None:
         if not config.auth_token_file:
             return None
-        from service.auth import load_token_file
+        from service.edge.auth import load_token_file
 
         return load_token_file(config.auth_token_file)
 
@@ -345,7 +345,7 @@ class SpecServer:
         """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
         if self._tokens is None:
             return [ErrorInterceptor(self.metrics, self.in_flight)]
-        from service.auth import AuthInterceptor
+        from service.edge.auth import AuthInterceptor
 
         return [ErrorInterceptor(self.metrics, self.in_flight), AuthInterceptor(self._tokens)]
 
@@ -354,7 +354,7 @@ class SpecServer:
         """Server TLS credentials, or None for a plaintext port."""
         if not (config.tls_cert or config.tls_key or config.tls_client_ca):
             return None
-        from service.tls import server_credentials
+        from service.rpc.tls import server_credentials
 
         return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
 

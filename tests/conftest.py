@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from service.factory import PairRequest  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.fit.factory import PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2 as pb  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.server import ServerConfig, SpecServer  # noqa: E402

@@ -14,15 +14,15 @@ from hypothesis import strategies as hs
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service import logprobs as lp
-from service.engine import Engine
-from service.errors import InvalidArgument
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.common.errors import InvalidArgument
+from service.common.tokenizer import Tokenizer
+from service.engine import logprobs as lp
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.scheduler import Scheduler
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.requests import GenRequest, SamplingParams
-from service.scheduler import Scheduler
-from service.tokenizer import Tokenizer
 from tests.conftest import TINY, TINY_DRAFT
 from tests.opencl_runtimes import device_params
 
@@ -53,7 +53,7 @@ def test_generated_logprobs_are_after_penalty_and_temperature_before_the_filters
 # ---- the scheduler: scoring rows and n slots ----
 
 def _assign(slot, prompt, **req):
-    from service.output import Stream, TextOutput
+    from service.engine.stream import Stream, TextOutput
 
     st = Stream(GenRequest(tuple(prompt), **req))
     slot.assign(st, TextOutput(None, ()))
@@ -104,7 +104,7 @@ def test_scoring_plans_stay_within_the_rows_and_score_every_prompt_token(slots, 
 
 
 def test_admission_gives_n_slots_in_queue_order():
-    from service.output import Stream
+    from service.engine.stream import Stream
 
     sched = Scheduler(n_slots=3, n_batch=16, n_outputs_max=12)
     first, big, small = (Stream(GenRequest((1, 2), n=n)) for n in (2, 3, 1))

@@ -16,12 +16,12 @@ import pytest
 from bench.bench_perplexity import TEXT
 from compute.gguf_model import ModelFile
 from compute.numpy_backend import NumpyBackend
-from service import logprobs as lp
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
+from service.common.tokenizer import Tokenizer
+from service.engine import logprobs as lp
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.models import packaged_model_path
 from tests.opencl_runtimes import device_params
 from tests.test_forward import naive_forward

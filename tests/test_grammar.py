@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.errors import InvalidArgument
-from service.factory import PairFactory, PairRequest
-from service.grammar import Grammars
-from service.params import ContextParams, SpeculativeConfig
+from service.common.errors import InvalidArgument
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.grammar import Grammars
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.requests import GenRequest, ResponseFormat, SamplingParams
-from service.tokenizer import Tokenizer
 from tests.models import packaged_model_path
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -228,7 +228,7 @@ def test_sampled_constrained_output_validates_and_follows_its_seed(pairs, tok):
 def test_drafts_the_grammar_forbids_are_cut_and_the_output_is_unchanged(pairs, tok, monkeypatch):
     """The prompt shows JSON with spaces; the format asks for compact JSON, so n-gram drafts copied from
     the prompt hit forbidden tokens (' "'): they are cut there, and greedy output equals no speculation."""
-    from service.grammar import Matcher
+    from service.engine.grammar import Matcher
 
     example = json.dumps({"name": "Ann", "role": "guest", "home": {"city": "Oslo", "floor": 1}, "tags": ["red"]})
     p = tuple(tok.encode(f"Example: {example}\nAnother one: ", add_special=False))

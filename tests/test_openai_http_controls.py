@@ -13,8 +13,8 @@ from dataclasses import replace
 import openai
 import pytest
 
-from service.factory import PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.fit.factory import PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.server import ServerConfig
 from tests.conftest import start_server, stop_server
 

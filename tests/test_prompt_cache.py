@@ -14,14 +14,14 @@ import pytest
 from compute.backend import BufferSpec
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.ngram_index import SEP, NgramIndex
-from service.params import ContextParams, SpeculativeConfig
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.spec.ngram_index import SEP, NgramIndex
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
 from tests.conftest import TINY, start_server, stop_server, tiny_config
 from tests.test_speculative import write_truncated_copy
 from tests.tiny_gguf import write_tiny_llama

@@ -39,8 +39,8 @@ import pytest
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_cpu import GgmlCpuBackend
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import ResourceExhausted
-from service.output import Stream, TextOutput
-from service.requests import GenRequest
-from service.scheduler import Scheduler
+from service.common.errors import ResourceExhausted
+from service.engine.request import GenRequest
+from service.engine.scheduler import Scheduler
+from service.engine.stream import Stream, TextOutput
 
 
 def stream(prompt=(5, 6, 7)) -> Stream:

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.auth import BearerToken
+from service.edge.auth import BearerToken
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, start_server, stop_server, tiny_config
 

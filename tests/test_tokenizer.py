@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from service.common.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 from tests.models import packaged_model_path
 
 DATA = pathlib.Path(__file__).parent / "data"

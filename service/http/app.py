@@ -36,18 +36,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import convert
-from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
-from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
+from service.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SpecserveError,
+    Unavailable,
+)
+from service.common.logging_setup import new_request_id, request_id_var
+from service.edge.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
+from service.edge.headers import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER, check_request_id, valid_request_id
 from service.http import schema as s
 from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
 from service.http.generation import Generation
 from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, token_views, usage_of
 from service.http.sse import EventStream
 from service.http.translate import gen_request_from_openai, name_engine_error, param
-from service.logging_setup import new_request_id, request_id_var
-from service.metadata import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER, check_request_id, valid_request_id
-from service.registry import PairRegistry, ServedPair
+from service.pairs.registry import PairRegistry, ServedPair
+from service.rpc import convert
 
 log = logging.getLogger("specserve.http")
 

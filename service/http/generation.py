@@ -12,9 +12,9 @@ import logging
 import time
 from typing import AsyncIterator
 
-from service.errors import Unavailable
-from service.registry import ServedPair
-from service.requests import GenRequest, GenResult
+from service.common.errors import Unavailable
+from service.engine.request import GenRequest, GenResult
+from service.pairs.registry import ServedPair
 
 log = logging.getLogger("specserve.http")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from service.engine.request import GenResult
 from service.http import schema as s
-from service.requests import GenResult
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 
-from service import convert
-from service.errors import InvalidArgument, SpecserveError, Unimplemented
+from service.common.errors import InvalidArgument, SpecserveError, Unimplemented
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.fit.params import SpeculativeConfig
 from service.http.schema import ChatCompletionRequest, CompletionRequest, GenerationBody
-from service.params import SpeculativeConfig
-from service.requests import GenRequest, ResponseFormat, SamplingParams
+from service.rpc import convert
 
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name of the system role

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from service.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
-from service.factory import FitResult, LoadedPair, PairFactory, PairRequest
-from service.params import SpeculativeConfig
-from service.vocab import PairState
-from service.warmup import WarmupError, warm_up
+from service.common.choices import PairState
+from service.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from service.fit.factory import FitResult, LoadedPair, PairFactory, PairRequest
+from service.fit.params import SpeculativeConfig
+from service.pairs.warmup import WarmupError, warm_up
 
 log = logging.getLogger("specserve.registry")
 
@@ -76,13 +76,13 @@ class ServedPair:
 
 
 def _default_engine(pair: LoadedPair, tokenizer, speculative: SpeculativeConfig, queue_max: int, metrics):
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     return Engine(pair, tokenizer, speculative, queue_max=queue_max, metrics=metrics)
 
 
 def _default_tokenizer(pair: LoadedPair):
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(pair.target.file.reader)
 

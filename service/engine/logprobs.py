@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from service.requests import SamplingParams, TokenLogprob
-from service.sampling import apply_repeat_penalty, penalty_history
+from service.engine.request import SamplingParams, TokenLogprob
+from service.engine.sampling import apply_repeat_penalty, penalty_history
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from service.errors import InvalidArgument
-from service.params import SpeculativeConfig
-from service.vocab import FinishReason
+from service.common.choices import FinishReason
+from service.common.errors import InvalidArgument
+from service.fit.params import SpeculativeConfig
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
 DEFAULT_MAX_TOKENS = 128  # a request that sets none (a server's -n / --n-predict overrides it)

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compute.llama import Batch, LlamaContext
-from service.grammar import constrain
-from service.ngram_index import RECORD_PROMPT_TAIL, NgramIndex
-from service.params import SpeculativeConfig
-from service.sampling import logits_to_probs, penalty_history, sample
-from service.sequence import Slot
-from service.speculative import ngram_match
+from service.engine.grammar import constrain
+from service.engine.sampling import logits_to_probs, penalty_history, sample
+from service.engine.slot import Slot
+from service.engine.spec.ngram_index import RECORD_PROMPT_TAIL, NgramIndex
+from service.engine.spec.verify import ngram_match
+from service.fit.params import SpeculativeConfig
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.draft_policy import DraftStats
-from service.grammar import Matcher
-from service.output import Stream, TextOutput
-from service.params import SpeculativeConfig
-from service.prompt_cache import common_prefix
-from service.requests import GenResult, TokenLogprob
-from service.vocab import FinishReason
+from service.common.choices import FinishReason
+from service.engine.grammar import Matcher
+from service.engine.prompt_cache import common_prefix
+from service.engine.request import GenResult, TokenLogprob
+from service.engine.spec.policy import DraftStats
+from service.engine.stream import Stream, TextOutput
+from service.fit.params import SpeculativeConfig
 
 
 @dataclass

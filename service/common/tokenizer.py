@@ -41,7 +41,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from service.errors import InvalidArgument
+from service.common.errors import InvalidArgument
 
 
 class TokenizerError(InvalidArgument, ValueError):

@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from typing import Iterator
 
-from service.requests import GenRequest, GenResult, TokenDelta
+from service.engine.request import GenRequest, GenResult, TokenDelta
 
 _END = object()
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from service.requests import SamplingParams
+from service.engine.request import SamplingParams
 
 
 def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from compute.llama import Batch
-from service.errors import ResourceExhausted
-from service.output import Stream
-from service.sequence import Slot
+from service.common.errors import ResourceExhausted
+from service.engine.slot import Slot
+from service.engine.stream import Stream
 
 
 @dataclass(frozen=True)

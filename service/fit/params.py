@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from service.errors import FailedPrecondition, InvalidArgument
-from service.vocab import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
+from service.common.choices import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
+from service.common.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 256

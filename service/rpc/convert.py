@@ -15,19 +15,19 @@ import re
 from dataclasses import replace
 
 from compute.backend import BufferSpec
-from service.errors import InvalidArgument
-from service.factory import FitResult, PairRequest
-from service.params import (
+from service.common.choices import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
+from service.common.errors import InvalidArgument
+from service.engine.request import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
+from service.fit.factory import FitResult, PairRequest
+from service.fit.params import (
     DEFAULT_NGRAM_CACHE_TOKENS,
     DEFAULT_PROMPT_CACHE_BYTES,
     ContextParams,
     SpeculativeConfig,
     or_default,
 )
+from service.fit.plan import Plan
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.plan import Plan
-from service.requests import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
-from service.vocab import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 
 DEFAULT_PAIR = "default"
 PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from compute.llama import Batch, LlamaContext
-from service.draft_policy import MeasuredRowCost
-from service.requests import GenRequest, SamplingParams
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.spec.policy import MeasuredRowCost
 
 log = logging.getLogger("specserve.warmup")
 

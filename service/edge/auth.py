@@ -21,7 +21,7 @@ import hmac
 
 import grpc
 
-from service.errors import PermissionDenied, Unauthenticated
+from service.common.errors import PermissionDenied, Unauthenticated
 from service.pb.specserve.v1 import specserve_pb2 as pb
 
 AUTH_HEADER = "authorization"

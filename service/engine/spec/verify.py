@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from service.sampling import sample
+from service.engine.sampling import sample
 
 
 def ngram_propose(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: int) -> list[int]:

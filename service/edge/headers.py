@@ -6,7 +6,7 @@ import os
 import re
 import socket
 
-from service.errors import InvalidArgument
+from service.common.errors import InvalidArgument
 
 REQUEST_ID_HEADER = "x-request-id"  # the request id (the client's, or one generated), also in every log line
 REPLICA_HEADER = "specserve-replica"  # the replica that answered (host:pid): shows where a load balancer sent it

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from compute.backend import Allocation, Backend, Owner, release_all
 from compute.gguf_model import ModelFile, ModelFileError, open_model
 from compute.llama import LlamaContext, LlamaWeights
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from service.params import ContextParams, PairParams, SpeculativeConfig, derive_pair_params, fill_defaults
-from service.plan import Plan, PlannedBuffer, plan_pair
+from service.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from service.fit.params import ContextParams, PairParams, SpeculativeConfig, derive_pair_params, fill_defaults
+from service.fit.plan import Plan, PlannedBuffer, plan_pair
 
 log = logging.getLogger("specserve.factory")
 

@@ -13,13 +13,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from service import convert
-from service.errors import Unavailable
-from service.logging_setup import request_id_var
-from service.metadata import check_request_id, trailers
+from service.common.errors import Unavailable
+from service.common.logging_setup import request_id_var
+from service.edge.headers import check_request_id, trailers
+from service.pairs.registry import PairRegistry, ServedPair
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import PairRegistry, ServedPair
+from service.rpc import convert
 
 if TYPE_CHECKING:  # server.py imports this module
     from service.server import ServerConfig

@@ -30,20 +30,20 @@ from dataclasses import replace
 import numpy as np
 
 from compute.llama import LlamaContext
-from service import draft_policy as policy
-from service import logprobs as lp
-from service.draft_runner import Draft, DraftAsk, DraftRunner
-from service.errors import InvalidArgument, Unavailable
-from service.grammar import Grammars, constrain
-from service.ngram_index import NgramIndex
-from service.output import Stream, TextOutput
-from service.params import SpeculativeConfig, check_draft_model
-from service.prompt_cache import PrefixCache
-from service.requests import GenRequest, TokenDelta
-from service.sampling import logits_to_probs, penalty_history, sample
-from service.scheduler import Scheduler, SlotWork
-from service.sequence import Slot, unstarted_result
-from service.speculative import verify
+from service.common.errors import InvalidArgument, Unavailable
+from service.engine import logprobs as lp
+from service.engine.grammar import Grammars, constrain
+from service.engine.prompt_cache import PrefixCache
+from service.engine.request import GenRequest, TokenDelta
+from service.engine.sampling import logits_to_probs, penalty_history, sample
+from service.engine.scheduler import Scheduler, SlotWork
+from service.engine.slot import Slot, unstarted_result
+from service.engine.spec import policy
+from service.engine.spec.drafter import Draft, DraftAsk, DraftRunner
+from service.engine.spec.ngram_index import NgramIndex
+from service.engine.spec.verify import verify
+from service.engine.stream import Stream, TextOutput
+from service.fit.params import SpeculativeConfig, check_draft_model
 
 log = logging.getLogger("specserve.engine")
 STOP_GRACE = 5.0  # seconds stop() waits for cancelled requests to leave their slots

@@ -32,8 +32,8 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from service.errors import InvalidArgument
-from service.requests import ResponseFormat
+from service.common.errors import InvalidArgument
+from service.engine.request import ResponseFormat
 
 CACHE_MAX = 64  # compiled grammars kept per pair (least recently used dropped first)
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any JSON object
