@@ -18,6 +18,7 @@ Server flags follow llama-server's (-m, -md, -c, -np, -b, --draft-max, ... and l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -30,15 +31,17 @@ from dataclasses import replace
 
 from service.common.choices import DRAFTER_TYPES, KV_TYPES
 from service.common.errors import InvalidArgument
-from service.engine.request import DEFAULT_MAX_TOKENS, ResponseFormat, SamplingParams
-from service.fit.params import (
+from service.config.settings import (
+    DEFAULT_MAX_TOKENS,
     DEFAULT_N_BATCH,
     DEFAULT_N_CTX,
     DEFAULT_NGRAM_CACHE_TOKENS,
     DEFAULT_PROMPT_CACHE_BYTES,
+    DEFAULT_SLOTS,
     ContextParams,
     SpeculativeConfig,
 )
+from service.engine.request import ResponseFormat, SamplingParams
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -88,9 +91,6 @@ def _fmt_bytes(n: int) -> str:
 # ---- flag groups: one per concept, each added to every command that takes it ----
 # Spellings follow llama-server's (and llama.cpp's newer --spec-draft-* ones); every default a
 # help text names is read from the dataclass that owns it, never written here.
-
-SERVE_SLOTS = 4  # `serve` without -np: slots of the startup pair (a pair's own default is ContextParams' 1)
-
 
 class _Refused(argparse.Action):
     """A flag a command refuses with a reason (`const`) instead of ignoring it."""
@@ -254,13 +254,17 @@ def _response_format(args) -> ResponseFormat | None:
 
 # ---- serve ----
 
+# ServerConfig fields `serve` computes from several flags (the model decides the folder and the
+# startup pair); every other field is the flag of the same dest, and keepalives have no flag.
+SERVE_COMPUTED = ("models_dir", "startup", "params", "speculative", "default_target")
+SERVE_UNFLAGGED = ("keepalive_time_ms", "keepalive_timeout_ms")
+
+
 def serve_config(args):
-    """ServerConfig from `specserve serve` flags."""
-    from service.fit.factory import PairRequest
-    from service.server import ServerConfig
+    """ServerConfig from `specserve serve` flags: each flag's dest is the field it sets."""
+    from service.config.settings import PairRequest, ServerConfig
 
     model = args.model or find_packaged_model()
-    models_dir = args.models_dir or os.path.dirname(os.path.abspath(model))
     speculative = _speculative_config(args)
     params = _context_params(args, n_parallel=args.parallel)
     startup = None
@@ -268,19 +272,13 @@ def serve_config(args):
         startup = PairRequest(name=args.name, target_path=os.path.abspath(model),
                               draft_path=os.path.abspath(args.model_draft) if args.model_draft else "",
                               params=params, speculative=speculative, budget_bytes=0)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+             if f.name not in SERVE_COMPUTED + SERVE_UNFLAGGED}
     # Request zeros mean the server's flags, but a client's PairSpec may name another model:
     # its n_ctx default then comes from that model (fill_defaults), so only non-zero flags carry over.
-    return ServerConfig(
-        host=args.host, port=args.port, backend=args.backend, device=args.device,
-        device_memory_bytes=args.device_memory, threads=args.threads, row_tile=args.row_tile,
-        models_dir=models_dir, startup=startup,
-        params=params, speculative=speculative, default_target=os.path.abspath(model), max_tokens=args.n_predict,
-        max_prompt_bytes=args.max_prompt_bytes,
-        queue_max=args.queue_max, max_workers=args.max_workers, max_message_bytes=args.max_message_size,
-        drain_timeout=args.drain_timeout, metrics_port=args.metrics_port, http_port=args.http_port,
-        auth_token_file=args.auth_token_file,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        load_timeout=args.load_timeout)
+    return ServerConfig(**flags, models_dir=args.models_dir or os.path.dirname(os.path.abspath(model)),
+                        startup=startup, params=params, speculative=speculative,
+                        default_target=os.path.abspath(model))
 
 
 def cmd_serve(args) -> int:
@@ -596,9 +594,10 @@ def _print_logprobs(prompt, by_index: dict) -> None:
 def cmd_run(args) -> int:
     """Generate in this process, without a server: load the pair, stream the text, print stats."""
     from service.common.tokenizer import Tokenizer
+    from service.config.settings import PairRequest
     from service.engine.engine import Engine
     from service.engine.request import GenRequest
-    from service.fit.factory import PairFactory, PairRequest
+    from service.fit.factory import PairFactory
 
     if args.list_devices:
         return _list_devices(args.threads)
@@ -610,7 +609,7 @@ def cmd_run(args) -> int:
     params = replace(params, prompt_cache_bytes=params.prompt_cache_bytes or 0,
                      ngram_cache_tokens=params.ngram_cache_tokens or 0)
     model = os.path.abspath(args.model or find_packaged_model())
-    pair = PairFactory(_backend(args), device_memory_bytes=args.device_memory).load(
+    pair = PairFactory(_backend(args), device_memory_bytes=args.device_memory_bytes).load(
         PairRequest(target_path=model, params=params, speculative=spec,
                     draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
     try:
@@ -700,21 +699,22 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 def _add_compute_flags(p: argparse.ArgumentParser) -> None:
     """Backend, device and thread flags: the same for `serve` and `run`."""
     from compute.select import BACKENDS
+    from service.config.settings import ServerConfig as C
 
     d = p.add_argument_group("compute")
-    d.add_argument("--backend", choices=BACKENDS, default="auto",
+    d.add_argument("--backend", choices=BACKENDS, default=C.backend,
                    help="compute backend (auto: the best OpenCL device that passes its probe, else NumPy)")
-    d.add_argument("--device", default="",
+    d.add_argument("--device", default=C.device,
                    help="OpenCL device: an index, a name substring, or a runtime (gpu, intel-cpu, pocl)")
     d.add_argument("--list-devices", action="store_true",
                    help="probe every OpenCL device, print each with ok or why it is unusable, and exit")
-    d.add_argument("--device-memory", type=parse_bytes, default=0,
+    d.add_argument("--device-memory", dest="device_memory_bytes", type=parse_bytes, default=C.device_memory_bytes,
                    help="device memory budget, e.g. 4G (default: the device's free memory)")
-    d.add_argument("-t", "--threads", type=int, default=0,
+    d.add_argument("-t", "--threads", type=int, default=C.threads,
                    help="CPU threads of the backend: NumPy's BLAS threads, or the workers of the CPU OpenCL "
                         "runtimes (Intel's and PoCL's; fixed once per process). 0 (default): NumPy 1 thread "
                         "(OpenBLAS with more collapses when another process holds a core), OpenCL every core")
-    d.add_argument("--row-tile", type=int, default=-1, metavar="N",
+    d.add_argument("--row-tile", type=int, default=C.row_tile, metavar="N",
                    help="NumPy backend: matmul rows per BLAS call (1: one gemv per row, the fastest "
                         "decode; 8: 8-row tiles, cheaper verify batches and many streams; 0: one call "
                         "per matmul, fastest but not batch invariant). Default: 1")
@@ -722,24 +722,26 @@ def _add_compute_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     """`serve`'s own flags; their defaults are ServerConfig's."""
-    from service.fit.factory import PairRequest
-    from service.server import ServerConfig as C
+    from service.config.settings import PairRequest
+    from service.config.settings import ServerConfig as C
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default=C.host, help="address to bind (default %(default)s)")
     g.add_argument("--port", type=int, default=C.port, help="port (0 = any free port; default %(default)s)")
     g.add_argument("--port-file", default="", help="write the bound port to this file once listening")
-    g.add_argument("--models-dir", default="",
+    g.add_argument("--models-dir", default=C.models_dir,
                    help="Load and Fit accept only model files inside it (default: the folder of -m, "
                         "else of the packaged model)")
     g.add_argument("--name", default=PairRequest.name, help="name of the pair loaded at start (default %(default)s)")
     g.add_argument("--no-load", action="store_true", help="start with no pair loaded (load one with Load)")
-    g.add_argument("-n", "--n-predict", type=int, default=C.max_tokens,
+    g.add_argument("-n", "--n-predict", dest="max_tokens", type=int, default=C.max_tokens,
                    help="max_tokens of a request that sets none (default %(default)s)")
-    g.add_argument("--queue-max", type=int, default=C.queue_max, help="requests waiting for a slot, per pair")
+    g.add_argument("--queue-max", type=int, default=C.queue_max,
+                   help="requests waiting for a slot, per pair (default %(default)s)")
     g.add_argument("--max-workers", type=int, default=C.max_workers,
                    help="concurrent RPCs (more get RESOURCE_EXHAUSTED)")
-    g.add_argument("--max-message-size", type=parse_bytes, default=C.max_message_bytes, help="largest gRPC message")
+    g.add_argument("--max-message-size", dest="max_message_bytes", type=parse_bytes, default=C.max_message_bytes,
+                   help="largest gRPC message")
     g.add_argument("--max-prompt-bytes", type=parse_bytes, default=C.max_prompt_bytes,
                    help="largest prompt, refused (INVALID_ARGUMENT) before tokenizing: text as UTF-8, messages "
                         "and token ids as sent (default 1M: ~250k tokens of English, 32k at 32 bytes a token)")
@@ -749,19 +751,20 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, default=C.http_port,
                    help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
                         "same host, tokens and TLS (0 = any free port; default %(default)s = off)")
-    g.add_argument("--auth-token-file", default="",
+    g.add_argument("--auth-token-file", default=C.auth_token_file,
                    help="require 'authorization: Bearer <token>': one role:token a line, role generate "
                         "(Generate, Tokenize, Detokenize, ListPairs, GetSpeculativeConfig) or admin (all); "
                         "health and reflection stay open")
-    g.add_argument("--tls-cert", default="", help="PEM certificate (chain): serve TLS on --port, health included")
-    g.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
-    g.add_argument("--tls-client-ca", default="",
+    g.add_argument("--tls-cert", default=C.tls_cert,
+                   help="PEM certificate (chain): serve TLS on --port, health included")
+    g.add_argument("--tls-key", default=C.tls_key, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", default=C.tls_client_ca,
                    help="PEM CA: require a client certificate it signed on every RPC (mutual TLS)")
     g.add_argument("--load-timeout", type=float, default=C.load_timeout,
                    help="seconds a Fit or Load may run before its client gets DEADLINE_EXCEEDED (a Load that "
                         "finishes later is released); other pairs are never blocked (default %(default)s)")
-    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    g.add_argument("--log-format", default="text", choices=("text", "json"), help="logfmt lines or JSON lines")
+    g.add_argument("--log-level", default=C.log_level, choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-format", default=C.log_format, choices=("text", "json"), help="logfmt lines or JSON lines")
 
 
 def _add_prompt_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
@@ -779,7 +782,7 @@ def _add_prompt_flags(p: argparse.ArgumentParser, max_tokens_help: str) -> None:
 def _server_commands(command) -> None:
     """serve, and the pair commands of a client: fit, load, unload, list, spec."""
     s = command("serve", "run the gRPC server", cmd_serve, client=False)
-    _add_model_flags(s, slots_default=SERVE_SLOTS)
+    _add_model_flags(s, slots_default=DEFAULT_SLOTS)
     _add_speculative_flags(s, "drafter (default: draft with -md, else ngram)")
     _add_server_flags(s)
     _add_compute_flags(s)

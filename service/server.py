@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,12 +30,11 @@ from grpc_reflection.v1alpha import reflection
 from compute.select import make_backend
 from service.common.errors import InvalidArgument, ResourceExhausted, SpecserveError
 from service.common.logging_setup import new_request_id, request_id_var
+from service.config.settings import ServerConfig
 from service.edge.headers import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
 from service.edge.metrics import Metrics, start_metrics_server
-from service.engine.request import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS
-from service.fit.factory import PairFactory, PairRequest
-from service.fit.params import ContextParams, SpeculativeConfig
-from service.pairs.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
+from service.fit.factory import PairFactory
+from service.pairs.registry import PairRegistry
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.rpc.servicers import GenerationServicer, ModelServicer
@@ -44,40 +42,6 @@ from service.rpc.servicers import GenerationServicer, ModelServicer
 log = logging.getLogger("specserve.server")
 
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ModelService", "GenerationService"))
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything `specserve serve` configures."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port (tests)
-    backend: str = "numpy"  # "auto" | "numpy" | "opencl" (the CLI defaults to auto)
-    device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
-    device_memory_bytes: int = 0  # 0: the device's free memory
-    threads: int = 0  # CPU threads of the backend (compute.select.make_backend); 0: its default
-    row_tile: int = -1  # NumPy matmul rows per BLAS call; -1 = the backend's default
-    models_dir: str = ""  # Load and Fit accept only files inside it
-    startup: PairRequest | None = None  # loaded at start (None: start empty, pairs come by Load)
-    params: ContextParams = field(default_factory=ContextParams)  # defaults for request zeros
-    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    default_target: str = ""  # the model a PairSpec without target_path means
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # larger prompts are INVALID_ARGUMENT before tokenizing
-    queue_max: int = 64
-    max_workers: int = 64  # gRPC handler threads; also the most concurrent RPCs (more get RESOURCE_EXHAUSTED)
-    max_message_bytes: int = 16 * MiB
-    keepalive_time_ms: int = 60_000  # server pings an idle connection this often
-    keepalive_timeout_ms: int = 20_000  # and closes it when a ping is not answered in this time
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
-    metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
-    auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
-    tls_cert: str = ""  # PEM certificate (chain) of the server; "": plaintext (service.tls)
-    tls_key: str = ""  # PEM private key of tls_cert
-    tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
-    load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
-    http_port: int = -1  # the OpenAI-compatible HTTP door (service/http) on host:http_port; -1: off; 0: any free port
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:

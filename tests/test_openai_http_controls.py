@@ -38,7 +38,8 @@ def oa(real_model):
     spec = SpeculativeConfig(type="ngram", n_max=4)
     req = PairRequest(name="default", target_path=real_model, params=params, speculative=spec)
     c = start_server(replace(ServerConfig(models_dir=os.path.dirname(real_model), startup=req, params=params,
-                                          speculative=spec, default_target=real_model, threads=1, max_tokens=48),
+                                          speculative=spec, default_target=real_model, backend="numpy", threads=1,
+                                          max_tokens=48),
                              http_port=0), ready_timeout=300)
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{c.server.http_port}/v1", api_key="unused", max_retries=0,
                         timeout=300)

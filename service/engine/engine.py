@@ -31,6 +31,7 @@ import numpy as np
 
 from compute.llama import LlamaContext
 from service.common.errors import InvalidArgument, Unavailable
+from service.config.settings import DEFAULT_QUEUE_MAX
 from service.engine import logprobs as lp
 from service.engine.grammar import Grammars, constrain
 from service.engine.prompt_cache import PrefixCache
@@ -66,7 +67,8 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
 class Engine:
     """Generation over one loaded pair: a bounded queue, n_parallel slots, one worker thread."""
 
-    def __init__(self, pair, tokenizer, speculative: SpeculativeConfig, queue_max: int = 64, metrics=None):
+    def __init__(self, pair, tokenizer, speculative: SpeculativeConfig, queue_max: int = DEFAULT_QUEUE_MAX,
+                 metrics=None):
         self.pair = pair
         self.tok = tokenizer
         self.target: LlamaContext = pair.target.context

@@ -8,15 +8,9 @@ from typing import Literal
 
 from service.common.choices import FinishReason
 from service.common.errors import InvalidArgument
-from service.fit.params import SpeculativeConfig
+from service.config.settings import DEFAULT_MAX_TOKENS, SpeculativeConfig
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
-DEFAULT_MAX_TOKENS = 128  # a request that sets none (a server's -n / --n-predict overrides it)
-# Largest prompt a server takes (--max-prompt-bytes), counted before tokenizing: text as UTF-8,
-# messages and token ids as encoded on the wire. A flat 1 MiB holds ~250k tokens of English
-# (~4 bytes a token) and 32k tokens even at 32 bytes a token: more than the largest contexts
-# served, while the tokenizer's time on one request stays bounded.
-DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs limit)
 MAX_N = 16  # completions of one prompt
 FormatKind = Literal["json_object", "json_schema", "regex", "lark", "gbnf"]

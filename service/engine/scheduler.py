@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 from compute.llama import Batch
 from service.common.errors import ResourceExhausted
+from service.config.settings import DEFAULT_QUEUE_MAX
 from service.engine.slot import Slot
 from service.engine.stream import Stream
 
@@ -77,7 +78,8 @@ class Scheduler:
     """Queue, slots and step plans for n_slots sequences over a context of n_batch rows and
     n_outputs_max logits rows, whose backend pays for rows in tiles of row_multiple."""
 
-    def __init__(self, n_slots: int, n_batch: int, n_outputs_max: int, row_multiple: int = 1, queue_max: int = 64):
+    def __init__(self, n_slots: int, n_batch: int, n_outputs_max: int, row_multiple: int = 1,
+                 queue_max: int = DEFAULT_QUEUE_MAX):
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Stream] = deque()
         self.n_batch, self.n_outputs_max = n_batch, n_outputs_max

@@ -24,24 +24,13 @@ from compute.backend import Allocation, Backend, Owner, release_all
 from compute.gguf_model import ModelFile, ModelFileError, open_model
 from compute.llama import LlamaContext, LlamaWeights
 from service.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from service.fit.params import ContextParams, PairParams, SpeculativeConfig, derive_pair_params, fill_defaults
+from service.config.settings import PairRequest
+from service.fit.params import ContextParams, PairParams, derive_pair_params, fill_defaults
 from service.fit.plan import Plan, PlannedBuffer, plan_pair
 
 log = logging.getLogger("specserve.factory")
 
 MARGIN_FRACTION = 0.02  # Fit keeps this share of the budget free (allocator slack, driver overhead)
-
-
-@dataclass(frozen=True)
-class PairRequest:
-    """What a Fit or Load asks for (the proto PairSpec, converted at the servicer edge)."""
-
-    name: str = "default"
-    target_path: str = ""
-    draft_path: str = ""
-    params: ContextParams = field(default_factory=ContextParams)
-    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    budget_bytes: int = 0  # 0: the server's budget (--device-memory, else free memory); may lower it, never raise it
 
 
 @dataclass(frozen=True)

@@ -9,82 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from service.common.choices import DRAFTER_TYPES, KV_TYPES, DrafterType, KvType
+from service.common.choices import KV_TYPES
 from service.common.errors import FailedPrecondition, InvalidArgument
-
-DEFAULT_N_CTX = 4096
-DEFAULT_N_BATCH = 256
-# The prompt store (service/prompt_cache.py) when neither the request nor the server (--cache-ram) sets
-# one. llama-server's --cache-ram defaults to 8 GiB, allocated as it fills; specserve's store is a
-# buffer of the plan, allocated whole at Load and counted by Fit, so its default is one that any host
-# holding a model can spare: 256 MiB holds ~11,000 tokens of SmolLM2-135M's f16 KV (23 KiB a token),
-# seven 1,500-token conversations, or ~2,000 tokens of a 7B GQA model (128 KiB a token).
-DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
-# The cross-request n-gram index (service/ngram_index.py): 65,536 tokens of recent outputs, 256 KiB of
-# int32; one lookup scans it for the last token (~0.1 ms a drafting slot a step on a CPU core).
-DEFAULT_NGRAM_CACHE_TOKENS = 1 << 16
-# Upper bounds of request fields: far above any real use, low enough that no size computed
-# from them overflows a backend's index types or makes Fit search for long.
-MAX_N_PARALLEL = 1024  # slots
-MAX_N_CTX = 1 << 24  # KV cells in total (16M)
-MAX_N_BATCH = 1 << 16  # tokens per forward pass, and logits rows (n_outputs_max)
-MAX_PROMPT_CACHE_BYTES = 1 << 40  # 1 TiB
-MAX_NGRAM_CACHE_TOKENS = 1 << 24  # 16M tokens (64 MiB)
-MAX_VALUES = {"n_parallel": MAX_N_PARALLEL, "n_ctx": MAX_N_CTX, "n_ctx_min": MAX_N_CTX,
-              "n_batch": MAX_N_BATCH, "n_outputs_max": MAX_N_BATCH,
-              "prompt_cache_bytes": MAX_PROMPT_CACHE_BYTES, "ngram_cache_tokens": MAX_NGRAM_CACHE_TOKENS}
-
-
-@dataclass(frozen=True)
-class ContextParams:
-    """One context's parameters. In a request, 0 means "server default"; derived params have no zeros."""
-
-    n_ctx: int = 0  # KV cells in total, shared equally by the slots (each gets n_ctx // n_parallel)
-    n_parallel: int = 1  # slots: sequences decoded together
-    n_batch: int = 0  # most tokens in one forward pass (prefill chunk, verify batch, all slots)
-    n_outputs_max: int = 0  # most logits rows one forward pass returns; 0 = derive
-    kv_type: KvType = "f16"
-    n_gpu_layers: int = -1  # layers whose weights live in device memory; -1 = all
-    n_ctx_min: int = 0  # Fit never shrinks n_ctx below this (0: one cell per slot... see fit)
-    # The pair's caches (the target's params carry them; the draft's are 0). Unlike the fields above,
-    # 0 means "none"; None means "server default" (DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_NGRAM_CACHE_TOKENS).
-    prompt_cache_bytes: int | None = None  # host store of prompt KV states beyond the slots
-    ngram_cache_tokens: int | None = None  # recent outputs of all requests the n-gram drafter may draft from
-
-    @property
-    def n_ctx_slot(self) -> int:
-        return self.n_ctx // self.n_parallel
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """How a pair drafts. `type` "none" turns speculation off."""
-
-    type: DrafterType = "ngram"
-    n_max: int = 8  # most tokens drafted per step
-    n_min: int = 1  # fewer proposals than this: decode normally this step
-    p_min: float = 0.5  # draft model: stop drafting when its top probability is below this
-    ngram_min: int = 2  # shortest suffix the n-gram drafter matches (1 proposes often and is mostly rejected)
-    ngram_max: int = 4  # longest suffix the n-gram drafter matches
-
-    def __post_init__(self):
-        """Refuse a malformed config with InvalidArgument, whoever builds it (gRPC, the CLI, a test).
-        Limits that depend on a pair (its plan's rows, its draft model) are checked against the pair."""
-        if self.type not in DRAFTER_TYPES:
-            raise InvalidArgument(f"speculative type {self.type!r}: use one of {', '.join(DRAFTER_TYPES)}")
-        if self.n_max < 0 or self.n_min < 0:
-            raise InvalidArgument("speculative n_max and n_min must be >= 0")
-        if self.n_min > self.n_max:
-            raise InvalidArgument(f"speculative n_min ({self.n_min}) must be <= n_max ({self.n_max})")
-        if not 0.0 <= self.p_min <= 1.0:  # NaN fails this too
-            raise InvalidArgument(f"speculative p_min ({self.p_min}) must be within [0, 1]")
-        if self.ngram_min < 1 or self.ngram_max < self.ngram_min:
-            raise InvalidArgument(
-                f"speculative ngram sizes need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
-
-    @property
-    def enabled(self) -> bool:
-        return self.type != "none" and self.n_max > 0
+from service.config.settings import (
+    DEFAULT_N_BATCH,
+    DEFAULT_N_CTX,
+    DEFAULT_NGRAM_CACHE_TOKENS,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    MAX_VALUES,
+    ContextParams,
+    SpeculativeConfig,
+)
 
 
 def check_draft_model(spec: SpeculativeConfig, has_draft_model: bool, pair_loaded: bool) -> None:

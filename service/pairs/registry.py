@@ -26,14 +26,13 @@ from typing import Callable
 
 from service.common.choices import PairState
 from service.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from service.config.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, DEFAULT_QUEUE_MAX
 from service.fit.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.fit.params import SpeculativeConfig
 from service.pairs.warmup import WarmupError, warm_up
 
 log = logging.getLogger("specserve.registry")
 
-DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client gets DEADLINE_EXCEEDED
 
 
 def return_memory() -> None:
@@ -90,7 +89,7 @@ def _default_tokenizer(pair: LoadedPair):
 class PairRegistry:
     """Named pairs of one server. `on_change()` is called after every state change (health status)."""
 
-    def __init__(self, factory: PairFactory, metrics=None, queue_max: int = 64,
+    def __init__(self, factory: PairFactory, metrics=None, queue_max: int = DEFAULT_QUEUE_MAX,
                  engine_factory: Callable = _default_engine, tokenizer_factory: Callable = _default_tokenizer,
                  on_change: Callable[[], None] | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT):
         self.factory = factory

@@ -17,15 +17,16 @@ from dataclasses import replace
 from compute.backend import BufferSpec
 from service.common.choices import DRAFTER_TYPES, FINISH_REASONS, KV_TYPES, PAIR_STATES
 from service.common.errors import InvalidArgument
-from service.engine.request import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
-from service.fit.factory import FitResult, PairRequest
-from service.fit.params import (
+from service.config.settings import (
     DEFAULT_NGRAM_CACHE_TOKENS,
     DEFAULT_PROMPT_CACHE_BYTES,
     ContextParams,
+    PairRequest,
     SpeculativeConfig,
-    or_default,
 )
+from service.engine.request import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
+from service.fit.factory import FitResult
+from service.fit.params import or_default
 from service.fit.plan import Plan
 from service.pb.specserve.v1 import specserve_pb2 as pb
 

@@ -22,7 +22,7 @@ from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from service.rpc import convert
 
 if TYPE_CHECKING:  # server.py imports this module
-    from service.server import ServerConfig
+    from service.config.settings import ServerConfig
 
 log = logging.getLogger("specserve.rpc")
 
