@@ -364,7 +364,7 @@ def _channel(args):
         channel = grpc.insecure_channel(args.address, options=options)
     token = os.environ.get("SPECSERVE_TOKEN", "")
     if token:  # a server started with --auth-token-file
-        from service.edge.auth import BearerToken
+        from service.rpc.auth import BearerToken
 
         channel = grpc.intercept_channel(channel, BearerToken(token))
     return channel
@@ -592,12 +592,12 @@ def _print_logprobs(prompt, by_index: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    """Generate in this process, without a server: load the pair, stream the text, print stats."""
-    from service.common.tokenizer import Tokenizer
+    """Generate in this process, without a server: assemble the pair as a Load does (warm-up included),
+    stream the text, print stats."""
     from service.config.settings import PairRequest
-    from service.engine.engine import Engine
     from service.engine.request import GenRequest
     from service.fit.factory import PairFactory
+    from service.pairs.assemble import assemble
 
     if args.list_devices:
         return _list_devices(args.threads)
@@ -609,26 +609,21 @@ def cmd_run(args) -> int:
     params = replace(params, prompt_cache_bytes=params.prompt_cache_bytes or 0,
                      ngram_cache_tokens=params.ngram_cache_tokens or 0)
     model = os.path.abspath(args.model or find_packaged_model())
-    pair = PairFactory(_backend(args), device_memory_bytes=args.device_memory_bytes).load(
-        PairRequest(target_path=model, params=params, speculative=spec,
-                    draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
+    made = assemble(PairFactory(_backend(args), device_memory_bytes=args.device_memory_bytes),
+                    PairRequest(target_path=model, params=params, speculative=spec,
+                                draft_path=os.path.abspath(args.model_draft) if args.model_draft else ""))
     try:
-        tok = Tokenizer.from_gguf(pair.target.file.reader)
-        req = GenRequest(_run_prompt_ids(args, tok), max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
+        req = GenRequest(_run_prompt_ids(args, made.tokenizer), max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
                          sampling=sampling, stop=tuple(args.stop), response_format=fmt)
-        engine = Engine(pair, tok, spec).start()
-        try:
-            stream = engine.submit(req)
-            for delta in stream:
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-            res = stream.result()
-            sys.stdout.write("\n")
+        stream = made.engine.submit(req)
+        for delta in stream:
+            sys.stdout.write(delta.text)
             sys.stdout.flush()
-        finally:
-            engine.stop()
+        res = stream.result()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     finally:
-        pair.release()
+        made.release()
     if args.stats:
         print(f"[{res.finish_reason}] prompt {res.prompt_tokens} tok, completion {res.completion_tokens} tok, "
               f"{res.completion_tokens / max(res.decode_seconds, 1e-9):.1f} tok/s decode, "
@@ -638,13 +633,15 @@ def cmd_run(args) -> int:
 
 
 def _run_prompt_ids(args, tok) -> tuple[int, ...]:
-    """`run`'s prompt (stdin when none or '-') as token ids: through the chat template with --chat / --system."""
+    """`run`'s prompt (stdin when none or '-') as token ids, by the rules a server applies to a prompt
+    (service/edge/rules.py): through the chat template with --chat / --system, else BOS added."""
+    from service.edge import rules
+
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if args.chat or args.system:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        return tuple(tok.encode(tok.apply_chat_template(msgs + [{"role": "user", "content": prompt}]),
-                                add_special=False))
-    return tuple(tok.encode(prompt, add_special=True))
+        messages = ([("system", args.system)] if args.system else []) + [("user", prompt)]
+        return tuple(rules.prompt_ids_from_messages(messages, tok, "the prompt"))
+    return tuple(rules.prompt_ids_from_text(prompt, tok))
 
 
 def cmd_tokenize(args) -> int:

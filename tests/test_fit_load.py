@@ -14,7 +14,7 @@ from compute.backend import AllocationError
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
 from service.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from service.engine.prompt_cache import BLOCK_TOKENS, kv_token_bytes
+from service.fit.cache_layout import BLOCK_TOKENS, kv_token_bytes
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig, derive_pair_params
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama

@@ -16,9 +16,10 @@ from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
 from service.common.tokenizer import Tokenizer
 from service.engine.engine import Engine
-from service.engine.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
+from service.engine.prompt_cache import common_prefix
 from service.engine.request import GenRequest, SamplingParams
 from service.engine.spec.ngram_index import SEP, NgramIndex
+from service.fit.cache_layout import BLOCK_TOKENS, kv_token_bytes
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb

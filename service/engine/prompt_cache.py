@@ -10,8 +10,9 @@ A slot's KV cells outlive its request: `tokens[:n_past]` of the request that las
    runner's valid length, service/draft_runner.py).
 2. The store. Before a slot's cells are overwritten by a request that does not extend them,
    they are copied into the store: fixed blocks of BLOCK_TOKENS cells of every layer, of the
-   target and of the draft, in a buffer of the plan (service/plan.py; its size is
-   ContextParams.prompt_cache_bytes). A request whose prompt shares a longer prefix with an
+   target and of the draft, in a buffer of the plan (service/fit/plan.py; its size is
+   ContextParams.prompt_cache_bytes;
+   its sizes and layout are service/fit/cache_layout.py's). A request whose prompt shares a longer prefix with an
    entry than with its slot has the missing cells copied back. Entries are evicted least
    recently used first; blocks come from a fixed free list, so nothing is allocated while serving.
 
@@ -28,34 +29,15 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from compute.backend import DTYPES, Allocation, KvType
-from compute.gguf_model import HParams
-from compute.llama import Layout, LlamaContext
+from compute.backend import Allocation
+from compute.llama import LlamaContext
+from service.fit.cache_layout import BLOCK_TOKENS
 
 log = logging.getLogger("specserve.prompt_cache")
 
-BLOCK_TOKENS = 128  # cells of one store block: a 1,500-token prompt is 12 blocks, 64 cells wasted on average
 MIN_SAVE_TOKENS = 16  # shorter prefixes are not worth a copy into the store
 
 ReuseSource = Literal["none", "slot", "store"]
-
-
-# ---- the plan's part: sizes and layouts (service/plan.py calls these) ----
-
-def kv_token_bytes(hp: HParams, kv_type: KvType) -> int:
-    """Bytes of one token's K and V cells over every layer of a model."""
-    return 2 * hp.n_layer * hp.n_embd_kv * DTYPES[kv_type].itemsize
-
-
-def store_blocks(prompt_cache_bytes: int, token_bytes: int) -> int:
-    """Whole blocks of BLOCK_TOKENS tokens (target + draft cells: `token_bytes` a token) in the store's bytes."""
-    return prompt_cache_bytes // (BLOCK_TOKENS * token_bytes) if token_bytes else 0
-
-
-def store_layout(hp: HParams, n_blocks: int, kv_type: KvType) -> Layout:
-    """One model's part of the store: K and V blocks (n_blocks, n_layer, BLOCK_TOKENS, n_embd_kv)."""
-    shape = (n_blocks, hp.n_layer, BLOCK_TOKENS, hp.n_embd_kv)
-    return {"k": (shape, kv_type), "v": (shape, kv_type)}
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from compute.backend import Backend, BufferSpec, Owner
 from compute.gguf_model import ModelFile
 from compute.llama import Layout, kv_layout, layout_nbytes, outputs_layout, scratch_layout
-from service.engine.prompt_cache import kv_token_bytes, store_blocks, store_layout
-from service.engine.spec.ngram_index import ngram_layout
+from service.fit.cache_layout import kv_token_bytes, ngram_layout, store_blocks, store_layout
 from service.fit.params import ContextParams, PairParams
 
 

@@ -1,7 +1,8 @@
-"""The pairs a server holds, by name: load (factory + tokenizer + engine), unload, look up. Thread-safe.
+"""The pairs a server holds, by name: load, unload, look up. Thread-safe.
 
 Lifecycle of a name:  loading -> ready -> draining -> (gone)
-A pair becomes ready only after its warm-up (service/warmup.py) ran the path requests take.
+A Load goes through service/pairs/assemble.py (load, tokenizer, engine, warm-up), the path `specserve
+run` takes too, so a pair becomes ready only after its warm-up ran the path requests take.
 A request to a loading or draining pair gets UNAVAILABLE; to an unknown name NOT_FOUND; to any
 name while nothing at all is loaded FAILED_PRECONDITION. Loads of different pairs run side by
 side (the factory reserves each plan's memory, so no two spend the same bytes); a Load that
@@ -26,10 +27,12 @@ from typing import Callable
 
 from service.common.choices import PairState
 from service.common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from service.common.tokenizer import Tokenizer
 from service.config.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, DEFAULT_QUEUE_MAX
+from service.engine.engine import Engine
 from service.fit.factory import FitResult, LoadedPair, PairFactory, PairRequest
 from service.fit.params import SpeculativeConfig
-from service.pairs.warmup import WarmupError, warm_up
+from service.pairs.assemble import assemble, default_engine, default_tokenizer
 
 log = logging.getLogger("specserve.registry")
 
@@ -63,8 +66,8 @@ class ServedPair:
     request: PairRequest
     state: PairState = "loading"
     pair: LoadedPair | None = None
-    tokenizer: object | None = None  # service.tokenizer.Tokenizer
-    engine: object | None = None  # service.engine.Engine
+    tokenizer: Tokenizer | None = None
+    engine: Engine | None = None
     loaded_at: float = 0.0
     load_seconds: float = 0.0
     abandoned: bool = False  # its Load ran past the time limit: released when (if) it finishes
@@ -74,23 +77,11 @@ class ServedPair:
         return self.state == "ready"
 
 
-def _default_engine(pair: LoadedPair, tokenizer, speculative: SpeculativeConfig, queue_max: int, metrics):
-    from service.engine.engine import Engine
-
-    return Engine(pair, tokenizer, speculative, queue_max=queue_max, metrics=metrics)
-
-
-def _default_tokenizer(pair: LoadedPair):
-    from service.common.tokenizer import Tokenizer
-
-    return Tokenizer.from_gguf(pair.target.file.reader)
-
-
 class PairRegistry:
     """Named pairs of one server. `on_change()` is called after every state change (health status)."""
 
     def __init__(self, factory: PairFactory, metrics=None, queue_max: int = DEFAULT_QUEUE_MAX,
-                 engine_factory: Callable = _default_engine, tokenizer_factory: Callable = _default_tokenizer,
+                 engine_factory: Callable = default_engine, tokenizer_factory: Callable = default_tokenizer,
                  on_change: Callable[[], None] | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT):
         self.factory = factory
         self.metrics = metrics
@@ -201,32 +192,12 @@ class PairRegistry:
 
     def _materialise(self, sp: ServedPair) -> None:
         t0 = time.monotonic()
-        pair = self.factory.load(sp.request)
-        engine = None
-        try:
-            tokenizer = self._tokenizer_factory(pair)
-            engine = self._engine_factory(pair, tokenizer, pair.plan.params.speculative, self.queue_max, None)
-            engine.start()
-            warm_s = warm_up(pair, engine, tokenizer)
-        except BaseException as e:
-            log.warning("load of pair %s failed after allocation: releasing it", sp.name)
-            if engine is not None:
-                engine.stop()
-            pair.release()
-            if isinstance(e, WarmupError):
-                device = self.factory.backend.device_memory().name
-                raise FailedPrecondition(f"pair {sp.name!r} cannot serve on {device}: "
-                                         f"its warm-up failed: {e}") from e
-            raise
-        measured = getattr(engine, "row_cost", None)
-        cost = measured.describe() if measured is not None else "the backend's model"
-        log.info("pair warmed up", extra={"kv": {"pair": sp.name, "warmup_s": round(warm_s, 3), "row_cost": cost}})
+        made = assemble(self.factory, sp.request, self.queue_max, self._engine_factory, self._tokenizer_factory)
+        pair, tokenizer, engine = made.pair, made.tokenizer, made.engine
         with self._lock:
             abandoned = sp.abandoned
             if not abandoned:
                 prefix = getattr(engine, "prefix", None)
-                if prefix is not None:
-                    prefix.clear_counters()  # the warm-up request's miss is not a served one
                 if self.metrics is not None:  # after warm-up: its tokens are not served ones
                     engine.metrics = self.metrics.for_pair(sp.name)
                     self.metrics.track_engine(sp.name, engine.stats, prefix.stats if prefix is not None else None)
@@ -235,8 +206,7 @@ class PairRegistry:
                 sp.state = "draining" if self._draining else "ready"
         if abandoned:
             log.warning("pair %s finished loading after its client was given up on: releasing it", sp.name)
-            engine.stop(0)
-            pair.release()
+            made.release(0)
             return
         log.info("pair ready", extra={"kv": {"pair": sp.name, "bytes": pair.plan.total_bytes,
                                               "load_s": round(sp.load_seconds, 3)}})

@@ -1,7 +1,7 @@
 """Protobuf <-> service dataclasses, at the edge: the only module besides the servicers that sees `pb`.
 
-The rules both doors share (prompt ids from text or messages, stop strings, a speculative override)
-are functions here that the OpenAI HTTP door (service/http/translate.py) calls too.
+The rules both doors share (pair names, prompt ids from text or messages, stop strings, a speculative
+override) live in service/edge/rules.py; this module calls them on what a gRPC message holds.
 
 `*_from_pb` functions validate what a client sent and raise errors.InvalidArgument naming the
 field; `*_to_pb` functions build responses. Request zeros and unset fields take the base values
@@ -10,8 +10,6 @@ the caller passes (the server's flags, or a pair's live config).
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import replace
 
 from compute.backend import BufferSpec
@@ -24,15 +22,20 @@ from service.config.settings import (
     PairRequest,
     SpeculativeConfig,
 )
+from service.edge.rules import (
+    check_stop,
+    check_text_bytes,
+    check_token_ids,
+    pair_name,
+    prompt_ids_from_messages,
+    prompt_ids_from_text,
+    speculative_with,
+)
 from service.engine.request import GenRequest, GenResult, ResponseFormat, SamplingParams, TokenDelta, TokenLogprob
 from service.fit.factory import FitResult
 from service.fit.params import or_default
 from service.fit.plan import Plan
 from service.pb.specserve.v1 import specserve_pb2 as pb
-
-DEFAULT_PAIR = "default"
-PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MAX_STOP_STRINGS = 16
 
 DRAFTER_FROM_PB = {pb.DRAFTER_TYPE_NONE: "none", pb.DRAFTER_TYPE_DRAFT_MODEL: "draft",
                    pb.DRAFTER_TYPE_NGRAM: "ngram"}
@@ -48,14 +51,6 @@ assert (set(DRAFTER_TO_PB), set(KV_TO_PB), set(FINISH_TO_PB), set(STATE_TO_PB)) 
 
 
 # ---- names ----
-
-def pair_name(name: str) -> str:
-    """A request's pair name: empty -> "default"; anything but [A-Za-z0-9._-]{1,64} is refused."""
-    name = name or DEFAULT_PAIR
-    if not PAIR_NAME.fullmatch(name):
-        raise InvalidArgument(f"pair name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
-    return name
-
 
 # ---- speculative config ----
 
@@ -73,16 +68,6 @@ def speculative_from_pb(msg: pb.SpeculativeConfig, base: SpeculativeConfig) -> S
     if msg.HasField("p_min"):
         changes["p_min"] = round(msg.p_min, 6)  # float32 on the wire: 0.3 arrives as 0.30000001
     return speculative_with(base, changes)
-
-
-def speculative_with(base: SpeculativeConfig, changes: dict) -> SpeculativeConfig:
-    """`base` with `changes` (SpeculativeConfig field -> value; every door's override goes through here).
-    Setting only n_max lowers n_min to fit under it."""
-    if "p_min" in changes and not math.isfinite(changes["p_min"]):
-        raise InvalidArgument("speculative.p_min must be a number within [0, 1]")
-    if "n_max" in changes and "n_min" not in changes:
-        changes = {**changes, "n_min": min(base.n_min, changes["n_max"])}
-    return replace(base, **changes)  # SpeculativeConfig validates itself
 
 
 def speculative_to_pb(cfg: SpeculativeConfig) -> pb.SpeculativeConfig:
@@ -184,13 +169,6 @@ def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def check_text_bytes(text: str, field: str, max_bytes: int) -> None:
-    """Refuse a text longer than `max_bytes` as UTF-8 before anything (the tokenizer) reads it."""
-    if len(text) > max_bytes or len(text.encode("utf-8")) > max_bytes:
-        raise InvalidArgument(f"{field} is {len(text.encode('utf-8'))} bytes, this server takes at most "
-                              f"{max_bytes} (--max-prompt-bytes)")
-
-
 def check_prompt_bytes(msg, max_bytes: int) -> None:
     """Refuse a prompt over `max_bytes` before tokenizing: text as UTF-8, messages and token ids as
     encoded on the wire."""
@@ -219,40 +197,6 @@ def prompt_ids_from_pb(msg, tokenizer) -> list[int]:
     if not ids:
         raise InvalidArgument(f"the prompt ({which}) has no tokens")
     return ids
-
-
-def prompt_ids_from_text(text: str, tokenizer) -> list[int]:
-    """A text prompt's ids: the model's special tokens (BOS) added, control tokens parsed."""
-    return tokenizer.encode(text, add_special=True, parse_special=True)
-
-
-def prompt_ids_from_messages(messages: list[tuple[str, str]], tokenizer, field: str) -> list[int]:
-    """A conversation's ids: (role, content) pairs through the model's chat template (which holds BOS
-    if any); `field` names the messages in errors."""
-    if not messages:
-        raise InvalidArgument(f"{field} is empty: give at least one message")
-    for i, (role, _) in enumerate(messages):
-        if not role:
-            raise InvalidArgument(f"{field}[{i}].role is empty (use system, user or assistant)")
-    text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages])
-    return tokenizer.encode(text, add_special=False, parse_special=True)
-
-
-def check_token_ids(ids, vocab_size: int, field: str) -> list[int]:
-    """Token ids, each below the vocabulary size."""
-    ids = list(ids)
-    bad = [i for i in ids if i >= vocab_size]
-    if bad:
-        raise InvalidArgument(f"{field}: id {bad[0]} is not below the vocabulary size {vocab_size}")
-    return ids
-
-
-def check_stop(stop) -> tuple[str, ...]:
-    """Stop strings, at most MAX_STOP_STRINGS (GenRequest refuses empty ones)."""
-    stop = tuple(stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
-    return stop
 
 
 def gen_request_from_pb(msg, tokenizer, live_spec: SpeculativeConfig, default_max_tokens: int,

@@ -2,7 +2,8 @@
 
 A second request that repeats much of an earlier answer (a retry, an agent re-running a step,
 templated output) drafts well from it: llama.cpp's ngram-cache and suffix decoding do the same.
-The index is a ring of `ngram_cache_tokens` int32 token ids, a buffer of the plan (service/plan.py)
+The index is a ring of `ngram_cache_tokens` int32 token ids, a buffer of the plan (service/fit/plan.py,
+its layout service/fit/cache_layout.py's)
 that serving never grows: each finished request appends the last RECORD_PROMPT_TAIL tokens of its
 prompt (the keys its first tokens follow) and its output, then a separator (-1), overwriting the
 oldest tokens. A lookup finds the most recent place where the longest suffix of a slot's tokens
@@ -18,16 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from compute.llama import Layout
-
 RECORD_PROMPT_TAIL = 32  # prompt tokens recorded before an output
 MATCH_MAX = 32  # longest suffix compared: more tells a real repeat from a chance n-gram
 SEP = -1  # between records (and in never written cells): no match runs across it
-
-
-def ngram_layout(n_tokens: int) -> Layout:
-    """The ring: (n_tokens,) int32 token ids."""
-    return {"tokens": ((n_tokens,), "i32")}
 
 
 class NgramIndex:
