@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 
 from service import cli
+from service.cli import serve
 from service.config.settings import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_LOAD_TIMEOUT,
@@ -34,7 +35,7 @@ def _defaults_by_dest(parser: argparse.ArgumentParser) -> dict:
 def test_every_server_setting_is_a_serve_flag_whose_default_is_the_configs():
     flags, config = _defaults_by_dest(_serve_parser()), ServerConfig()
     for f in dataclasses.fields(ServerConfig):
-        if f.name in cli.SERVE_COMPUTED + cli.SERVE_UNFLAGGED:
+        if f.name in serve.SERVE_COMPUTED + serve.SERVE_UNFLAGGED:
             continue
         assert f.name in flags, f"ServerConfig.{f.name} has no `serve` flag (or is not listed as computed)"
         assert flags[f.name] == getattr(config, f.name), f"--{f.name}: the flag's default is not ServerConfig's"
@@ -42,10 +43,10 @@ def test_every_server_setting_is_a_serve_flag_whose_default_is_the_configs():
 
 def test_serve_with_no_flags_gives_the_default_server_config(tmp_path):
     model = tmp_path / "m.gguf"
-    cfg = cli.serve_config(cli.build_parser().parse_args(["serve", "-m", str(model)]))
+    cfg = serve.serve_config(cli.build_parser().parse_args(["serve", "-m", str(model)]))
     default = ServerConfig()
     for f in dataclasses.fields(ServerConfig):
-        if f.name not in cli.SERVE_COMPUTED:
+        if f.name not in serve.SERVE_COMPUTED:
             assert getattr(cfg, f.name) == getattr(default, f.name), f.name
     assert cfg.params == default.params == ContextParams(n_parallel=DEFAULT_SLOTS)
     assert cfg.params.n_parallel == _defaults_by_dest(_serve_parser())["parallel"] == DEFAULT_SLOTS

@@ -298,9 +298,10 @@ def test_grpc_response_format_and_its_errors(real_server):
 
 def test_cli_format_flags(tmp_path, capsys):
     from service import cli
+    from service.cli.flags import response_format
 
     def fmt(*argv):
-        return cli._response_format(cli.build_parser().parse_args(["generate", "hi", *argv]))
+        return response_format(cli.build_parser().parse_args(["generate", "hi", *argv]))
 
     schema = tmp_path / "user.schema.json"
     schema.write_text(json.dumps(SCHEMA))
