@@ -135,3 +135,19 @@ def test_the_checker_allows_the_direction():
     assert violations("service.cli.serve", "from service.server import SpecServer\nfrom service.pb import x\n") == []
     assert violations("service.http.app", "from service.edge import auth\nfrom service.pairs.registry import R\n") == []
     assert violations("compute.llama", "import numpy as np\nfrom compute.backend import Backend\n") == []
+
+
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 60  # a class or function longer than this does several jobs
+
+
+def test_no_class_or_function_in_service_outgrows_one_job():
+    long = []
+    for path in _sources():
+        if path.parts[len(ROOT.parts)] != "service":
+            continue  # compute/ is held to it by its own owners
+        for node in ast.walk(ast.parse(path.read_text())):
+            n = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.ClassDef) and n > MAX_CLASS_LINES or \
+                    isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and n > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}: {node.name} is {n} lines")
+    assert not long, long

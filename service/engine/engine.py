@@ -1,58 +1,56 @@
 """The engine: the loop and lifecycle of generation over one loaded pair, and the speculative step.
 
 One thread per pair runs `step()` in a loop. The parts, each with one reason to change:
-  service/scheduler.py     the queue, the slots, and each step's plan of ONE target batch
-  service/draft_policy.py  how many drafts a slot proposes (pure: acceptance rate vs row cost)
-  service/draft_runner.py  the drafters (n-gram, draft model); owns the draft KV valid length
-  service/speculative.py   verification (rejection sampling)
-  service/output.py        the client's Stream; detokenising and stop strings
-  service/sequence.py      a slot's state
-  service/prompt_cache.py  prompt reuse: the cells a new request keeps, the prompt store
-Each step: admit queued requests into free slots, propose drafts, verify them in one target
-batch, append accepted + bonus tokens and roll the KV caches back by setting each slot's valid
-length (cells past it are overwritten later).
+  scheduler.py        the queue, the slots, and what each step runs in ONE target batch
+  slot.py             a slot's state, and appending verified tokens to it
+  stream.py           the client's Stream; detokenising and stop strings
+  spec/proposer.py    each step's drafts and the live speculative config
+  spec/policy.py      how many drafts a slot proposes (pure: acceptance rate vs row cost)
+  spec/drafter.py     the drafters (n-gram, draft model); owns the draft KV valid length
+  spec/verify.py      verification (rejection sampling)
+  prompt_cache.py     prompt reuse: the cells a new request keeps, the prompt store
+  grammar.py          structured output: a request's grammar and the logits it allows
+(all under service/engine/). Each step: admit queued requests into free slots, propose drafts,
+verify them in one target batch, append accepted + bonus tokens and roll the KV caches back by
+setting each slot's valid length (cells past it are overwritten later).
 
-Generation controls (issue 16): logprobs of each appended token come from the verify row it was
-drawn from (service/logprobs.py); a slot scoring its prompt gets logits rows for its prefill
-chunks (service/scheduler.py) and emits the prompt's logprobs once its prompt is in the KV
-cache; a request of n completions holds n slots, prefills in the first, and when its prompt is
-in the KV cache copies those cells to the others (`_fork`), which then sample on their own.
-The client reads one Stream either way (service/output.py).
+Generation controls: logprobs of each appended token come from the verify row it was drawn from
+(logprobs.py); a slot scoring its prompt gets logits rows for its prefill chunks (scheduler.py)
+and emits the prompt's logprobs once its prompt is in the KV cache; a request of n completions
+holds n slots, prefills in the first, and when its prompt is in the KV cache copies those cells
+to the others (`_fork`), which then sample on their own. The client reads one Stream either way.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import replace
-
-import numpy as np
 
 from compute.llama import LlamaContext
 from service.common.errors import InvalidArgument, Unavailable
 from service.config.settings import DEFAULT_QUEUE_MAX
 from service.engine import logprobs as lp
-from service.engine.grammar import Grammars, constrain
+from service.engine.grammar import Grammars, constrain_verify_rows
 from service.engine.prompt_cache import PrefixCache
 from service.engine.request import GenRequest, TokenDelta
 from service.engine.sampling import logits_to_probs, penalty_history, sample
 from service.engine.scheduler import Scheduler, SlotWork
 from service.engine.slot import Slot, unstarted_result
-from service.engine.spec import policy
-from service.engine.spec.drafter import Draft, DraftAsk, DraftRunner
+from service.engine.spec.drafter import DraftRunner
 from service.engine.spec.ngram_index import NgramIndex
+from service.engine.spec.policy import RowCost
+from service.engine.spec.proposer import Proposer
 from service.engine.spec.verify import verify
 from service.engine.stream import Stream, TextOutput
-from service.fit.params import SpeculativeConfig, check_draft_model
+from service.fit.params import SpeculativeConfig
 
 log = logging.getLogger("specserve.engine")
 STOP_GRACE = 5.0  # seconds stop() waits for cancelled requests to leave their slots
 
 
-def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
-    """InvalidArgument unless the prompt is non-empty, fits a slot and holds valid token ids (GenRequest
-    checks what does not depend on the pair)."""
+def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int, n_slots: int) -> None:
+    """InvalidArgument unless the prompt is non-empty, fits a slot and holds valid token ids, and the pair has
+    a slot for each completion (GenRequest checks what does not depend on the pair)."""
     n = len(req.prompt)
     if n == 0:
         raise InvalidArgument("the prompt is empty")
@@ -62,6 +60,14 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int) -> None:
             f"so a prompt may have at most {n_ctx_slot - 1}")
     if max(req.prompt) >= n_vocab or min(req.prompt) < 0:
         raise InvalidArgument(f"prompt token ids must be in [0, {n_vocab})")
+    if req.n > n_slots:
+        raise InvalidArgument(f"n = {req.n} completions need as many slots; this pair has {n_slots} "
+                              "(Load it with a larger n_parallel)")
+
+
+def _alive(t: threading.Thread | None) -> bool:
+    """Whether a worker thread exists to act on cancellations (other than the caller)."""
+    return t is not None and t.is_alive() and t is not threading.current_thread()
 
 
 class Engine:
@@ -76,42 +82,38 @@ class Engine:
         tp = pair.params.target
         self.n_slots, self.n_ctx_slot = tp.n_parallel, tp.n_ctx_slot
         self.n_batch, self.n_outputs_max = tp.n_batch, tp.n_outputs_max
-        self.max_n_max = max(0, self.n_outputs_max // self.n_slots - 1)  # drafts per slot the plan has room for
         self.eog = frozenset(tokenizer.eog_ids)
         self.metrics = metrics
-        self.row_cost: policy.RowCost | None = None  # measured at warm-up; None: the backend's model
+        self.row_cost: RowCost | None = None  # measured at warm-up; None: the backend's model
         self.queue_max = queue_max
-        self._speculative = self.check_speculative(speculative)
         self.scheduler = Scheduler(self.n_slots, self.n_batch, self.n_outputs_max,
                                    self.target.backend.scratch_row_multiple(), queue_max)
         self.prefix = PrefixCache.for_pair(pair)
         self.drafter = DraftRunner(self.draft, self.n_slots, NgramIndex.of_pair(pair))
+        self.proposer = Proposer(self.drafter, self.draft is not None, self.n_slots, self.n_ctx_slot,
+                                 self.n_outputs_max, speculative)
         self._n_released = 0
         self._cv = threading.Condition()  # guards the queue, slot ownership and the flags below
         self._running = False
         self._draining = False
         self._thread: threading.Thread | None = None
-        self._grammars: Grammars | None = None  # built at the first response_format (service/grammar.py)
+        self._grammars: Grammars | None = None  # built at the first response_format (service/engine/grammar.py)
 
     # ---- config ----
     @property
     def speculative(self) -> SpeculativeConfig:
-        return self._speculative
+        """The live default config (the proposer's); a request may override it."""
+        return self.proposer.speculative
 
-    def check_speculative(self, cfg: SpeculativeConfig) -> SpeculativeConfig:
-        """Validate a config against this pair: its plan's output rows and whether it has a draft model."""
-        check_draft_model(cfg, self.draft is not None, pair_loaded=True)
-        if cfg.enabled and cfg.n_max > self.max_n_max:
-            raise InvalidArgument(
-                f"speculative n_max {cfg.n_max} exceeds {self.max_n_max}, what the plan sized the outputs for "
-                f"(n_outputs_max {self.n_outputs_max} over {self.n_slots} slots); "
-                "Fit and Load again with a larger n_max")
-        return cfg
+    @property
+    def max_n_max(self) -> int:
+        """Drafts per slot the plan has room for."""
+        return self.proposer.max_n_max
 
     def set_speculative(self, cfg: SpeculativeConfig) -> SpeculativeConfig:
         """Change the live default config; requests in flight switch at their next step."""
-        self._speculative = self.check_speculative(cfg)
-        return self._speculative
+        self.proposer.speculative = self.proposer.check(cfg)
+        return self.proposer.speculative
 
     # ---- lifecycle ----
     def start(self) -> "Engine":
@@ -131,16 +133,11 @@ class Engine:
             for s in self.scheduler.busy():
                 s.stream.cancel()
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self.scheduler.idle() or not self._alive(), timeout=STOP_GRACE)
+            self._cv.wait_for(lambda: self.scheduler.idle() or not _alive(self._thread), timeout=STOP_GRACE)
             self._running = False
             self._cv.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
-
-    def _alive(self) -> bool:
-        """Whether a worker thread exists to act on cancellations (other than the caller)."""
-        t = self._thread
-        return t is not None and t.is_alive() and t is not threading.current_thread()
 
     def stats(self) -> dict:
         """Busy slots, queued requests and slot count, read under the lock."""
@@ -152,12 +149,9 @@ class Engine:
     def submit(self, req: GenRequest) -> Stream:
         """Queue a request; errors: InvalidArgument (bad prompt/config), ResourceExhausted (queue full),
         Unavailable (draining)."""
-        check_request(req, self.n_ctx_slot, self.target.hp.n_vocab)
-        if req.n > self.n_slots:
-            raise InvalidArgument(f"n = {req.n} completions need as many slots; this pair has {self.n_slots} "
-                                  "(Load it with a larger n_parallel)")
+        check_request(req, self.n_ctx_slot, self.target.hp.n_vocab, self.n_slots)
         if req.speculative is not None:
-            self.check_speculative(req.speculative)
+            self.proposer.check(req.speculative)
         if req.response_format is not None:
             self.grammars.compile(req.response_format)  # InvalidArgument before a slot is taken; cached
         st = Stream(req)
@@ -223,16 +217,17 @@ class Engine:
         busy = self.scheduler.busy()
         if not busy:
             return
-        drafts = self._propose(busy)
-        plan = self.scheduler.plan({i: d.tokens for i, d in drafts.items()})
-        if plan.batch is None:
+        drafts = self.proposer.propose(busy, self.row_cost or self.target.backend.row_cost)
+        step = self.scheduler.schedule({i: d.tokens for i, d in drafts.items()})
+        if step.batch is None:
             return
-        logits = self._constrain(plan.work, self.target.decode(plan.batch))  # (len(plan.batch.outputs), n_vocab)
+        logits = self.target.decode(step.batch)  # (len(step.batch.outputs), n_vocab)
+        logits = constrain_verify_rows(self._grammars, step.work, logits)
         n_drafts = n_draft_tokens = n_accepted = 0
-        for w in plan.work:
+        for w in step.work:
             s, d = w.slot, drafts.get(w.slot.idx)
             if w.n_scored:
-                self._score(s, w, logits)
+                s.prompt_logprobs += lp.of_scored_prompt(s, w, logits)
             if not w.complete:
                 s.n_past += w.n_fed  # a prefill chunk without output
                 continue
@@ -247,21 +242,15 @@ class Engine:
             s.n_past += w.n_fed + j  # roll back: target KV cells past n_past are overwritten later
             if d is not None:
                 self.drafter.accept(s.idx, d, j)  # ... and the draft model's
-            self._learn(s, w, j)
+            self.proposer.learn(s, w, j)
             if w.drafts:
                 n_drafts, n_draft_tokens, n_accepted = n_drafts + 1, n_draft_tokens + len(w.drafts), n_accepted + j
                 s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
-            self._append(s, new, self._logprobs(s, w, logits, new))
+            self._append(s, new, lp.of_appended(s, w, logits, new))
         if self.metrics is not None:
             self.metrics.on_step(n_drafts, n_draft_tokens, n_accepted)
 
-    # ---- generation controls (issue 16) ----
-    @staticmethod
-    def _score(s: Slot, w: SlotWork, logits) -> None:
-        """Logprobs of the prompt tokens that follow the first w.n_scored fed ones (one per scoring row)."""
-        nxt = s.tokens[s.n_past + 1:s.n_past + 1 + w.n_scored]
-        s.prompt_logprobs += lp.prompt(logits, w.score_rows, nxt, s.stream.request.prompt_logprobs)
-
+    # ---- generation controls: prompt scoring, n completions ----
     def _prompt_done(self, s: Slot, w: SlotWork, logits) -> bool:
         """The prompt is in the KV cache after this step: send its logprobs, start the sibling
         completions; True when the request ends here (max_tokens 0: scoring only)."""
@@ -282,54 +271,16 @@ class Engine:
         s.siblings = tuple(sib for sib in s.siblings if sib.stream is s.stream)  # none released meanwhile
         for sib in s.siblings:
             self.target.copy_cells(s.idx, sib.idx, n)
-        if self._spec_of(s).type == "draft":
+        if self.proposer.spec_of(s).type == "draft":
             self.drafter.fork(s, s.siblings, n)
         for sib in s.siblings:
             sib.n_past, sib.follows = n, None
             sp = sib.stream.request.sampling
             tok = sample(logits_to_probs(row, sp, penalty_history(sib.tokens, (), sp)), sib.rng)
-            self._append(sib, [tok], self._logprobs(sib, None, row[None, :], [tok]))
+            self._append(sib, [tok], lp.of_appended(sib, None, row[None, :], [tok]))
         s.siblings = ()
 
-    @staticmethod
-    def _logprobs(s: Slot, w: SlotWork | None, logits, new: list[int]):
-        """Logprobs of the tokens about to be appended (row i drew new[i]); None unless asked for."""
-        k = s.stream.request.logprobs
-        if k is None:
-            return None
-        rows = w.logit_rows[:len(new)] if w is not None else range(len(new))
-        return lp.generated(logits, rows, new, s.tokens, s.stream.request.sampling, k)
-
-    def _spec_of(self, s: Slot) -> SpeculativeConfig:
-        return s.spec if s.spec is not None else self._speculative
-
-    def _k_max(self, s: Slot, cfg: SpeculativeConfig) -> int:
-        """Most drafts this slot may verify now: config, plan, max_tokens and context room."""
-        left = s.stream.request.max_tokens - len(s.generated)
-        return max(0, min(cfg.n_max, self.max_n_max, left - 1, self.n_ctx_slot - 1 - s.n_past - 1))
-
-    def _propose(self, busy: list[Slot]) -> dict[int, Draft]:
-        """Each decoding slot's drafts: their number from the draft policy, the tokens from the runner."""
-        row_cost = self.row_cost or self.target.backend.row_cost
-        asks = []
-        for s in busy:
-            if s.n_pending != 1 or len(s.tokens) == s.n_prompt or s.follows is not None:
-                continue  # still prefilling (a cached prompt too: the first token is never drafted), or waiting
-                # for its prompt's KV (a sibling completion)
-            cfg = self._spec_of(s)
-            s.stats = policy.tick(s.stats)
-            choice = policy.choose(s.stats, self._k_max(s, cfg) if cfg.enabled else 0, row_cost,
-                                   may_explore=cfg.type == "ngram" and cfg.n_min <= 1)
-            s.exploring = choice.exploring
-            if choice.k > 0:
-                asks.append(DraftAsk(s, choice.k, cfg))
-        drafts = self._grammar_checked(self.drafter.propose(asks))
-        for a in asks:
-            if a.cfg.type == "ngram" and a.slot.idx in drafts:
-                a.slot.stats = policy.drafted(a.slot.stats)
-        return drafts
-
-    # ---- structured output (service/grammar.py) ----
+    # ---- structured output (service/engine/grammar.py) ----
     @property
     def grammars(self) -> Grammars:
         """The pair's grammar compiler and cache, built on first use (llguidance reads the whole vocabulary)."""
@@ -338,74 +289,13 @@ class Engine:
                 self._grammars = Grammars(self.tok, self.target.hp.n_vocab)
             return self._grammars
 
-    def _grammar_checked(self, drafts: dict[int, Draft]) -> dict[int, Draft]:
-        """Drafts cut before the first token their slot's grammar forbids (none left: no draft)."""
-        for s in self.scheduler.busy():
-            d = drafts.get(s.idx)
-            if d is None or s.grammar is None:
-                continue
-            m = s.grammar.valid_prefix(d.tokens)
-            if m == 0:
-                del drafts[s.idx]
-                self.drafter.accept(s.idx, d, 0)
-            elif m < len(d.tokens):
-                drafts[s.idx] = replace(d, tokens=d.tokens[:m], probs=None if d.probs is None else d.probs[:m])
-        return drafts
-
-    def _constrain(self, work: tuple[SlotWork, ...], logits: np.ndarray) -> np.ndarray:
-        """The target's logits with what each row's grammar forbids at -inf: row i of a slot's verify rows
-        follows its drafts d_1..d_i, so its mask is the grammar's state after them."""
-        ws = [w for w in work if w.complete and w.slot.grammar is not None]
-        if not ws:
-            return logits
-        allowed = self.grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
-        rows = np.concatenate([np.asarray(w.logit_rows) for w in ws])
-        out = logits.copy()
-        out[rows] = constrain(out[rows], allowed)
-        return out
-
-    @staticmethod
-    def _learn(s: Slot, w: SlotWork, j: int) -> None:
-        """Update the slot's draft policy state: j of its verified drafts accepted."""
-        s.stats = policy.learn(s.stats, len(w.drafts), j)
-        if w.drafts and s.exploring:
-            s.stats = policy.back_off(s.stats, accepted=j > 0)
-
     # ---- output ----
     def _append(self, s: Slot, new: list[int], logprobs=None) -> None:
-        """Append verified tokens one by one, stopping at EOG, max_tokens, a stop string or a full context;
-        logprobs: one per token of new, when the request asked for them."""
-        req = s.stream.request
-        if not s.t_first:
-            s.t_first = time.perf_counter()
-        appended: list[int] = []
-        reason = None
-        for t in new:
-            if t in self.eog:
-                reason = "stop"
-                break
-            s.tokens.append(t)
-            appended.append(t)
-            if s.out.push(t):
-                reason = "stop"  # a stop string
-                break
-            if s.grammar is not None and s.grammar.advance(t):
-                reason = "stop"  # the response format is complete
-                break
-            if len(s.generated) >= req.max_tokens:
-                reason = "length"
-                break
-        if reason is None and len(s.tokens) >= self.n_ctx_slot:
-            reason = "length"  # the next token would have no KV cell
-        if self.metrics is not None and appended:
-            self.metrics.on_tokens(len(appended))
-        if reason is not None:
-            s.out.close()
-        text = s.out.take(final=reason is not None)
-        lps = tuple(logprobs[:len(appended)]) if logprobs else ()
-        s.logprobs += lps
-        if appended or text:
-            s.stream._emit(TokenDelta(tuple(appended), text, s.index, lps))
+        """Append verified tokens to the slot (service/engine/slot.py: Slot.append) and free it when its
+        request is done; logprobs: one per token of new, when the request asked for them."""
+        n, reason = s.append(new, logprobs, self.eog, self.n_ctx_slot)
+        if self.metrics is not None and n:
+            self.metrics.on_tokens(n)
         if reason is not None:
             self._release(s, reason)
 
@@ -414,11 +304,7 @@ class Engine:
         st = s.stream
         if st is None:
             return
-        result = None
-        if error is None:
-            rest = s.out.take(final=True)
-            result = s.result(reason or "stop")
-            st._emit(TokenDelta((), rest, s.index, end=result))
+        result = s.end(reason or "stop") if error is None else None
         self._n_released += 1
         s.released, s.cacheable = self._n_released, s.cacheable and error is None  # a failed step: cells unknown
         if s.cacheable:

@@ -172,3 +172,17 @@ class Grammars:
 def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Logits with the tokens the grammar forbids at -inf (a copy); shapes (..., n_vocab)."""
     return np.where(allowed, logits, np.float32(-np.inf)).astype(logits.dtype, copy=False)
+
+
+def constrain_verify_rows(grammars: "Grammars | None", work, logits: np.ndarray) -> np.ndarray:
+    """The target's logits with what each row's grammar forbids at -inf: row i of a slot's verify rows
+    follows its drafts d_1..d_i, so its mask is the grammar's state after them. work: the step's SlotWork
+    (service/engine/scheduler.py); grammars: the engine's, None while no request asked for a format."""
+    ws = [w for w in work if w.complete and w.slot.grammar is not None]
+    if not ws:
+        return logits
+    allowed = grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
+    rows = np.concatenate([np.asarray(w.logit_rows) for w in ws])
+    out = logits.copy()
+    out[rows] = constrain(out[rows], allowed)
+    return out

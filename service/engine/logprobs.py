@@ -73,3 +73,22 @@ def prompt(logits: np.ndarray, rows: Sequence[int], tokens: Sequence[int], k: in
 def first_prompt_token(token: int) -> TokenLogprob:
     """The prompt's first token has no context: logprob 0 and no alternatives (as the proto says)."""
     return TokenLogprob(int(token), 0.0, ())
+
+
+# ---- a slot's rows of one step (the engine's calls) ----
+
+def of_scored_prompt(s, w, logits: np.ndarray) -> list[TokenLogprob]:
+    """Logprobs of the prompt tokens that follow the first w.n_scored fed ones (one per scoring row).
+    s: the Slot; w: its SlotWork of this step."""
+    nxt = s.tokens[s.n_past + 1:s.n_past + 1 + w.n_scored]
+    return prompt(logits, w.score_rows, nxt, s.stream.request.prompt_logprobs)
+
+
+def of_appended(s, w, logits: np.ndarray, new: list[int]) -> list[TokenLogprob] | None:
+    """Logprobs of the tokens about to be appended to slot s (row i drew new[i]); None unless asked for.
+    w: the slot's SlotWork (its logit rows), or None when `logits` holds exactly those rows."""
+    k = s.stream.request.logprobs
+    if k is None:
+        return None
+    rows = w.logit_rows[:len(new)] if w is not None else range(len(new))
+    return generated(logits, rows, new, s.tokens, s.stream.request.sampling, k)

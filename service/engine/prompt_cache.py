@@ -3,11 +3,11 @@
 Chat clients resend the whole conversation every turn; agents resend one long system prompt.
 A slot's KV cells outlive its request: `tokens[:n_past]` of the request that last ran there.
 
-1. Slot reuse. Admission (service/scheduler.py) gives a request the free slot whose cached
+1. Slot reuse. Admission (service/engine/scheduler.py) gives a request the free slot whose cached
    tokens share the longest prefix with its prompt; the cells of that common prefix are kept,
    at most len(prompt) - 1 of them (the last prompt token is always fed: its logits give the
    first token), and only the rest is prefilled. The draft model's cells likewise (the draft
-   runner's valid length, service/draft_runner.py).
+   runner's valid length, service/engine/spec/drafter.py).
 2. The store. Before a slot's cells are overwritten by a request that does not extend them,
    they are copied into the store: fixed blocks of BLOCK_TOKENS cells of every layer, of the
    target and of the draft, in a buffer of the plan (service/fit/plan.py; its size is

@@ -104,7 +104,7 @@ class GenRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A token's log-probability and the most likely tokens at its position (service/logprobs.py says
+    """A token's log-probability and the most likely tokens at its position (service/engine/logprobs.py says
     which distribution); text and bytes are the tokenizer's, added at the edge."""
 
     token: int

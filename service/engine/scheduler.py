@@ -1,6 +1,6 @@
-"""The scheduler: the waiting queue, the slots, and each step's plan of one target batch.
+"""The scheduler: the waiting queue, the slots, and what each step runs in one target batch.
 
-A step's plan gives every busy slot its rows in ONE target batch: its pending tokens (a
+A scheduled step gives every busy slot its rows in ONE target batch: its pending tokens (a
 prefill chunk, or the last sampled token) followed by its drafts, within n_batch rows and
 n_outputs_max logits rows. Decoding slots come first (latency), then prefill chunks. A slot
 whose pending tokens all fit gets output rows: the last pending token's and one per draft
@@ -10,7 +10,7 @@ its prefill chunks are cut to the output rows left: prompts are scored in chunks
 planned n_outputs_max (a Load with a larger n_outputs_max scores in fewer passes).
 
 Not thread-safe by itself: the engine calls it with its lock held (enqueue, admit, idle) or
-from its worker thread only (plan).
+from its worker thread only (schedule).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class SlotWork:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class ScheduledStep:
     """One step: every scheduled slot's work and the target batch that does it."""
 
     work: tuple[SlotWork, ...]
@@ -75,7 +75,7 @@ class StepPlan:
 
 
 class Scheduler:
-    """Queue, slots and step plans for n_slots sequences over a context of n_batch rows and
+    """Queue, slots and scheduled steps for n_slots sequences over a context of n_batch rows and
     n_outputs_max logits rows, whose backend pays for rows in tiles of row_multiple."""
 
     def __init__(self, n_slots: int, n_batch: int, n_outputs_max: int, row_multiple: int = 1,
@@ -97,7 +97,7 @@ class Scheduler:
         """Drop cancelled requests from the queue, then give the oldest waiting requests free slots, in queue
         order, n slots to a request of n completions (no request overtakes one still waiting for its n slots).
         Completion 0 gets the free slot whose cached tokens share the longest prefix with its prompt
-        (service/prompt_cache.py), on a tie the least recently freed, then the lowest index; its siblings
+        (service/engine/prompt_cache.py), on a tie the least recently freed, then the lowest index; its siblings
         the lowest free indices. The caller assigns each started request."""
         dropped = tuple(st for st in self.waiting if st.cancelled.is_set())
         for st in dropped:
@@ -121,8 +121,8 @@ class Scheduler:
         """Nothing waiting and nothing generating."""
         return not self.waiting and not any(s.busy for s in self.slots)
 
-    # ---- a step's plan ----
-    def plan(self, drafts: Mapping[int, Sequence[int]]) -> StepPlan:
+    # ---- a step ----
+    def schedule(self, drafts: Mapping[int, Sequence[int]]) -> ScheduledStep:
         """The step's batch for the busy slots; drafts: slot index -> its proposed draft tokens."""
         work = self._trim_to_tiles(self._choose(drafts))
         tokens, positions, slots, outputs = [], [], [], []  # per batch row; outputs: rows whose logits return
@@ -138,7 +138,7 @@ class Scheduler:
             if w.complete:  # the last fed token's row, then one per draft
                 outputs += range(base + w.n_fed - 1, base + n)
         batch = Batch.make(tokens, positions, slots, outputs) if tokens else None
-        return StepPlan(tuple(out), batch)
+        return ScheduledStep(tuple(out), batch)
 
     def _choose(self, drafts: Mapping[int, Sequence[int]]) -> list[SlotWork]:
         """Each busy slot's fed tokens and drafts within n_batch rows and n_outputs_max outputs."""

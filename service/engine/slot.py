@@ -3,14 +3,14 @@
 Bookkeeping: `tokens` is prompt + generated; `n_past` tokens are in the target's KV cache;
 tokens[n_past:] are pending (fed next step). While prefilling, several tokens are pending (a
 prompt fed in chunks of n_batch); in decode exactly one is: the last sampled token. The draft
-model's KV length is the draft runner's, not the slot's (service/draft_runner.py).
+model's KV length is the draft runner's, not the slot's (service/engine/spec/drafter.py).
 
 A free slot keeps `tokens` and `n_past` of the request that ran in it: its KV cells still hold
-tokens[:n_past], which the next request reuses as far as its prompt agrees (service/prompt_cache.py).
+tokens[:n_past], which the next request reuses as far as its prompt agrees (service/engine/prompt_cache.py).
 
 A request with n > 1 completions holds n slots: completion 0's slot prefills the prompt (and
 scores it), the others wait (`follows` it) until its prompt is in the KV cache, then copy those
-cells (service/engine.py `_fork`) and sample on their own, each with its own seed stream.
+cells (service/engine/engine.py `_fork`) and sample on their own, each with its own seed stream.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from service.common.choices import FinishReason
 from service.engine.grammar import Matcher
 from service.engine.prompt_cache import common_prefix
-from service.engine.request import GenResult, TokenLogprob
+from service.engine.request import GenResult, TokenDelta, TokenLogprob
 from service.engine.spec.policy import DraftStats
 from service.engine.stream import Stream, TextOutput
 from service.fit.params import SpeculativeConfig
@@ -55,7 +55,7 @@ class Slot:
     siblings: tuple[Slot, ...] = ()  # completion 0: the slots waiting for its prompt KV
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the prompt tokens scored so far
-    grammar: Matcher | None = None  # the request's response_format, where it stands (service/grammar.py)
+    grammar: Matcher | None = None  # the request's response_format, where it stands (service/engine/grammar.py)
 
     def assign(self, stream: Stream, out: TextOutput, n_cached: int = 0, index: int = 0,
                follows: Slot | None = None) -> None:
@@ -70,6 +70,41 @@ class Slot:
         self.stats, self.exploring, self.drafted, self.accepted = DraftStats(), False, 0, 0
         self.t_admit, self.t_first = time.perf_counter(), 0.0
         self.grammar = None  # the engine sets the request's matcher
+
+    def append(self, new: list[int], logprobs, eog: frozenset[int], n_ctx_slot: int) -> tuple[int, FinishReason | None]:
+        """Append verified tokens one by one, stopping at an end-of-generation token, max_tokens, a stop
+        string, a complete response format or a full context, and send the client the delta; logprobs: one
+        per token of new, when the request asked for them. Returns (tokens appended, why it ended or None)."""
+        req = self.stream.request
+        if not self.t_first:
+            self.t_first = time.perf_counter()
+        appended: list[int] = []
+        reason = None
+        for t in new:
+            if t in eog:
+                reason = "stop"
+                break
+            self.tokens.append(t)
+            appended.append(t)
+            if self.out.push(t):
+                reason = "stop"  # a stop string
+                break
+            if self.grammar is not None and self.grammar.advance(t):
+                reason = "stop"  # the response format is complete
+                break
+            if len(self.generated) >= req.max_tokens:
+                reason = "length"
+                break
+        if reason is None and len(self.tokens) >= n_ctx_slot:
+            reason = "length"  # the next token would have no KV cell
+        if reason is not None:
+            self.out.close()
+        text = self.out.take(final=reason is not None)
+        lps = tuple(logprobs[:len(appended)]) if logprobs else ()
+        self.logprobs += lps
+        if appended or text:
+            self.stream._emit(TokenDelta(tuple(appended), text, self.index, lps))
+        return len(appended), reason
 
     def cached_tokens(self) -> list[int]:
         """The tokens whose KV cells this slot holds for a later request (none if not cacheable)."""
@@ -102,6 +137,13 @@ class Slot:
     def n_scored(self, n_fed: int) -> int:
         """Of n_fed prompt tokens fed from n_past, how many rows score a next prompt token."""
         return max(0, min(n_fed, self.n_prompt - 1 - self.n_past)) if self.scoring else 0
+
+    def end(self, reason: FinishReason) -> GenResult:
+        """Send the client the text held back and this completion's result; returns the result."""
+        rest = self.out.take(final=True)
+        result = self.result(reason)
+        self.stream._emit(TokenDelta((), rest, self.index, end=result))
+        return result
 
     def result(self, reason: FinishReason) -> GenResult:
         """The summary of this slot's generation, ending now for `reason`."""

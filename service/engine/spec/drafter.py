@@ -1,8 +1,8 @@
 """The draft runner: proposes each slot's drafts, and alone owns the draft model's KV valid length.
 
 Two drafters:
-- n-gram (prompt lookup, service.speculative.ngram_match): deterministic, no model, no KV; it
-  also looks in the pair's cross-request index of recent outputs (service/ngram_index.py) and
+- n-gram (prompt lookup, service.engine.spec.verify.ngram_match): deterministic, no model, no KV; it
+  also looks in the pair's cross-request index of recent outputs (service/engine/spec/ngram_index.py) and
   takes its proposal when it matched a longer suffix than the slot's own tokens did;
 - the draft model: it first catches up on the tokens its KV cache lacks (the whole prompt at
   first, in passes of n_batch rows: how much it lacked never changes what it drafts), then
@@ -13,7 +13,7 @@ Draft KV bookkeeping: `valid[slot]` cells of the draft model's cache hold tokens
 drafting, the cache holds the slot's tokens at drafting time (`Draft.base` of them) plus the
 first `Draft.fed` drafts. `accept` rolls it back to what verification kept: base + min(j, fed).
 A new request starts with the cells of the prompt prefix it shares with what the slot held
-(service/prompt_cache.py): `reset(slot, keep)`.
+(service/engine/prompt_cache.py): `reset(slot, keep)`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ oldest tokens. A lookup finds the most recent place where the longest suffix of 
 (at least ngram_min, compared up to MATCH_MAX) occurs and proposes what followed it.
 
 Verification decides what is kept, so output is unchanged (greedy: token for token); the draft
-policy's per-slot acceptance decides how far the index is trusted (service/draft_policy.py).
+policy's per-slot acceptance decides how far the index is trusted (service/engine/spec/policy.py).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def back_off(st: DraftStats, accepted: bool) -> DraftStats:
 
 @dataclass(frozen=True)
 class MeasuredRowCost:
-    """A row-cost curve measured on the device (service/warmup.py times decode calls of 1..n rows).
+    """A row-cost curve measured on the device (service/pairs/warmup.py times decode calls of 1..n rows).
 
     `seconds[r - 1]` is the fastest of a few timed r-row calls. Timing noise only ever adds
     time, so the curve is made non-decreasing from the right: r rows cost no more than any
