@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py [--threads 1] [--reps 5] [--prompt 64] [--gen 64] [--tiles 0,1,8] [--opencl]
                                  [--n-batch N]
-    python bench/bench_decode.py --opencl --tiles none --threads 2 --prompt 512 --gen 16   (issue 13 item 6)
+    python bench/bench_decode.py --opencl --tiles none --threads 2 --prompt 512 --gen 16   (a long prompt)
     python bench/bench_decode.py --invariance [--tiles 0,1,4,8] [--reps 5] [--opencl]
 
 Speed: every engine prefills the same 64-token prompt (--prompt) in decode calls of n_batch tokens as

@@ -3,7 +3,7 @@ a decode on the packaged model. Prints its figures; asserts nothing.
 
     python bench/bench_grammar.py [--reps 5] [--tokens 40] [--threads 1]
 
-1. Libraries (the choice of service/grammar.py): the nested JSON Schema below compiled for the
+1. Libraries (the choice of service/engine/grammar.py): the nested JSON Schema below compiled for the
    49152-token vocabulary (fresh compiler each time, no cache), and the per-token mask along a
    valid document of it (the mask of each prefix, then the token consumed). xgrammar is measured
    when it is installed (`pip install xgrammar`: it brings torch, transformers and triton).

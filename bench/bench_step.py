@@ -1,4 +1,4 @@
-"""Where an engine step's time goes: device work vs the host (issue 13 item 4).
+"""Where an engine step's time goes: device work vs the host.
 
     python bench/bench_step.py [--threads 0] [--tokens 128] [--reps 3] [--device intel]
 
@@ -14,7 +14,7 @@ step:
           (Python's kernel launches, scheduling, sampling, detokenising, bookkeeping)
   decode  wall time inside LlamaContext.decode (launches + waiting for the device)
 
-and the host share = host / step (item 4's target: <= 15 % at one slot); tok/s = tokens
+and the host share = host / step (the aim: <= 15 % at one slot); tok/s = tokens
 per step / step time. --ab-replay adds each mode with launch replay off ("off/ops",
 "ngram/ops": every pass op by op, compute/opencl/replay.py), interleaved. Commands of one
 in-order queue do not overlap, so the sum of their times is the device's busy time. The

@@ -1,4 +1,4 @@
-"""Aggregate throughput of 8 concurrent greedy streams vs one stream, through the engine (issue 13, item 5).
+"""Aggregate throughput of 8 concurrent greedy streams vs one stream, through the engine.
 
     python bench/bench_streams.py [--backend opencl|numpy] [--device ""] [--threads 2] [--streams 8]
                                   [--tokens 128] [--reps 3] [--n-batch 128]

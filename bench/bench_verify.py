@@ -1,4 +1,4 @@
-"""The cost of a verify batch: one decode call of k rows vs one row (issue 13 item 3).
+"""The cost of a verify batch: one decode call of k rows vs one row.
 
     python bench/bench_verify.py [--threads 0] [--reps 15] [--device intel] [--rows 1,2,4,8,9]
 

@@ -35,7 +35,7 @@ PROMPT_TEXT = (
 
 
 def model_path() -> str:
-    """The packaged SmolLM2-135M-Instruct GGUF (service/models.py); exit with how to install it."""
+    """The packaged SmolLM2-135M-Instruct GGUF (service/common/packaged_model.py); exit with how to install it."""
     try:
         return packaged_model_path()
     except PackagedModelMissing as e:

@@ -1,4 +1,4 @@
-"""A random-weight model with TinyLlama-1.1B's shapes, for benchmarks at a realistic size (issue 13).
+"""A random-weight model with TinyLlama-1.1B's shapes, for benchmarks at a realistic size.
 
     python bench/make_synthetic_1b.py [--types q4_k_m,q4_0] [--dir ~/.cache/specserve/bench] [--threads 2]
 

@@ -1,4 +1,5 @@
-"""Where the packaged real model lives: the product's one lookup (service/models.py), re-exported for the tests."""
+"""Where the packaged real model lives: the product's one lookup (service/common/packaged_model.py), for the
+tests."""
 
 from service.common.packaged_model import PackagedModelMissing, packaged_model_path
 

@@ -1,4 +1,4 @@
-"""`specserve run`: in-process generation from the command line (issue: engine core, CLI)."""
+"""`specserve run`: in-process generation from the command line, through the pair assembly a Load takes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Generation controls (issue 16) on the packaged SmolLM2: the acceptance checks.
+"""Generation controls on the packaged SmolLM2: the acceptance checks.
 
 - greedy top-5 logprobs of 64 generated tokens with speculation on (n-gram, draft model) equal those with
   it off, bit for bit, on NumPy and on every OpenCL device;

@@ -1,4 +1,4 @@
-"""Structured output (issue 16, item 3): service/grammar.py and the engine's use of it.
+"""Structured output: service/engine/grammar.py and the engine's use of it.
 
 Unit: every kind compiles, bad ones are InvalidArgument with llguidance's message, the masks of a
 draft equal the masks met by advancing token by token, EOS only where the grammar accepts.

@@ -1,4 +1,4 @@
-"""The generation controls of issue 16 through the OpenAI HTTP door, with the official `openai` package:
+"""The generation controls through the OpenAI HTTP door, with the official `openai` package:
 logprobs / top_logprobs, response_format (json_object, json_schema) and n = 2, unary and streamed.
 
 They run against the packaged SmolLM2 (a model that writes JSON when asked)."""

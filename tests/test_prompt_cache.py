@@ -1,7 +1,7 @@
-"""Prompt reuse (service/prompt_cache.py) and cross-request drafting (service/ngram_index.py): a cache
-hit is bit-identical to a cold run (KV cells, logits, tokens; seeded samples too), the store serves
-a conversation evicted from its slot, evicts within its planned blocks, and the n-gram index drafts
-a repeated answer."""
+"""Prompt reuse (service/engine/prompt_cache.py) and cross-request drafting
+(service/engine/spec/ngram_index.py): a cache hit is bit-identical to a cold run (KV cells, logits,
+tokens; seeded samples too), the store serves a conversation evicted from its slot, evicts within its
+planned blocks, and the n-gram index drafts a repeated answer."""
 
 from __future__ import annotations
 

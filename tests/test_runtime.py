@@ -294,7 +294,7 @@ def test_probe_workload_matches_numpy_on_every_working_device():
 
 
 def test_warm_up_measures_the_row_cost_the_draft_policy_uses(tiny_models_dir, caplog):
-    """Issue 13 item 7: the cost model is measured on the device at warm-up, not a constant."""
+    """The cost model is measured on the device at warm-up, not a constant."""
     from service.engine.spec.policy import MeasuredRowCost
 
     with caplog.at_level(logging.INFO, logger="specserve.registry"):

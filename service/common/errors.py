@@ -38,7 +38,7 @@ class PermissionDenied(SpecserveError):
 
 
 class Unauthenticated(SpecserveError):
-    """No bearer token, or one the server does not know (service.auth)."""
+    """No bearer token, or one the server does not know (service.edge.auth)."""
 
     code = "UNAUTHENTICATED"
 

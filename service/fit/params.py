@@ -88,7 +88,7 @@ def derive_pair_params(base: ContextParams, spec: SpeculativeConfig, has_draft_m
     draft shares n_ctx, n_parallel, n_batch and kv_type with the target (it holds the same
     sequences). An explicit base n_outputs_max raises the target's (never the draft's). The pair's
     caches (prompt store, n-gram index) are the target's params'; the draft's are 0 (the store's
-    draft part is sized from the target's prompt_cache_bytes, service/prompt_cache.py).
+    draft part is sized from the target's prompt_cache_bytes, service/engine/prompt_cache.py).
     """
     check_draft_model(spec, has_draft_model, pair_loaded=False)
     n_out = base.n_parallel * (spec.n_max + 1) if spec.enabled else base.n_parallel

@@ -10,7 +10,7 @@ pair is marked ready, `warm_up`:
    and checks the logits are finite;
 2. times decode calls of 1, 2, ... 1 + n_max rows on the target (the fastest of ROW_COST_REPS each)
    and gives the engine that measured row-cost curve for its draft-length policy, so the
-   draft length adapts to the machine it runs on (service/draft_policy.py: MeasuredRowCost);
+   draft length adapts to the machine it runs on (service/engine/spec/policy.py: MeasuredRowCost);
 3. generates two tokens through the engine (queue, scheduler, drafting, verification,
    sampling, detokenising), as a request would.
 

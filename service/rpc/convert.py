@@ -45,7 +45,7 @@ KV_TO_PB = {v: k for k, v in KV_FROM_PB.items()}
 FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                 "cancelled": pb.FINISH_REASON_CANCELLED}
 STATE_TO_PB = {"loading": pb.PAIR_STATE_LOADING, "ready": pb.PAIR_STATE_READY, "draining": pb.PAIR_STATE_DRAINING}
-# every value of each vocabulary (service/vocab.py) has its proto twin
+# every value of each vocabulary (service/common/choices.py) has its proto twin
 assert (set(DRAFTER_TO_PB), set(KV_TO_PB), set(FINISH_TO_PB), set(STATE_TO_PB)) == \
     (set(DRAFTER_TYPES), set(KV_TYPES), set(FINISH_REASONS), set(PAIR_STATES))
 
@@ -109,7 +109,7 @@ def context_params_to_pb(cp: ContextParams) -> pb.ContextParams:
 
 
 def prompt_cache_to_pb(stats: dict) -> pb.PromptCacheStats:
-    """A pair's prompt cache stats (service.prompt_cache.PrefixCache.stats)."""
+    """A pair's prompt cache stats (service.engine.prompt_cache.PrefixCache.stats)."""
     return pb.PromptCacheStats(**{k: stats[k] for k in ("capacity_bytes", "used_bytes", "entries", "hits", "misses",
                                                          "evictions", "cached_tokens")})
 

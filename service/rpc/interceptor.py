@@ -25,7 +25,7 @@ log = logging.getLogger("specserve.server")
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Request ids, status codes from service.errors, INTERNAL for the unexpected, request metrics and logs."""
+    """Request ids, status codes from service.common.errors, INTERNAL for the unexpected, request metrics and logs."""
 
     def __init__(self, metrics: Metrics | None, in_flight: InFlight | None = None):
         self.metrics = metrics

@@ -1,6 +1,6 @@
 """gRPC servicers of specserve.v1: thin adapters from protobuf to the registry and the engines.
 
-Errors are raised as service.errors.SpecserveError subclasses; the server's interceptor turns
+Errors are raised as service.common.errors.SpecserveError subclasses; the server's interceptor turns
 them into status codes (and anything unexpected into INTERNAL). Cancellation: every generation
 registers `stream.cancel` as an RPC-termination callback, so a client that cancels, or a
 deadline that expires, frees the slot at once.
