@@ -3,7 +3,7 @@
   specserve  through the API: a real server on port 0, GenerateRequest(tokens=..., max_tokens=0,
              prompt_logprobs=0) over gRPC, once per KV type (f16, f32)
   llama.cpp  llama-cpp-python (logits_all=True) on the same GGUF, log-softmax of its logits
-  float64    a float64 forward of the same dequantised weights (tests/test_forward.py naive_forward)
+  float64    a float64 forward of the same dequantised weights (reference/float64_forward.py)
 
 and the mean and max |logprob difference| of each against the float64 one, per token.
 
@@ -98,7 +98,7 @@ def llama_cpp_logprobs(model: str, ids: list[int]) -> np.ndarray | None:
 def float64_logprobs(model: str, ids: list[int]) -> np.ndarray:
     """Logprobs of ids[1:] from a float64 forward of the dequantised weights."""
     from compute.gguf_model import ModelFile
-    from tests.test_forward import naive_forward
+    from reference.float64_forward import naive_forward
 
     return _logprobs_of(naive_forward(ModelFile(model), ids), ids)
 

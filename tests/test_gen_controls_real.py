@@ -16,6 +16,7 @@ import pytest
 from bench.bench_perplexity import TEXT
 from compute.gguf_model import ModelFile
 from compute.numpy_backend import NumpyBackend
+from reference.float64_forward import naive_forward
 from service.common.tokenizer import Tokenizer
 from service.engine import logprobs as lp
 from service.engine.engine import Engine
@@ -24,7 +25,6 @@ from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
 from tests.models import packaged_model_path
 from tests.opencl_runtimes import device_params
-from tests.test_forward import naive_forward
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(temperature=0.0)

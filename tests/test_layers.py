@@ -151,3 +151,13 @@ def test_no_class_or_function_in_service_outgrows_one_job():
                     isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and n > MAX_FUNCTION_LINES:
                 long.append(f"{path.relative_to(ROOT)}: {node.name} is {n} lines")
     assert not long, long
+
+
+def test_benchmarks_never_import_the_tests():
+    """bench/ and tests/ share reference implementations through reference/, not through each other."""
+    bad = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        for line, target in imported_modules(path.read_text(), module_name(path), path.name == "__init__.py"):
+            if target == "tests" or target.startswith("tests."):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not bad, bad
