@@ -12,8 +12,6 @@ import threading
 from service.common.logging_setup import new_request_id
 from service.edge.headers import REQUEST_ID_HEADER, check_request_id, valid_request_id
 
-log = logging.getLogger("specserve.calls")
-
 
 def request_id_for(header_id: str) -> str:
     """The id a call runs under: the client's header when it is a valid id, else a new one (an invalid
