@@ -118,6 +118,12 @@ DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 DEFAULT_DRAIN_TIMEOUT = 30.0  # SIGTERM / Unload: seconds in-flight requests may finish
 DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client gets DEADLINE_EXCEEDED
 
+# ---- a request (the sampling defaults are SamplingParams', service/engine/request.py) ----
+
+MAX_N = 16  # completions of one prompt
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs limit)
+MAX_STOP_STRINGS = 16  # stop strings of one request
+
 
 @dataclass(frozen=True)
 class ServerConfig:

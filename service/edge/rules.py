@@ -12,11 +12,10 @@ import re
 from dataclasses import replace
 
 from service.common.errors import InvalidArgument
-from service.config.settings import SpeculativeConfig
+from service.config.settings import MAX_STOP_STRINGS, SpeculativeConfig
 
 DEFAULT_PAIR = "default"
 PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MAX_STOP_STRINGS = 16
 
 
 def pair_name(name: str) -> str:

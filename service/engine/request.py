@@ -8,11 +8,9 @@ from typing import Literal
 
 from service.common.choices import FinishReason
 from service.common.errors import InvalidArgument
-from service.config.settings import DEFAULT_MAX_TOKENS, SpeculativeConfig
+from service.config.settings import DEFAULT_MAX_TOKENS, MAX_N, MAX_TOP_LOGPROBS, SpeculativeConfig
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
-MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs limit)
-MAX_N = 16  # completions of one prompt
 FormatKind = Literal["json_object", "json_schema", "regex", "lark", "gbnf"]
 FORMAT_KINDS: tuple[FormatKind, ...] = ("json_object", "json_schema", "regex", "lark", "gbnf")
 
