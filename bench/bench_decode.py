@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py [--threads 1] [--reps 5] [--prompt 64] [--gen 64] [--tiles 0,1,8] [--opencl]
                                  [--n-batch N]
-    python bench/bench_decode.py --opencl --tiles none --threads 2 --prompt 512 --gen 16   (issue 13 item 6)
+    python bench/bench_decode.py --opencl --tiles none --threads 2 --prompt 512 --gen 16   (a long prompt)
     python bench/bench_decode.py --invariance [--tiles 0,1,4,8] [--reps 5] [--opencl]
 
 Speed: every engine prefills the same 64-token prompt (--prompt) in decode calls of n_batch tokens as
@@ -61,8 +61,8 @@ class OpenCLEngine:
     def __init__(self, model, n_ctx, device="", threads=0, n_batch=64):
         from compute.opencl.probe import runtime_of
         from compute.select import opencl_backend
-        from service.factory import PairFactory, PairRequest
-        from service.params import ContextParams, SpeculativeConfig
+        from service.fit.factory import PairFactory, PairRequest
+        from service.fit.params import ContextParams, SpeculativeConfig
 
         be = opencl_backend(device, threads)  # probed, as --backend auto / --device choose
         is_gpu = not be.is_cpu
@@ -181,8 +181,8 @@ def load_ctx(model, backend_name, row_tile, threads):
     n = 64
     if backend_name == "opencl":
         from compute.select import opencl_backend
-        from service.factory import PairFactory, PairRequest
-        from service.params import ContextParams, SpeculativeConfig
+        from service.fit.factory import PairFactory, PairRequest
+        from service.fit.params import ContextParams, SpeculativeConfig
 
         be = opencl_backend(threads=threads)
         pair = PairFactory(be).load(PairRequest(
@@ -298,7 +298,7 @@ def main():
     tiles = args.tiles or ("0,1,4,8" if args.invariance else "0,1,8")
     args.tiles = [] if tiles == "none" else [int(t) for t in tiles.split(",")]
     if args.n_batch is None:
-        from service.params import DEFAULT_N_BATCH
+        from service.fit.params import DEFAULT_N_BATCH
 
         args.n_batch = 64 if args.prompt <= 64 else DEFAULT_N_BATCH
     model = args.model or common.model_path()

@@ -3,7 +3,7 @@ a decode on the packaged model. Prints its figures; asserts nothing.
 
     python bench/bench_grammar.py [--reps 5] [--tokens 40] [--threads 1]
 
-1. Libraries (the choice of service/grammar.py): the nested JSON Schema below compiled for the
+1. Libraries (the choice of service/engine/grammar.py): the nested JSON Schema below compiled for the
    49152-token vocabulary (fresh compiler each time, no cache), and the per-token mask along a
    valid document of it (the mask of each prefix, then the token consumed). xgrammar is measured
    when it is installed (`pip install xgrammar`: it brings torch, transformers and triton).
@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a sc
 import numpy as np  # noqa: E402
 
 from bench.common import machine_line  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.grammar import JSON_OPTIONS, Grammars, constrain  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, ResponseFormat, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.grammar import JSON_OPTIONS, Grammars, constrain  # noqa: E402
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 SCHEMA = {  # nested objects (three deep), arrays of strings and of objects, enums, numbers
     "type": "object",

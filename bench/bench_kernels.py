@@ -27,9 +27,9 @@ from bench import common  # noqa: E402
 from bench.bench_decode import prefill_in_chunks  # noqa: E402
 from bench.bench_step import DeviceClock, profiling_backend  # noqa: E402
 from bench.common import machine_line  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 
 def table(clock: DeviceClock, per: float, unit: str, top: int, split_mv: bool) -> None:

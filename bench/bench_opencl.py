@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from compute.llama import Batch  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 ids)
 CHAT_PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]

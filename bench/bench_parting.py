@@ -19,12 +19,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a script from a clone: the repository root
 
 from bench.bench_speculative import COPY, OPEN, encode  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 EXTRA = {
     "haiku": "Write a haiku about autumn leaves.",

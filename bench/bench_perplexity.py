@@ -3,7 +3,7 @@
   specserve  through the API: a real server on port 0, GenerateRequest(tokens=..., max_tokens=0,
              prompt_logprobs=0) over gRPC, once per KV type (f16, f32)
   llama.cpp  llama-cpp-python (logits_all=True) on the same GGUF, log-softmax of its logits
-  float64    a float64 forward of the same dequantised weights (tests/test_forward.py naive_forward)
+  float64    a float64 forward of the same dequantised weights (reference/float64_forward.py)
 
 and the mean and max |logprob difference| of each against the float64 one, per token.
 
@@ -46,7 +46,7 @@ def text_ids(model: str, n: int) -> list[int]:
     """The first n token ids of TEXT (BOS first when the model adds one), with the model's vocabulary."""
     import gguf
 
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     ids = Tokenizer.from_gguf(gguf.GGUFReader(model)).encode(TEXT, add_special=True)
     if len(ids) < n:
@@ -58,8 +58,8 @@ def api_logprobs(model: str, ids: list[int], kv_type: str, backend: str) -> np.n
     """Logprobs of ids[1:] through a real server's GenerateRequest(prompt_logprobs=0, max_tokens=0)."""
     import grpc
 
-    from service.factory import PairRequest
-    from service.params import ContextParams, SpeculativeConfig
+    from service.fit.factory import PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
     from service.pb.specserve.v1 import specserve_pb2 as pb
     from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
     from service.server import ServerConfig, SpecServer
@@ -98,7 +98,7 @@ def llama_cpp_logprobs(model: str, ids: list[int]) -> np.ndarray | None:
 def float64_logprobs(model: str, ids: list[int]) -> np.ndarray:
     """Logprobs of ids[1:] from a float64 forward of the dequantised weights."""
     from compute.gguf_model import ModelFile
-    from tests.test_forward import naive_forward
+    from reference.float64_forward import naive_forward
 
     return _logprobs_of(naive_forward(ModelFile(model), ids), ids)
 

@@ -25,13 +25,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a script from a clone: the repository root
 
 from bench.common import machine_line  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
-from service.warmup import warm_up  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.pairs.warmup import warm_up  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 PLACES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quebec", "Perth", "Tbilisi", "Accra", "Riga", "Cusco",

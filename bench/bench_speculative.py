@@ -21,12 +21,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a script from a clone: the repository root
 
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
              "polished the great lens until it gleamed, and wrote the weather in a leather logbook. Ships "
@@ -105,7 +105,7 @@ def main() -> None:
                            ngram_max=args.ngram_max)
     print(f"backend={args.backend} row_tile={getattr(be, 'row_tile', '-')} threads={args.threads} "
           f"tokens={args.tokens} reps={args.reps} n_max={args.n_max}")
-    from service.warmup import warm_up
+    from service.pairs.warmup import warm_up
 
     warm_up(pair, eng, tok)  # as the server does before a pair is ready: kernels, row-cost curve, one request
     if args.row_cost == "backend":

@@ -1,4 +1,4 @@
-"""Where an engine step's time goes: device work vs the host (issue 13 item 4).
+"""Where an engine step's time goes: device work vs the host.
 
     python bench/bench_step.py [--threads 0] [--tokens 128] [--reps 3] [--device intel]
 
@@ -14,7 +14,7 @@ step:
           (Python's kernel launches, scheduling, sampling, detokenising, bookkeeping)
   decode  wall time inside LlamaContext.decode (launches + waiting for the device)
 
-and the host share = host / step (item 4's target: <= 15 % at one slot); tok/s = tokens
+and the host share = host / step (the aim: <= 15 % at one slot); tok/s = tokens
 per step / step time. --ab-replay adds each mode with launch replay off ("off/ops",
 "ngram/ops": every pass op by op, compute/opencl/replay.py), interleaved. Commands of one
 in-order queue do not overlap, so the sum of their times is the device's busy time. The
@@ -36,13 +36,13 @@ import pyopencl as cl  # noqa: E402
 
 from bench.common import machine_line  # noqa: E402
 from compute.select import opencl_backend  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
-from service.warmup import warm_up  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.pairs.warmup import warm_up  # noqa: E402
 
 PROMPTS = {
     "repeat-paragraph": "Repeat the following paragraph exactly, word for word:\n\nThe lighthouse keeper climbed the "

@@ -1,4 +1,4 @@
-"""Aggregate throughput of 8 concurrent greedy streams vs one stream, through the engine (issue 13, item 5).
+"""Aggregate throughput of 8 concurrent greedy streams vs one stream, through the engine.
 
     python bench/bench_streams.py [--backend opencl|numpy] [--device ""] [--threads 2] [--streams 8]
                                   [--tokens 128] [--reps 3] [--n-batch 128]
@@ -34,13 +34,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run as a script from a clone: the repository root
 
 from bench.common import machine_line  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
-from service.requests import GenRequest, SamplingParams  # noqa: E402
-from service.tokenizer import Tokenizer  # noqa: E402
-from service.warmup import warm_up  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
+from service.common.tokenizer import Tokenizer  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.request import GenRequest, SamplingParams  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.pairs.warmup import warm_up  # noqa: E402
 
 PROMPTS = (
     "Write a short story about a dragon who is afraid of the dark.",

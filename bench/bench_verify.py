@@ -1,4 +1,4 @@
-"""The cost of a verify batch: one decode call of k rows vs one row (issue 13 item 3).
+"""The cost of a verify batch: one decode call of k rows vs one row.
 
     python bench/bench_verify.py [--threads 0] [--reps 15] [--device intel] [--rows 1,2,4,8,9]
 
@@ -48,8 +48,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from compute.select import opencl_backend
-    from service.factory import PairFactory, PairRequest
-    from service.params import ContextParams, SpeculativeConfig
+    from service.fit.factory import PairFactory, PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
 
     be = opencl_backend(args.device, args.threads)
     model = common.model_path()

@@ -61,7 +61,7 @@ def free_port() -> int:
 def model_path(name: str) -> str:
     if name == "smollm2":
         sys.path.insert(0, str(REPO))
-        from service.models import packaged_model_path
+        from service.common.packaged_model import packaged_model_path
 
         return packaged_model_path()
     if os.path.isfile(name):

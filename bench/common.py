@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent  # the scripts put it on sys.path 
 import numpy as np  # noqa: E402
 
 from compute.llama import Batch  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.models import PackagedModelMissing, packaged_model_path  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.common.packaged_model import PackagedModelMissing, packaged_model_path  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 
 # A plain-English paragraph; prompt_ids(n) tokenizes it (repeated as needed) and keeps n ids.
 PROMPT_TEXT = (
@@ -35,7 +35,7 @@ PROMPT_TEXT = (
 
 
 def model_path() -> str:
-    """The packaged SmolLM2-135M-Instruct GGUF (service/models.py); exit with how to install it."""
+    """The packaged SmolLM2-135M-Instruct GGUF (service/common/packaged_model.py); exit with how to install it."""
     try:
         return packaged_model_path()
     except PackagedModelMissing as e:
@@ -46,7 +46,7 @@ def prompt_ids(model: str, n: int) -> list[int]:
     """n token ids of PROMPT_TEXT (repeated), tokenized with the model's own vocabulary."""
     import gguf
 
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(gguf.GGUFReader(model))
     ids: list[int] = []

@@ -1,4 +1,4 @@
-"""Op by op, bit for bit: tests/ggml_cpu.py against llama.cpp's own intermediate tensors.
+"""Op by op, bit for bit: reference/ggml_cpu.py against llama.cpp's own intermediate tensors.
 
 The only bench script that imports tests/: the emulation it checks lives there (see the import).
 
@@ -32,12 +32,11 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from service.models import packaged_model_path  # noqa: E402
-
 # The one bench script that imports tests/: what it checks IS the test emulation of ggml's CPU
-# rounding (tests/ggml_cpu.py, used by tests/test_reference.py), against llama.cpp's own tensors.
+# rounding (reference/ggml_cpu.py, used by tests/test_reference.py), against llama.cpp's own tensors.
 # The emulation is test code, not product, so it stays in tests/ and this script reaches into it.
-from tests import ggml_cpu as G  # noqa: E402
+from reference import ggml_cpu as G  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
 
 REF = json.loads((REPO / "tests" / "data" / "llama_reference.json").read_text())
 GGML_TYPE_F32 = 0

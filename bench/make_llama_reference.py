@@ -31,7 +31,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from service.models import packaged_model_path  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
 
 OUTPUT = REPO / "tests" / "data" / "llama_reference.json"
 N_GEN = 48

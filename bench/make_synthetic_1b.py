@@ -1,4 +1,4 @@
-"""A random-weight model with TinyLlama-1.1B's shapes, for benchmarks at a realistic size (issue 13).
+"""A random-weight model with TinyLlama-1.1B's shapes, for benchmarks at a realistic size.
 
     python bench/make_synthetic_1b.py [--types q4_k_m,q4_0] [--dir ~/.cache/specserve/bench] [--threads 2]
 
@@ -51,7 +51,7 @@ def write_q8_0(out: Path, seed: int = 0) -> None:
     """The Q8_0 model (the source of every requantized type)."""
     import gguf
 
-    from service.models import packaged_model_path
+    from service.common.packaged_model import packaged_model_path
 
     s = SHAPES
     reader = gguf.GGUFReader(packaged_model_path())

@@ -1,7 +1,7 @@
 """Regenerates tests/data/tokenizer_reference.json: llama.cpp's token ids for a few strings.
 
     python bench/make_tokenizer_reference.py                  # ids from llama.cpp (llama-cpp-python)
-    python bench/make_tokenizer_reference.py --from-specserve # ids from service.tokenizer (no llama.cpp)
+    python bench/make_tokenizer_reference.py --from-specserve # ids from service.common.tokenizer (no llama.cpp)
 
 The test ``tests/test_tokenizer.py::test_ids_match_reference`` compares
 ``Tokenizer.encode(text, add_special=False)`` with these ids. The file records
@@ -19,7 +19,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a clone: the repository root
 
-from service.models import packaged_model_path  # noqa: E402
+from service.common.packaged_model import packaged_model_path  # noqa: E402
 
 OUTPUT = REPO / "tests" / "data" / "tokenizer_reference.json"
 
@@ -49,10 +49,10 @@ def llama_cpp_ids(model: pathlib.Path) -> list[list[int]]:
 
 
 def specserve_ids(model: pathlib.Path) -> list[list[int]]:
-    """Token ids from service.tokenizer, with the same settings."""
+    """Token ids from service.common.tokenizer, with the same settings."""
     import gguf
 
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(model))
     return [tokenizer.encode(text, add_special=False, parse_special=True) for text in CASES]
@@ -61,7 +61,7 @@ def specserve_ids(model: pathlib.Path) -> list[list[int]]:
 def main() -> None:
     """Writes the reference file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from-specserve", action="store_true", help="use service.tokenizer instead of llama.cpp")
+    parser.add_argument("--from-specserve", action="store_true", help="use specserve's tokenizer instead of llama.cpp")
     parser.add_argument("--model", type=pathlib.Path, default=None, help="GGUF file (default: packaged SmolLM2)")
     args = parser.parse_args()
     model = args.model or pathlib.Path(packaged_model_path())

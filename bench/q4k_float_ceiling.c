@@ -1,4 +1,4 @@
-// How fast can a Q4_K mat-vec with float32 activations go on this CPU? (issue 13 item 1)
+// How fast can a Q4_K mat-vec with float32 activations go on this CPU?
 //
 //     bench/q4k_float_ceiling.sh            (builds with gcc -O3 -march=native -fopenmp, runs)
 //

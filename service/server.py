@@ -7,77 +7,32 @@
 Health (`grpc.health.v1`, service "" and each specserve service): NOT_SERVING until a pair is
 ready and while draining. With `http_port` >= 0 the OpenAI-compatible HTTP door (service/http) serves
 the same registry on host:http_port, with the same tokens, TLS files, health and drain.
-The interceptor gives every RPC a request id (from the `x-request-id` header, else a new one;
-sent back as trailing metadata; a header that breaks the rule of metadata.check_request_id is
-INVALID_ARGUMENT before the handler runs), maps service.errors to status codes, turns anything
-unexpected into INTERNAL with a log line (no traceback to the client), and records the request in
-the metrics.
+The gRPC services and their interceptor are service/rpc's; what both doors share (request ids,
+calls in flight, metrics, auth roles) is service/edge's. This module assembles them into one
+process and runs its life: bind, load the startup pair, health, drain, stop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-import time
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from compute.select import make_backend
-from service.errors import InvalidArgument, ResourceExhausted, SpecserveError
-from service.factory import PairFactory, PairRequest
-from service.logging_setup import new_request_id, request_id_var
-from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
-from service.metrics import Metrics, start_metrics_server
-from service.params import ContextParams, SpeculativeConfig
-from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
-from service.registry import DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOAD_TIMEOUT, PairRegistry
-from service.requests import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS
-from service.servicers import GenerationServicer, ModelServicer
+from service.common.errors import SpecserveError
+from service.config.settings import ServerConfig
+from service.edge.calls import InFlight
+from service.edge.metrics import Metrics, start_metrics_server
+from service.fit.factory import PairFactory
+from service.pairs.registry import PairRegistry
+from service.rpc.interceptor import ErrorInterceptor
+from service.rpc.services import SERVICE_NAMES, add_services
 
 log = logging.getLogger("specserve.server")
-
-SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("ModelService", "GenerationService"))
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything `specserve serve` configures."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port (tests)
-    backend: str = "numpy"  # "auto" | "numpy" | "opencl" (the CLI defaults to auto)
-    device: str = ""  # OpenCL device selector ("" = the first GPU, else the first device)
-    device_memory_bytes: int = 0  # 0: the device's free memory
-    threads: int = 0  # CPU threads of the backend (compute.select.make_backend); 0: its default
-    row_tile: int = -1  # NumPy matmul rows per BLAS call; -1 = the backend's default
-    models_dir: str = ""  # Load and Fit accept only files inside it
-    startup: PairRequest | None = None  # loaded at start (None: start empty, pairs come by Load)
-    params: ContextParams = field(default_factory=ContextParams)  # defaults for request zeros
-    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
-    default_target: str = ""  # the model a PairSpec without target_path means
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # larger prompts are INVALID_ARGUMENT before tokenizing
-    queue_max: int = 64
-    max_workers: int = 64  # gRPC handler threads; also the most concurrent RPCs (more get RESOURCE_EXHAUSTED)
-    max_message_bytes: int = 16 * MiB
-    keepalive_time_ms: int = 60_000  # server pings an idle connection this often
-    keepalive_timeout_ms: int = 20_000  # and closes it when a ping is not answered in this time
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM / Unload: seconds in-flight requests may finish
-    metrics_port: int = -1  # -1: no metrics endpoint; 0: any free port
-    auth_token_file: str = ""  # "role:token" lines (service.auth); "": no authentication
-    tls_cert: str = ""  # PEM certificate (chain) of the server; "": plaintext (service.tls)
-    tls_key: str = ""  # PEM private key of tls_cert
-    tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
-    load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
-    http_port: int = -1  # the OpenAI-compatible HTTP door (service/http) on host:http_port; -1: off; 0: any free port
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -92,209 +47,6 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
         ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
     ]
-
-
-class InFlight:
-    """How many specserve RPCs are running; the drain waits for these, not for health Watch streams."""
-
-    def __init__(self):
-        self._n = 0
-        self._idle = threading.Condition()
-
-    def __enter__(self):
-        with self._idle:
-            self._n += 1
-
-    def __exit__(self, *exc):
-        with self._idle:
-            self._n -= 1
-            if self._n == 0:
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until none runs (True) or `timeout` seconds passed (False)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._n == 0, timeout)
-
-
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Request ids, status codes from service.errors, INTERNAL for the unexpected, request metrics and logs."""
-
-    def __init__(self, metrics: Metrics | None, in_flight: InFlight | None = None):
-        self.metrics = metrics
-        self.in_flight = in_flight or InFlight()
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        header_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
-        quiet = not method.startswith("/specserve.")  # health checks and reflection: debug level
-        # The request is decoded inside the wrapper (grpc gets no deserializer): bytes that are not the
-        # method's message are INVALID_ARGUMENT with a request id, not grpc's own INTERNAL.
-        decode = _decoder(handler.request_deserializer, method)
-        if handler.unary_unary:
-            behavior = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(lambda raw, context: behavior(decode(raw), context), method, header_id, quiet),
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            stream = handler.unary_stream
-
-            def decoded_stream(raw, context):
-                result = stream(decode(raw), context)
-                if result is not None:  # None: health Watch answered through a callback
-                    yield from result
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(decoded_stream, method, header_id, quiet),
-                response_serializer=handler.response_serializer)
-        return handler  # no client-streaming RPCs here
-
-    def _begin(self, context, header_id: str):
-        rid = header_id if valid_request_id(header_id) else new_request_id()  # an invalid one is refused next
-        token = request_id_var.set(rid)
-        context.set_trailing_metadata(trailers(rid))
-        return token
-
-    def _fail(self, exc: BaseException, context, method: str):
-        """Abort the RPC with the status `exc` stands for (context.abort raises)."""
-        if isinstance(exc, SpecserveError):
-            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-            if isinstance(exc, ResourceExhausted) and exc.deficit_bytes:
-                context.set_trailing_metadata(trailers(request_id_var.get(), (DEFICIT_HEADER, str(exc.deficit_bytes))))
-            context.abort(code, _bounded_details(str(exc)))
-        if _aborted(context):  # the handler aborted itself: keep its status
-            raise exc
-        log.error("unexpected error in %s", method, exc_info=exc, extra={"kv": {"method": method}})
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()}); see server log")
-
-    def _done(self, method: str, context, t0: float, quiet: bool, code: str | None = None) -> None:
-        code = code or _final_code(context)
-        ms = (time.monotonic() - t0) * 1000
-        if self.metrics is not None and not quiet:
-            self.metrics.on_request(method, code, ms / 1000)
-        level = logging.DEBUG if quiet else logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
-        log.log(level, "rpc", extra={"kv": {"method": method, "code": code, "ms": round(ms, 1)}})
-
-    def _unary(self, behavior, method, header_id, quiet):
-        counted = self.in_flight if not quiet else contextlib.nullcontext()
-
-        def wrapper(request, context):
-            t0, token = time.monotonic(), self._begin(context, header_id)
-            code = None
-            try:
-                if header_id:
-                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                with counted:
-                    return behavior(request, context)
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
-                code = _code_of(exc, context)
-                self._fail(exc, context, method)
-            finally:
-                self._done(method, context, t0, quiet, code)
-                request_id_var.reset(token)
-        return wrapper
-
-    def _stream(self, behavior, method, header_id, quiet):
-        counted = self.in_flight if not quiet else contextlib.nullcontext()
-
-        def wrapper(request, context):
-            t0, token = time.monotonic(), self._begin(context, header_id)
-            code = None
-            try:
-                if header_id:
-                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                with counted:
-                    yield from behavior(request, context)
-            except GeneratorExit:  # the client went away mid-stream
-                code = "CANCELLED"
-                raise
-            except BaseException as exc:  # noqa: BLE001
-                code = _code_of(exc, context)
-                self._fail(exc, context, method)
-            finally:
-                self._done(method, context, t0, quiet, code)
-                try:
-                    request_id_var.reset(token)
-                except ValueError:  # the generator was closed from another context
-                    pass
-        return wrapper
-
-
-MAX_DETAILS_CHARS = 1024  # a message quoting a client's 30 kB field must still fit grpc's 16 KiB metadata limit
-
-
-def _bounded_details(message: str) -> str:
-    """Status details short enough for the grpc-message trailer (percent-encoded: up to 12 bytes a char).
-    The middle goes: a message starts with what it is about and ends with why."""
-    if len(message) <= MAX_DETAILS_CHARS:
-        return message
-    half = MAX_DETAILS_CHARS // 2
-    return f"{message[:half]} ...({len(message) - 2 * half} characters left out)... {message[-half:]}"
-
-
-def _decoder(deserialize, method: str):
-    """raw bytes -> the method's request message; InvalidArgument when they are not one."""
-    if deserialize is None:
-        return lambda raw: raw
-
-    def decode(raw: bytes):
-        try:
-            return deserialize(raw)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and whatever a parser raises
-            raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
-                                  f"({type(e).__name__}): send the message the method's .proto declares") from None
-    return decode
-
-
-def _aborted(context) -> bool:
-    code = context.code() if hasattr(context, "code") else None
-    return code is not None and code != grpc.StatusCode.OK
-
-
-def _code_of(exc: BaseException, context) -> str:
-    if isinstance(exc, SpecserveError):
-        return exc.code
-    if _aborted(context):
-        return context.code().name
-    return "INTERNAL"
-
-
-def _final_code(context) -> str:
-    if context.is_active():
-        return "OK"
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-
-
-class _MethodAwarePool:
-    """The default descriptor pool, but `FindFileContainingSymbol` also resolves method names.
-
-    grpc-python's reflection asks the pool for "pkg.Service.Method" (ghz and `grpcurl describe`
-    do), which upb's pool does not resolve (grpc/grpc#34743); look the service up instead.
-    """
-
-    def __init__(self, pool=None):
-        from google.protobuf import descriptor_pool
-
-        self._pool = pool or descriptor_pool.Default()
-
-    def __getattr__(self, name):
-        return getattr(self._pool, name)
-
-    def FindFileContainingSymbol(self, symbol: str):  # noqa: N802 - the pool's API
-        try:
-            return self._pool.FindFileContainingSymbol(symbol)
-        except KeyError:
-            service, _, method = symbol.rpartition(".")
-            try:
-                desc = self._pool.FindServiceByName(service)
-            except KeyError:
-                raise KeyError(symbol) from None
-            if method not in desc.methods_by_name:
-                raise
-            return desc.file
 
 
 class SpecServer:
@@ -317,12 +69,7 @@ class SpecServer:
                                                              thread_name_prefix="rpc"),
                                   interceptors=self._interceptors(config), options=grpc_options(config),
                                   maximum_concurrent_rpcs=config.max_workers)
-        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, config), self.server)
-        pb_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self.registry, config, self.metrics), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=_MethodAwarePool())
+        add_services(self.server, self.registry, config, self.metrics, self.health)
         self.port = 0
         self.metrics_port = 0
         self.http_port = 0
@@ -337,7 +84,7 @@ class SpecServer:
     def _token_table(config: ServerConfig) -> dict[str, str] | None:
         if not config.auth_token_file:
             return None
-        from service.auth import load_token_file
+        from service.edge.auth import load_token_file
 
         return load_token_file(config.auth_token_file)
 
@@ -345,7 +92,7 @@ class SpecServer:
         """ErrorInterceptor outermost, so an auth refusal gets a request id, a status and metrics."""
         if self._tokens is None:
             return [ErrorInterceptor(self.metrics, self.in_flight)]
-        from service.auth import AuthInterceptor
+        from service.rpc.auth import AuthInterceptor
 
         return [ErrorInterceptor(self.metrics, self.in_flight), AuthInterceptor(self._tokens)]
 
@@ -354,7 +101,7 @@ class SpecServer:
         """Server TLS credentials, or None for a plaintext port."""
         if not (config.tls_cert or config.tls_key or config.tls_client_ca):
             return None
-        from service.tls import server_credentials
+        from service.rpc.tls import server_credentials
 
         return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
 

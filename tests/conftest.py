@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from service.factory import PairRequest  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.fit.factory import PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2 as pb  # noqa: E402
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc  # noqa: E402
 from service.server import ServerConfig, SpecServer  # noqa: E402
@@ -126,7 +126,8 @@ def tiny_config(models_dir: Path, startup: bool = True, **pair) -> ServerConfig:
     req = PairRequest(name="default", target_path=str(models_dir / TINY), draft_path=draft, params=params,
                       speculative=spec)
     return ServerConfig(models_dir=str(models_dir), startup=req if startup else None, params=params,
-                        speculative=spec, default_target=str(models_dir / TINY), threads=1,
+                        speculative=spec, default_target=str(models_dir / TINY), backend=pair.pop("backend", "numpy"),
+                        threads=1,
                         row_tile=pair.pop("row_tile", 8),  # drafts cost nothing up to 8 rows: the engine drafts
                         **pair)
 
@@ -156,6 +157,6 @@ def real_server(real_model):
     spec = SpeculativeConfig(type="ngram", n_max=4)
     req = PairRequest(name="default", target_path=model, params=params, speculative=spec)
     c = start_server(ServerConfig(models_dir=os.path.dirname(model), startup=req, params=params, speculative=spec,
-                                  default_target=model, threads=1, max_tokens=16), ready_timeout=300)
+                                  default_target=model, backend="numpy", threads=1, max_tokens=16), ready_timeout=300)
     yield c
     stop_server(c)

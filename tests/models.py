@@ -1,5 +1,6 @@
-"""Where the packaged real model lives: the product's one lookup (service/models.py), re-exported for the tests."""
+"""Where the packaged real model lives: the product's one lookup (service/common/packaged_model.py), for the
+tests."""
 
-from service.models import PackagedModelMissing, packaged_model_path
+from service.common.packaged_model import PackagedModelMissing, packaged_model_path
 
 __all__ = ["PackagedModelMissing", "packaged_model_path"]

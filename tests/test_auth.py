@@ -11,9 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.auth import BearerToken, parse_token_file
+from service.edge.auth import parse_token_file
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
+from service.rpc.auth import BearerToken
 from tests.conftest import TINY, start_server, stop_server, tiny_config
 
 GEN_TOKEN, ADMIN_TOKEN = "gen-5b1f0c", "adm-93e7aa"

@@ -1,4 +1,4 @@
-"""`specserve run`: in-process generation from the command line (issue: engine core, CLI)."""
+"""`specserve run`: in-process generation from the command line, through the pair assembly a Load takes."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.tiny_gguf import write_tiny_llama
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service import draft_policy as policy
-from service.draft_policy import (
+from service.engine.spec import policy
+from service.engine.spec.policy import (
     ALPHA_MAX,
     EXPLORE_EVERY,
     EXPLORE_MAX,

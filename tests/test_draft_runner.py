@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.draft_runner import DraftAsk, DraftRunner
-from service.output import Stream, TextOutput
-from service.params import SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.sequence import Slot
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.slot import Slot
+from service.engine.spec.drafter import DraftAsk, DraftRunner
+from service.engine.stream import Stream, TextOutput
+from service.fit.params import SpeculativeConfig
 
 V = 50
 GREEDY = SamplingParams(temperature=0.0)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from compute.backend import AllocationError
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig, derive_pair_params
-from service.prompt_cache import BLOCK_TOKENS, kv_token_bytes
+from service.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from service.fit.cache_layout import BLOCK_TOKENS, kv_token_bytes
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig, derive_pair_params
 from tests.ggml_backend import make_ggml
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
@@ -271,7 +271,7 @@ def test_models_dir_refuses_outside_paths(tiny, tmp_path):
 
 def _budget_for(f, req, n_ctx):
     """The budget at which a plan with this n_ctx exactly fits (the margin added back)."""
-    from service.factory import MARGIN_FRACTION
+    from service.fit.factory import MARGIN_FRACTION
 
     plan = f.fit(replace(req, params=replace(req.params, n_ctx=n_ctx), budget_bytes=1 << 40)).plan
     return int(plan.device_bytes() / (1 - MARGIN_FRACTION)) + 2

@@ -8,60 +8,12 @@ import pytest
 from compute.gguf_model import ModelFile
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from compute.quants import dequantize
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from reference.float64_forward import naive_forward
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_tiny_llama
-
-
-def naive_forward(mf: ModelFile, tokens: list[int]) -> np.ndarray:
-    """Logits (n, vocab) of a causal sequence, written plainly in float64 (the reference maths)."""
-    hp = mf.hparams
-    W = {n: dequantize(mf.raw(n), t.ggml_type, t.shape).astype(np.float64) for n, t in mf.tensors.items()}
-    n, hd = len(tokens), hp.head_dim
-
-    def norm(x, w):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + hp.rms_eps) * w
-
-    def rope(x, n_heads):  # x (n, n_heads*hd)
-        x = x.reshape(n, n_heads, hd).copy()
-        half = hp.rope_dim // 2
-        inv = hp.rope_base ** (-np.arange(0, hp.rope_dim, 2) / hp.rope_dim)
-        ang = np.arange(n)[:, None] * inv[None, :]
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-        if hp.rope_neox:
-            a, b = x[..., :half].copy(), x[..., half:hp.rope_dim].copy()
-            x[..., :half], x[..., half:hp.rope_dim] = a * c - b * s, a * s + b * c
-        else:
-            a, b = x[..., 0:hp.rope_dim:2].copy(), x[..., 1:hp.rope_dim:2].copy()
-            x[..., 0:hp.rope_dim:2], x[..., 1:hp.rope_dim:2] = a * c - b * s, a * s + b * c
-        return x
-
-    x = W["token_embd.weight"][tokens]
-    for i in range(hp.n_layer):
-        p = f"blk.{i}."
-        h = norm(x, W[p + "attn_norm.weight"])
-        q, k, v = h @ W[p + "attn_q.weight"].T, h @ W[p + "attn_k.weight"].T, h @ W[p + "attn_v.weight"].T
-        if hp.qkv_bias:
-            q, k, v = q + W[p + "attn_q.bias"], k + W[p + "attn_k.bias"], v + W[p + "attn_v.bias"]
-        q, k, v = rope(q, hp.n_head), rope(k, hp.n_head_kv), v.reshape(n, hp.n_head_kv, hd)
-        g = hp.n_head // hp.n_head_kv
-        out = np.zeros((n, hp.n_head, hd))
-        for hh in range(hp.n_head):
-            kv = hh // g
-            sc = q[:, hh] @ k[:, kv].T / np.sqrt(hd)
-            sc[np.triu_indices(n, 1)] = -np.inf
-            pr = np.exp(sc - sc.max(-1, keepdims=True))
-            pr /= pr.sum(-1, keepdims=True)
-            out[:, hh] = pr @ v[:, kv]
-        x = x + out.reshape(n, -1) @ W[p + "attn_output.weight"].T
-        h = norm(x, W[p + "ffn_norm.weight"])
-        gate, up = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ W[p + "ffn_down.weight"].T
-    head = W["token_embd.weight"] if hp.tied_output else W["output.weight"]
-    return norm(x, W["output_norm.weight"]) @ head.T
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", True)])

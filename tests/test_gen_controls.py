@@ -1,4 +1,4 @@
-"""Generation controls (issue 16) on tiny models: logprobs, prompt scoring, n completions of one prompt.
+"""Generation controls on tiny models: logprobs, prompt scoring, n completions of one prompt.
 
 The real-model acceptance checks (64 greedy tokens with top-5 logprobs, n = 4 at temperature 0.8,
 prompt logprobs against a float64 forward) are in tests/test_gen_controls_real.py.
@@ -14,15 +14,15 @@ from hypothesis import strategies as hs
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service import logprobs as lp
-from service.engine import Engine
-from service.errors import InvalidArgument
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.common.errors import InvalidArgument
+from service.common.tokenizer import Tokenizer
+from service.engine import logprobs as lp
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.scheduler import Scheduler
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.requests import GenRequest, SamplingParams
-from service.scheduler import Scheduler
-from service.tokenizer import Tokenizer
 from tests.conftest import TINY, TINY_DRAFT
 from tests.ggml_backend import ggml_param
 from tests.opencl_runtimes import device_params
@@ -54,7 +54,7 @@ def test_generated_logprobs_are_after_penalty_and_temperature_before_the_filters
 # ---- the scheduler: scoring rows and n slots ----
 
 def _assign(slot, prompt, **req):
-    from service.output import Stream, TextOutput
+    from service.engine.stream import Stream, TextOutput
 
     st = Stream(GenRequest(tuple(prompt), **req))
     slot.assign(st, TextOutput(None, ()))
@@ -68,13 +68,13 @@ def test_scoring_prefill_is_cut_to_the_output_rows_and_returns_a_row_per_prompt_
     _assign(b, range(1, 30))  # plain prefill shares the batch
     fed = []
     while a.n_past < a.n_prompt:
-        plan = sched.plan({})
-        w = next(w for w in plan.work if w.slot is a)
+        step = sched.schedule({})
+        w = next(w for w in step.work if w.slot is a)
         fed.append((w.n_fed, w.n_scored, w.complete))
-        assert len(plan.batch.outputs) <= 6
-        rows = plan.batch.outputs[list(w.score_rows)]  # batch rows of the fed tokens n_past .. n_past+n_scored-1
-        assert list(plan.batch.positions[rows]) == list(range(a.n_past, a.n_past + w.n_scored))
-        for x in plan.work:
+        assert len(step.batch.outputs) <= 6
+        rows = step.batch.outputs[list(w.score_rows)]  # batch rows of the fed tokens n_past .. n_past+n_scored-1
+        assert list(step.batch.positions[rows]) == list(range(a.n_past, a.n_past + w.n_scored))
+        for x in step.work:
             x.slot.n_past += x.n_fed
     assert fed == [(6, 6, False), (6, 6, False), (2, 1, True)]  # 13 rows scored, then the first token's row
 
@@ -93,11 +93,11 @@ def test_scoring_plans_stay_within_the_rows_and_score_every_prompt_token(slots, 
     for _ in range(200):
         if all(s.n_past >= s.n_prompt for s in sched.slots):
             break
-        plan = sched.plan({s.idx: (7,) * slots[s.idx][2] for s in sched.slots if s.n_pending == 1})
-        assert len(plan.batch) <= n_batch and len(plan.batch.outputs) <= n_outputs_max
-        for w in plan.work:
-            rows = plan.batch.outputs[list(w.score_rows)]
-            scored[w.slot.idx] += plan.batch.positions[rows].tolist()
+        step = sched.schedule({s.idx: (7,) * slots[s.idx][2] for s in sched.slots if s.n_pending == 1})
+        assert len(step.batch) <= n_batch and len(step.batch.outputs) <= n_outputs_max
+        for w in step.work:
+            rows = step.batch.outputs[list(w.score_rows)]
+            scored[w.slot.idx] += step.batch.positions[rows].tolist()
             w.slot.n_past += w.n_fed
     for s, (n_prompt, scoring, _) in zip(sched.slots, slots):
         assert s.n_past == n_prompt  # every prompt went in (progress)
@@ -105,7 +105,7 @@ def test_scoring_plans_stay_within_the_rows_and_score_every_prompt_token(slots, 
 
 
 def test_admission_gives_n_slots_in_queue_order():
-    from service.output import Stream
+    from service.engine.stream import Stream
 
     sched = Scheduler(n_slots=3, n_batch=16, n_outputs_max=12)
     first, big, small = (Stream(GenRequest((1, 2), n=n)) for n in (2, 3, 1))

@@ -1,4 +1,4 @@
-"""Generation controls (issue 16) on the packaged SmolLM2: the acceptance checks.
+"""Generation controls on the packaged SmolLM2: the acceptance checks.
 
 - greedy top-5 logprobs of 64 generated tokens with speculation on (n-gram, draft model) equal those with
   it off, bit for bit, on NumPy and on every OpenCL device;
@@ -16,16 +16,16 @@ import pytest
 from bench.bench_perplexity import TEXT
 from compute.gguf_model import ModelFile
 from compute.numpy_backend import NumpyBackend
-from service import logprobs as lp
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
+from reference.float64_forward import naive_forward
+from service.common.tokenizer import Tokenizer
+from service.engine import logprobs as lp
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import ggml_param
 from tests.models import packaged_model_path
 from tests.opencl_runtimes import device_params
-from tests.test_forward import naive_forward
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(temperature=0.0)

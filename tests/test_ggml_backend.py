@@ -12,8 +12,8 @@ from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
 from compute.quants import dequantize
 from compute.select import device_report, make_backend
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_tiny_llama

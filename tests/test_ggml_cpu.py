@@ -1,4 +1,4 @@
-"""The building blocks of tests/ggml_cpu.py (llama.cpp's CPU rounding) checked against exact arithmetic.
+"""The building blocks of reference/ggml_cpu.py (llama.cpp's CPU rounding) checked against exact arithmetic.
 
 The whole emulation is checked end to end in tests/test_reference.py (it reproduces llama.cpp's
 tokens and logits); these pin down the pieces so that a failure there can be located."""
@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from tests.ggml_cpu import dot_f16_tiny, dot_f16_vec, fma32, quantize_q8, reduce16, v_expf
+from reference.ggml_cpu import dot_f16_tiny, dot_f16_vec, fma32, quantize_q8, reduce16, v_expf
 
 F32 = np.float32
 

@@ -1,4 +1,4 @@
-"""Structured output (issue 16, item 3): service/grammar.py and the engine's use of it.
+"""Structured output: service/engine/grammar.py and the engine's use of it.
 
 Unit: every kind compiles, bad ones are InvalidArgument with llguidance's message, the masks of a
 draft equal the masks met by advancing token by token, EOS only where the grammar accepts.
@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.errors import InvalidArgument
-from service.factory import PairFactory, PairRequest
-from service.grammar import Grammars
-from service.params import ContextParams, SpeculativeConfig
+from service.common.errors import InvalidArgument
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.grammar import Grammars
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.requests import GenRequest, ResponseFormat, SamplingParams
-from service.tokenizer import Tokenizer
 from tests.models import packaged_model_path
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -228,7 +228,7 @@ def test_sampled_constrained_output_validates_and_follows_its_seed(pairs, tok):
 def test_drafts_the_grammar_forbids_are_cut_and_the_output_is_unchanged(pairs, tok, monkeypatch):
     """The prompt shows JSON with spaces; the format asks for compact JSON, so n-gram drafts copied from
     the prompt hit forbidden tokens (' "'): they are cut there, and greedy output equals no speculation."""
-    from service.grammar import Matcher
+    from service.engine.grammar import Matcher
 
     example = json.dumps({"name": "Ann", "role": "guest", "home": {"city": "Oslo", "floor": 1}, "tags": ["red"]})
     p = tuple(tok.encode(f"Example: {example}\nAnother one: ", add_special=False))
@@ -298,9 +298,10 @@ def test_grpc_response_format_and_its_errors(real_server):
 
 def test_cli_format_flags(tmp_path, capsys):
     from service import cli
+    from service.cli.flags import response_format
 
     def fmt(*argv):
-        return cli._response_format(cli.build_parser().parse_args(["generate", "hi", *argv]))
+        return response_format(cli.build_parser().parse_args(["generate", "hi", *argv]))
 
     schema = tmp_path / "user.schema.json"
     schema.write_text(json.dumps(SCHEMA))

@@ -63,7 +63,7 @@ def test_an_oversize_prompt_is_refused_at_once_beside_a_normal_request(server, m
     normal_seconds = time.monotonic() - t0
     sender.join(30)
     print(f"normal request beside the 15 MB one: {normal_seconds:.3f} s")
-    assert normal.usage.completion_tokens == 4 and normal_seconds < 1.0  # issue 14: "stays under 1 s"
+    assert normal.usage.completion_tokens == 4 and normal_seconds < 1.0  # a huge neighbour never holds it up
     e = refused["error"]
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
     assert "prompt is 15000000 bytes" in e.details() and "--max-prompt-bytes" in e.details()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_truncated_copy

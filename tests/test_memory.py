@@ -121,9 +121,9 @@ RSS_PROBE = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 from compute import gguf_model
-from service.factory import PairRequest
-from service.params import ContextParams
-from service.requests import GenRequest
+from service.fit.factory import PairRequest
+from service.fit.params import ContextParams
+from service.engine.request import GenRequest
 from service.server import ServerConfig, SpecServer
 from tests.models import packaged_model_path
 

@@ -1,4 +1,4 @@
-"""The generation controls of issue 16 through the OpenAI HTTP door, with the official `openai` package:
+"""The generation controls through the OpenAI HTTP door, with the official `openai` package:
 logprobs / top_logprobs, response_format (json_object, json_schema) and n = 2, unary and streamed.
 
 They run against the packaged SmolLM2 (a model that writes JSON when asked)."""
@@ -13,8 +13,8 @@ from dataclasses import replace
 import openai
 import pytest
 
-from service.factory import PairRequest
-from service.params import ContextParams, SpeculativeConfig
+from service.fit.factory import PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.server import ServerConfig
 from tests.conftest import start_server, stop_server
 
@@ -38,7 +38,8 @@ def oa(real_model):
     spec = SpeculativeConfig(type="ngram", n_max=4)
     req = PairRequest(name="default", target_path=real_model, params=params, speculative=spec)
     c = start_server(replace(ServerConfig(models_dir=os.path.dirname(real_model), startup=req, params=params,
-                                          speculative=spec, default_target=real_model, threads=1, max_tokens=48),
+                                          speculative=spec, default_target=real_model, backend="numpy", threads=1,
+                                          max_tokens=48),
                              http_port=0), ready_timeout=300)
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{c.server.http_port}/v1", api_key="unused", max_retries=0,
                         timeout=300)

@@ -22,8 +22,8 @@ pytest.importorskip("pyopencl")
 from compute.llama import Batch  # noqa: E402
 from compute.numpy_backend import NumpyBackend  # noqa: E402
 from compute.opencl.backend import OpenCLBackend  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 from tests.opencl_runtimes import device_params  # noqa: E402
 
 pytestmark = pytest.mark.opencl

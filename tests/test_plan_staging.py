@@ -16,8 +16,8 @@ pytest.importorskip("gguf")
 
 from compute.llama import Batch, layout_nbytes, scratch_layout  # noqa: E402
 from compute.opencl.backend import OpenCLBackend  # noqa: E402
-from service.factory import PairFactory, PairRequest  # noqa: E402
-from service.params import ContextParams, SpeculativeConfig  # noqa: E402
+from service.fit.factory import PairFactory, PairRequest  # noqa: E402
+from service.fit.params import ContextParams, SpeculativeConfig  # noqa: E402
 from tests.opencl_runtimes import usable_device  # noqa: E402
 from tests.tiny_gguf import write_tiny_llama  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""Prompt reuse (service/prompt_cache.py) and cross-request drafting (service/ngram_index.py): a cache
-hit is bit-identical to a cold run (KV cells, logits, tokens; seeded samples too), the store serves
-a conversation evicted from its slot, evicts within its planned blocks, and the n-gram index drafts
-a repeated answer."""
+"""Prompt reuse (service/engine/prompt_cache.py) and cross-request drafting
+(service/engine/spec/ngram_index.py): a cache hit is bit-identical to a cold run (KV cells, logits,
+tokens; seeded samples too), the store serves a conversation evicted from its slot, evicts within its
+planned blocks, and the n-gram index drafts a repeated answer."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import pytest
 from compute.backend import BufferSpec
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.engine import Engine
-from service.factory import PairFactory, PairRequest
-from service.ngram_index import SEP, NgramIndex
-from service.params import ContextParams, SpeculativeConfig
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.prompt_cache import common_prefix
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.spec.ngram_index import SEP, NgramIndex
+from service.fit.cache_layout import BLOCK_TOKENS, kv_token_bytes
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from service.pb.specserve.v1 import specserve_pb2 as pb
-from service.prompt_cache import BLOCK_TOKENS, common_prefix, kv_token_bytes
-from service.requests import GenRequest, SamplingParams
-from service.tokenizer import Tokenizer
 from tests.conftest import TINY, start_server, stop_server, tiny_config
 from tests.ggml_backend import make_ggml
 from tests.test_speculative import write_truncated_copy

@@ -1,5 +1,5 @@
 """The contract in proto/: stubs are fresh, buf STANDARD-style naming holds, every element has a comment,
-and the names clients rely on (issue #4) are there."""
+and the names clients rely on are there."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def test_buf_standard_naming(fds):
 
 
 def test_contract_names():
-    """The names and meanings of issue #4 that clients rely on."""
+    """The names and meanings that clients rely on: services, RPCs, enum values, fields."""
     from service.pb.specserve.v1 import specserve_pb2 as pb
 
     def fields(msg) -> set[str]:

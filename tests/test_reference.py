@@ -5,7 +5,7 @@ Reference: tests/data/llama_reference.json, made by ``python bench/make_llama_re
 argmax of the last logits). Our graph (compute/llama.py) runs twice here, both times the same
 way (prompt in one call, then one token per call):
 
-1. With llama.cpp's rounding (``tests/ggml_cpu.py``: every op rounded as ggml's x86 CPU backend
+1. With llama.cpp's rounding (``reference/ggml_cpu.py``: every op rounded as ggml's x86 CPU backend
    rounds it: Q8_1/Q8_0 activations in the quantised dot products, f16 q and probabilities in
    attention, its exp polynomial, its sums' order). This must reproduce llama.cpp exactly: all
    48 greedy tokens of every prompt, and every recorded logit to the file's 5 decimals. It
@@ -39,9 +39,9 @@ import pytest
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from tests.ggml_cpu import GgmlCpuBackend
+from reference.ggml_cpu import GgmlCpuBackend
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 
 pytestmark = pytest.mark.slow
 

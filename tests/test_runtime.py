@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compute.numpy_backend import NumpyBackend
 from compute.select import BackendUnavailable, device_report, make_backend
-from service.errors import FailedPrecondition
+from service.common.errors import FailedPrecondition
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.server import SpecServer
 from tests.conftest import ROOT, TINY, start_server, stop_server, tiny_config
@@ -162,11 +162,11 @@ def test_load_of_a_pair_that_cannot_warm_up_is_failed_precondition(tiny_models_d
 def test_warm_up_runs_before_serving_and_leaves_outputs_unchanged(tiny_models_dir):
     """The warm-up request is not counted as traffic, and a request after it generates what a
     pair that never warmed up generates (the warm-up's cells do not leak into a slot)."""
-    from service.engine import Engine
-    from service.factory import PairFactory, PairRequest
-    from service.params import ContextParams, SpeculativeConfig
-    from service.requests import GenRequest, SamplingParams
-    from service.tokenizer import Tokenizer
+    from service.common.tokenizer import Tokenizer
+    from service.engine.engine import Engine
+    from service.engine.request import GenRequest, SamplingParams
+    from service.fit.factory import PairFactory, PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
 
     c = start_server(tiny_config(tiny_models_dir, metrics_port=0))
     try:
@@ -294,8 +294,8 @@ def test_probe_workload_matches_numpy_on_every_working_device():
 
 
 def test_warm_up_measures_the_row_cost_the_draft_policy_uses(tiny_models_dir, caplog):
-    """Issue 13 item 7: the cost model is measured on the device at warm-up, not a constant."""
-    from service.draft_policy import MeasuredRowCost
+    """The cost model is measured on the device at warm-up, not a constant."""
+    from service.engine.spec.policy import MeasuredRowCost
 
     with caplog.at_level(logging.INFO, logger="specserve.registry"):
         c = start_server(tiny_config(tiny_models_dir, spec_type="ngram", n_max=4))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.requests import SamplingParams
-from service.sampling import apply_repeat_penalty, logits_to_probs, sample
+from service.engine.request import SamplingParams
+from service.engine.sampling import apply_repeat_penalty, logits_to_probs, sample
 
 LOGITS = np.log(np.array([0.05, 0.4, 0.3, 0.15, 0.1], dtype=np.float64)).astype(np.float32)
 

@@ -12,7 +12,7 @@ import json
 
 import grpc
 
-from service.metadata import REPLICA_HEADER
+from service.edge.headers import REPLICA_HEADER
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from tests.conftest import TINY

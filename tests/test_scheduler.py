@@ -1,14 +1,14 @@
-"""The scheduler's step plans for given slot states, with no backend and no model: admission,
+"""The scheduler's scheduled steps for given slot states, with no backend and no model: admission,
 prefill chunking to n_batch, output rows within n_outputs_max, decode before prefill, tile trimming."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.errors import ResourceExhausted
-from service.output import Stream, TextOutput
-from service.requests import GenRequest
-from service.scheduler import Scheduler
+from service.common.errors import ResourceExhausted
+from service.engine.request import GenRequest
+from service.engine.scheduler import Scheduler
+from service.engine.stream import Stream, TextOutput
 
 
 def stream(prompt=(5, 6, 7)) -> Stream:
@@ -23,12 +23,12 @@ def occupy(sched: Scheduler, idx: int, n_tokens: int, n_past: int):
     return s
 
 
-def check_batch(sched: Scheduler, plan) -> None:
-    """Invariants every plan keeps: rows, outputs, positions and tokens of each slot's work."""
-    b = plan.batch
+def check_batch(sched: Scheduler, step) -> None:
+    """Invariants every step keeps: rows, outputs, positions and tokens of each slot's work."""
+    b = step.batch
     assert len(b) <= sched.n_batch and len(b.outputs) <= sched.n_outputs_max
     row = 0
-    for w in plan.work:
+    for w in step.work:
         s, n = w.slot, w.n_fed + len(w.drafts)
         assert b.tokens[row:row + n].tolist() == s.tokens[s.n_past:s.n_past + w.n_fed] + list(w.drafts)
         assert b.positions[row:row + n].tolist() == list(range(s.n_past, s.n_past + n))
@@ -86,24 +86,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_n_batch():
     s = occupy(sched, 0, 10, 0)
     fed = []
     while True:
-        plan = sched.plan({})
-        check_batch(sched, plan)
-        (w,) = plan.work
+        step = sched.schedule({})
+        check_batch(sched, step)
+        (w,) = step.work
         fed.append(w.n_fed)
         if w.complete:
             break
         s.n_past += w.n_fed  # what the engine does for a chunk without output
     assert fed == [4, 4, 2]
-    assert plan.batch.outputs.tolist() == [1]  # the prompt's last token: its logits give the first token
+    assert step.batch.outputs.tolist() == [1]  # the prompt's last token: its logits give the first token
 
 
 def test_decoding_slots_come_first_and_prefill_takes_the_rows_left():
     sched = Scheduler(n_slots=2, n_batch=8, n_outputs_max=10)
     pre = occupy(sched, 0, 20, 0)
     dec = occupy(sched, 1, 12, 11)
-    plan = sched.plan({1: (7, 8, 9), 0: (1, 2)})  # a prefilling slot's drafts are ignored
-    check_batch(sched, plan)
-    w_dec, w_pre = plan.work
+    step = sched.schedule({1: (7, 8, 9), 0: (1, 2)})  # a prefilling slot's drafts are ignored
+    check_batch(sched, step)
+    w_dec, w_pre = step.work
     assert (w_dec.slot, w_dec.n_fed, w_dec.drafts, w_dec.complete) == (dec, 1, (7, 8, 9), True)
     assert (w_pre.slot, w_pre.n_fed, w_pre.drafts, w_pre.complete) == (pre, 4, (), False)
     assert list(w_dec.logit_rows) == [0, 1, 2, 3]
@@ -113,23 +113,23 @@ def test_output_rows_stay_within_n_outputs_max():
     sched = Scheduler(n_slots=3, n_batch=64, n_outputs_max=6)
     for i in range(3):
         occupy(sched, i, 8, 7)
-    plan = sched.plan({i: (1, 2, 3, 4) for i in range(3)})
-    check_batch(sched, plan)
-    assert [(w.slot.idx, len(w.drafts)) for w in plan.work] == [(0, 4), (1, 0)]  # slot 2 waits a step
-    assert len(plan.batch.outputs) == 6
-    assert [list(w.logit_rows) for w in plan.work] == [[0, 1, 2, 3, 4], [5]]
+    step = sched.schedule({i: (1, 2, 3, 4) for i in range(3)})
+    check_batch(sched, step)
+    assert [(w.slot.idx, len(w.drafts)) for w in step.work] == [(0, 4), (1, 0)]  # slot 2 waits a step
+    assert len(step.batch.outputs) == 6
+    assert [list(w.logit_rows) for w in step.work] == [[0, 1, 2, 3, 4], [5]]
 
 
 def test_drafts_are_cut_to_the_rows_left():
     sched = Scheduler(n_slots=2, n_batch=6, n_outputs_max=10)
     occupy(sched, 0, 8, 7)
     occupy(sched, 1, 8, 7)
-    plan = sched.plan({0: (1, 2, 3), 1: (9, 10, 11)})
-    check_batch(sched, plan)
-    assert [len(w.drafts) for w in plan.work] == [3, 1]  # 1 + 3 rows, then 1 + 1 fill the 6
-    plan = sched.plan({0: (1, 2, 3, 4, 5, 6), 1: (9,)})
-    check_batch(sched, plan)
-    assert [(w.slot.idx, len(w.drafts)) for w in plan.work] == [(0, 5)]  # no row left: slot 1 waits a step
+    step = sched.schedule({0: (1, 2, 3), 1: (9, 10, 11)})
+    check_batch(sched, step)
+    assert [len(w.drafts) for w in step.work] == [3, 1]  # 1 + 3 rows, then 1 + 1 fill the 6
+    step = sched.schedule({0: (1, 2, 3, 4, 5, 6), 1: (9,)})
+    check_batch(sched, step)
+    assert [(w.slot.idx, len(w.drafts)) for w in step.work] == [(0, 5)]  # no row left: slot 1 waits a step
 
 
 @pytest.mark.parametrize("drafts,tile,want", [
@@ -143,24 +143,24 @@ def test_tile_trimming_drops_drafts_that_spill_into_a_new_tile(drafts, tile, wan
     sched = Scheduler(n_slots=2, n_batch=64, n_outputs_max=22, row_multiple=tile)
     occupy(sched, 0, 8, 7)
     occupy(sched, 1, 8, 7)
-    plan = sched.plan(drafts)
-    check_batch(sched, plan)
-    assert [len(w.drafts) for w in plan.work] == want
-    assert len(plan.batch) % tile == 0 or len(plan.batch) < tile or sum(want) == 0
+    step = sched.schedule(drafts)
+    check_batch(sched, step)
+    assert [len(w.drafts) for w in step.work] == want
+    assert len(step.batch) % tile == 0 or len(step.batch) < tile or sum(want) == 0
 
 
 def test_trimming_keeps_the_drafts_when_too_few_to_reach_a_tile_boundary():
     sched = Scheduler(n_slots=3, n_batch=64, n_outputs_max=30, row_multiple=8)
     for i in range(3):
         occupy(sched, i, 20, 20 - (1 if i < 2 else 5))  # two decoding, one with 5 pending prompt tokens
-    plan = sched.plan({0: (1,), 1: ()})
-    check_batch(sched, plan)
-    assert len(plan.batch) == 1 + 1 + 1 + 5  # 8 rows: one tile exactly, nothing cut
-    assert [len(w.drafts) for w in plan.work] == [1, 0, 0]
+    step = sched.schedule({0: (1,), 1: ()})
+    check_batch(sched, step)
+    assert len(step.batch) == 1 + 1 + 1 + 5  # 8 rows: one tile exactly, nothing cut
+    assert [len(w.drafts) for w in step.work] == [1, 0, 0]
     sched.slots[2].n_past = 16  # 4 pending: 7 rows in all, under a tile
-    assert [len(w.drafts) for w in sched.plan({0: (1,), 1: ()}).work] == [1, 0, 0]
+    assert [len(w.drafts) for w in sched.schedule({0: (1,), 1: ()}).work] == [1, 0, 0]
 
 
 def test_nothing_to_plan_without_busy_slots():
-    plan = Scheduler(n_slots=2, n_batch=8, n_outputs_max=4).plan({})
-    assert plan.work == () and plan.batch is None
+    step = Scheduler(n_slots=2, n_batch=8, n_outputs_max=4).schedule({})
+    assert step.work == () and step.batch is None

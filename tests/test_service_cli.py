@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from service import cli
+from service.cli import flags, serve
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, TINY, TINY_DRAFT
@@ -192,7 +193,7 @@ def test_llama_server_flag_spellings():
                                          "--parallel", "3", "--batch-size", "128", "--draft-max", "6",
                                          "--draft-min", "2", "--draft-p-min", "0.7", "--device-memory", "2048M"])
     assert vars(new) == vars(old)
-    cfg = cli.serve_config(new)
+    cfg = serve.serve_config(new)
     assert cfg.speculative.type == "draft" and (cfg.speculative.n_max, cfg.speculative.n_min) == (6, 2)
     assert cfg.speculative.p_min == 0.7 and cfg.device_memory_bytes == 2 << 30
     assert (cfg.params.n_ctx, cfg.params.n_parallel, cfg.params.n_batch) == (8192, 3, 128)
@@ -202,7 +203,7 @@ def test_llama_server_flag_spellings():
 
 
 def test_serve_with_no_flags_serves_the_packaged_model_with_the_ngram_drafter(real_model):
-    cfg = cli.serve_config(cli.build_parser().parse_args(["serve"]))
+    cfg = serve.serve_config(cli.build_parser().parse_args(["serve"]))
     assert cfg.host == "127.0.0.1" and cfg.port == 50051 and cfg.backend == "auto"
     assert cfg.startup.name == "default" and cfg.startup.target_path == os.path.abspath(real_model)
     assert cfg.startup.draft_path == "" and cfg.startup.speculative.type == "ngram"
@@ -212,4 +213,4 @@ def test_serve_with_no_flags_serves_the_packaged_model_with_the_ngram_drafter(re
 @pytest.mark.parametrize("text, n", [("1000", 1000), ("4G", 4 << 30), ("512MiB", 512 << 20), ("1.5k", 1536),
                                      ("2GB", 2 << 30)])
 def test_parse_bytes(text, n):
-    assert cli.parse_bytes(text) == n
+    assert flags.parse_bytes(text) == n

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.auth import BearerToken
 from service.pb.specserve.v1 import specserve_pb2_grpc as pb_grpc
+from service.rpc.auth import BearerToken
 from tests.conftest import ROOT, start_server, stop_server, tiny_config
 
 NODE_DIR = ROOT / "tests" / "node"

@@ -92,7 +92,7 @@ def test_fit_adjusts_n_ctx_to_the_budget(empty_server):
 
 def test_paths_outside_the_models_dir_are_refused_without_opening(empty_server, outside_model, tiny_models_dir,
                                                                   monkeypatch):
-    import service.factory as factory
+    import service.fit.factory as factory
 
     opened = []
     real_open = factory.open_model

@@ -10,15 +10,15 @@ import pytest
 
 from compute.llama import Batch
 from compute.numpy_backend import NumpyBackend
-from service.draft_policy import DraftStats, acceptance, best_k, learn
-from service.engine import Engine
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from service.factory import PairFactory, PairRequest
-from service.params import ContextParams, SpeculativeConfig
-from service.requests import GenRequest, SamplingParams
-from service.sampling import logits_to_probs
-from service.speculative import ngram_propose, verify
-from service.tokenizer import Tokenizer
+from service.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from service.common.tokenizer import Tokenizer
+from service.engine.engine import Engine
+from service.engine.request import GenRequest, SamplingParams
+from service.engine.sampling import logits_to_probs
+from service.engine.spec.policy import DraftStats, acceptance, best_k, learn
+from service.engine.spec.verify import ngram_propose, verify
+from service.fit.factory import PairFactory, PairRequest
+from service.fit.params import ContextParams, SpeculativeConfig
 from tests.tiny_gguf import write_tiny_llama, write_truncated_copy
 
 GREEDY = SamplingParams(temperature=0.0)

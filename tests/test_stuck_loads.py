@@ -129,7 +129,8 @@ class ThreadResult:
 HANGING_SERVE = """
 import sys, threading
 sys.path.insert(0, {root!r})
-from service import cli, factory
+from service import cli
+from service.fit import factory
 factory.PairFactory.load = lambda self, req: threading.Event().wait()  # every Load hangs, as on a dead disk
 sys.exit(cli.main(sys.argv[1:]))
 """

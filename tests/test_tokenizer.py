@@ -1,4 +1,4 @@
-"""service.tokenizer: encode/decode as llama.cpp, streaming decode, chat templates.
+"""service.common.tokenizer: encode/decode as llama.cpp, streaming decode, chat templates.
 
 Real-model tests use the packaged SmolLM2 GGUF (byte-level BPE, pre=smollm);
 SentencePiece and pre-tokenizer tests write tiny GGUF files with gguf.GGUFWriter.
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from service.common.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 from tests.models import packaged_model_path
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from service.errors import FailedPrecondition, InvalidArgument
-from service.params import ContextParams, SpeculativeConfig, check_draft_model, derive_pair_params
-from service.requests import GenRequest, SamplingParams
+from service.common.errors import FailedPrecondition, InvalidArgument
+from service.engine.request import GenRequest, SamplingParams
+from service.fit.params import ContextParams, SpeculativeConfig, check_draft_model, derive_pair_params
 
 
 @pytest.mark.parametrize("fields, needle", [

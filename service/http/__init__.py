@@ -2,7 +2,7 @@
 
     schema.py     the request and response bodies as pydantic models (OpenAI's shapes, plus specserve's
                   vendor fields); unknown request fields are ignored, as OpenAI's API does
-    translate.py  an OpenAI request -> GenRequest (beside convert.gen_request_from_pb; shared rules in convert)
+    translate.py  an OpenAI request -> GenRequest (the rules both doors share: service/edge/rules.py)
     app.py        the Starlette app: routes, request ids, bearer-token roles, bounds, metrics
     generation.py one generation seen from asyncio (the engine's stream bridged to the event loop)
     shapes.py     engine results -> OpenAI's response bodies (chat, text completion, usage, logprobs)

@@ -9,7 +9,7 @@
                                 gateway's endpoint picker reads (model_server_metrics.py; no token needed)
 
 Every /v1 request, like every gRPC call: a request id (the `x-request-id` header, else a new one,
-sent back as a header), the bearer token and its role (service.auth: the generation endpoints are
+sent back as a header), the bearer token and its role (service/edge/auth.py: the generation endpoints are
 Generate's, /v1/models is ListPairs'), a bound on concurrent requests (--max-workers: more get 429
 as gRPC's RESOURCE_EXHAUSTED), the in-flight count the drain waits for, a log line and the
 `specserve_requests_total` metric (method "POST /v1/chat/completions", the gRPC code name).
@@ -38,9 +38,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import convert
-from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
-from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
+from service.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SpecserveError,
+    Unavailable,
+)
+from service.common.logging_setup import request_id_var
+from service.edge import rules
+from service.edge.auth import AUTH_HEADER, GENERATE_OPERATIONS, Tokens, allowed
+from service.edge.calls import check_header_id, record_call, request_id_for
+from service.edge.headers import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER
 from service.http import schema as s
 from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
 from service.http.generation import Generation
@@ -48,16 +58,14 @@ from service.http.model_server_metrics import ModelServerCollector, metrics_endp
 from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, token_views, usage_of
 from service.http.sse import EventStream
 from service.http.translate import gen_request_from_openai, name_engine_error, param
-from service.logging_setup import new_request_id, request_id_var
-from service.metadata import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER, check_request_id, valid_request_id
-from service.registry import PairRegistry, ServedPair
+from service.pairs.registry import PairRegistry, ServedPair
 
 log = logging.getLogger("specserve.http")
 
-# the gRPC method whose role rule (service.auth.allowed) each endpoint follows
-GENERATE_METHOD = "/specserve.v1.GenerationService/Generate"
-LIST_METHOD = "/specserve.v1.ModelService/ListPairs"
-assert {GENERATE_METHOD, LIST_METHOD} <= GENERATE_METHODS
+# the operation whose role rule (service/edge/auth.py: allowed) each endpoint follows
+GENERATE_OPERATION = "GenerationService/Generate"
+LIST_OPERATION = "ModelService/ListPairs"
+assert {GENERATE_OPERATION, LIST_OPERATION} <= GENERATE_OPERATIONS
 
 
 class OpenAIDoor:
@@ -70,35 +78,34 @@ class OpenAIDoor:
         tokens: {token: role} of --auth-token-file (None: no authentication)."""
         self.registry, self.config, self.metrics, self.in_flight = registry, config, metrics, in_flight
         self.serving, self.executor = serving, executor
-        self.auth = AuthInterceptor(tokens) if tokens else None
+        self.auth = Tokens(tokens) if tokens else None
         self.active = 0  # /v1 requests running (at most config.max_workers)
         self._lock = threading.Lock()
         self.app = Starlette(routes=[
-            self._route("POST", "/v1/chat/completions", GENERATE_METHOD, self.chat),
-            self._route("POST", "/v1/completions", GENERATE_METHOD, self.completions),
-            self._route("GET", "/v1/models", LIST_METHOD, self.models),
-            self._route("GET", "/v1/models/{model}", LIST_METHOD, self.model),
+            self._route("POST", "/v1/chat/completions", GENERATE_OPERATION, self.chat),
+            self._route("POST", "/v1/completions", GENERATE_OPERATION, self.completions),
+            self._route("GET", "/v1/models", LIST_OPERATION, self.models),
+            self._route("GET", "/v1/models/{model}", LIST_OPERATION, self.model),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", metrics_endpoint(metrics.registry), methods=["GET"]),
         ], exception_handlers={HTTPException: routing_error})
         metrics.registry.register(ModelServerCollector(registry))
 
     # ---- what every /v1 request goes through ----
-    def _route(self, method: str, path: str, grpc_method: str, handler) -> Route:
+    def _route(self, method: str, path: str, operation: str, handler) -> Route:
         """A /v1 route: `handler(request, request_id, headers, finish)` inside the bookkeeping every request gets."""
         label = f"{method} {path}"
 
         async def endpoint(request: Request):
             header_id = request.headers.get(REQUEST_ID_HEADER, "")
-            rid = header_id if valid_request_id(header_id) else new_request_id()
+            rid = request_id_for(header_id)
             request_id_var.set(rid)  # this request's task (and the threads it starts with its context)
             headers = {REQUEST_ID_HEADER: rid, REPLICA_HEADER: REPLICA_ID}
             t0 = time.monotonic()
             finish = _Finish(self, label, t0)
             try:
-                if header_id:
-                    check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
-                self._check_role(request, grpc_method)
+                check_header_id(header_id)
+                self._check_role(request, operation)
                 finish.admit()
                 response = await handler(request, rid, headers, finish)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
@@ -113,13 +120,13 @@ class OpenAIDoor:
             return response
         return Route(path, endpoint, methods=[method])
 
-    def _check_role(self, request: Request, grpc_method: str) -> None:
-        """Unauthenticated / PermissionDenied as the gRPC interceptor decides for `grpc_method`."""
+    def _check_role(self, request: Request, operation: str) -> None:
+        """Unauthenticated / PermissionDenied as the gRPC interceptor decides for `operation`."""
         if self.auth is None:
             return
         header = request.headers.get(AUTH_HEADER)
         role = self.auth.role_of([(AUTH_HEADER, header)] if header is not None else [])
-        if not allowed(role, grpc_method):
+        if not allowed(role, operation):
             raise PermissionDenied(f"the {role} role may not call {request.url.path}")
 
     async def _body(self, request: Request, model):
@@ -143,7 +150,7 @@ class OpenAIDoor:
     def _pair(self, model: str) -> ServedPair:
         """The ready pair `model` names ("" = "default", as an empty gRPC `pair`); 404 for any other name."""
         with param("model"):
-            name = convert.pair_name(model) if convert.PAIR_NAME.fullmatch(model or "default") else None
+            name = rules.pair_name(model) if rules.PAIR_NAME.fullmatch(model or "default") else None
             if name is None:
                 raise NotFound(f"model {model[:80]!r} is not loaded (loaded: "
                                f"{', '.join(sp.name for sp in self.registry.list()) or 'none'})")
@@ -299,8 +306,4 @@ class _Finish:
             with d._lock:
                 d.active -= 1
             d.in_flight.__exit__(None, None, None)
-        seconds = time.monotonic() - self.t0
-        if d.metrics is not None:
-            d.metrics.on_request(self.label, code, seconds)
-        level = logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
-        log.log(level, "http", extra={"kv": {"method": self.label, "code": code, "ms": round(seconds * 1000, 1)}})
+        record_call(d.metrics, "http", self.label, code, time.monotonic() - self.t0)

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import InvalidArgument, NotFound, SpecserveError
+from service.common.errors import InvalidArgument, NotFound, SpecserveError
 from service.http import schema as s
 
 # gRPC code -> (HTTP status, OpenAI error type); the statuses are google.rpc.Code's HTTP mapping

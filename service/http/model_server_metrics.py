@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.prompt_cache import BLOCK_TOKENS
+from service.fit.cache_layout import BLOCK_TOKENS
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 What the engine returns is read in one place (completions_of, usage_of, token_views): GenResult.choices
 (every completion when n > 1), GenResult.cached_prompt_tokens, and the engine's TokenLogprob entries,
-given their text and bytes by the pair's tokenizer as the gRPC door does (convert.token_logprobs_to_pb).
+given their text and bytes by the pair's tokenizer as the gRPC door does (service/rpc/convert.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from service.engine.request import GenResult
 from service.http import schema as s
-from service.requests import GenResult
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""An OpenAI request body -> GenRequest: the HTTP door's twin of convert.gen_request_from_pb.
+"""An OpenAI request body -> GenRequest, as service/rpc/convert.py turns a GenerateRequest into one.
 
-Both doors go through the same rules (convert.prompt_ids_from_text / prompt_ids_from_messages,
+Both doors go through the same rules (service/edge/rules.py: prompt_ids_from_text / prompt_ids_from_messages,
 check_text_bytes, check_token_ids, check_stop, speculative_with; SamplingParams and GenRequest
 validate themselves), so a request is refused for the same reason whichever door it came by.
 An InvalidArgument raised while a field is read carries that field's name as `param` (OpenAI's
@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 
-from service import convert
-from service.errors import InvalidArgument, SpecserveError, Unimplemented
+from service.common.errors import InvalidArgument, SpecserveError, Unimplemented
+from service.edge import rules
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.fit.params import SpeculativeConfig
 from service.http.schema import ChatCompletionRequest, CompletionRequest, GenerationBody
-from service.params import SpeculativeConfig
-from service.requests import GenRequest, ResponseFormat, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name of the system role
@@ -42,7 +42,7 @@ def gen_request_from_openai(body: ChatCompletionRequest | CompletionRequest, tok
     prompt = chat_prompt(body, tokenizer, max_prompt_bytes) if chat else text_prompt(body, tokenizer, max_prompt_bytes)
     max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
     with param("stop"):
-        stop = convert.check_stop([body.stop] if isinstance(body.stop, str) else body.stop or ())
+        stop = rules.check_stop([body.stop] if isinstance(body.stop, str) else body.stop or ())
     fields = dict(sampling=sampling(body), speculative=speculative(body, live_spec), logprobs=top_logprobs(body),
                   response_format=response_format(body))
     try:
@@ -101,8 +101,8 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, max_prompt_bytes: int) -
             content = m.content or ""
         messages.append((ROLE_ALIASES.get(m.role, m.role), content))
     with param("messages"):
-        convert.check_text_bytes("".join(r + c for r, c in messages), "messages", max_prompt_bytes)
-        ids = convert.prompt_ids_from_messages(messages, tokenizer, "messages")
+        rules.check_text_bytes("".join(r + c for r, c in messages), "messages", max_prompt_bytes)
+        ids = rules.prompt_ids_from_messages(messages, tokenizer, "messages")
         if not ids:
             raise InvalidArgument("the prompt (messages) has no tokens")
     return ids
@@ -117,10 +117,10 @@ def text_prompt(body: CompletionRequest, tokenizer, max_prompt_bytes: int) -> li
                 raise InvalidArgument(f"prompt holds {len(prompt)} prompts: send one prompt per request")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            convert.check_text_bytes(prompt, "prompt", max_prompt_bytes)
-            ids = convert.prompt_ids_from_text(prompt, tokenizer)
+            rules.check_text_bytes(prompt, "prompt", max_prompt_bytes)
+            ids = rules.prompt_ids_from_text(prompt, tokenizer)
         else:
-            ids = convert.check_token_ids(prompt, tokenizer.vocab_size, "prompt")
+            ids = rules.check_token_ids(prompt, tokenizer.vocab_size, "prompt")
         if not ids:
             raise InvalidArgument("the prompt has no tokens")
     return ids
@@ -147,7 +147,7 @@ def speculative(body: GenerationBody, live: SpeculativeConfig) -> SpeculativeCon
     if not changes:
         return None
     with param("speculative"):
-        return convert.speculative_with(live, changes)
+        return rules.speculative_with(live, changes)
 
 
 def top_logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:

@@ -93,7 +93,7 @@ async function main() {
   assert.deepEqual(messages.flatMap((m) => m.tokens), resp.tokens, "stream tokens == unary tokens (greedy)");
   assert.equal(last.usage.completion_tokens, resp.usage.completion_tokens);
 
-  // Generation controls: logprobs with alternatives, prompt scoring, n completions (issue 16).
+  // Generation controls: logprobs with alternatives, prompt scoring, n completions.
   const controls = { prompt: "the cat", max_tokens: 6, logprobs: true, top_logprobs: 3, prompt_logprobs: 1, n: 2,
     sampling: { temperature: 0.9, seed: 11 } };
   const multi = await call(gen, "Generate", controls);

@@ -1,0 +1,1 @@
+"""Settings: every server-wide default and limit, defined once (settings.py)."""

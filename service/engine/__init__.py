@@ -1,0 +1,1 @@
+"""The engine: one thread steps every slot (scheduler, slots, sampling, streams, prompt cache)."""

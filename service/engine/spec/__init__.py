@@ -1,0 +1,1 @@
+"""Speculative decoding: draft-length policy, drafters, verification, the n-gram index."""

@@ -1,0 +1,1 @@
+"""Fit == load: params and their one derivation, the memory plan, the pair factory."""
