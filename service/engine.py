@@ -33,8 +33,8 @@ from compute.llama import LlamaContext
 from service import draft_policy as policy
 from service import logprobs as lp
 from service.draft_runner import Draft, DraftAsk, DraftRunner
-from service.errors import InvalidArgument, Unavailable
-from service.grammar import Grammars, constrain
+from service.errors import InvalidArgument, SpecserveError, Unavailable
+from service.grammar import GrammarFailed, Grammars, constrain
 from service.ngram_index import NgramIndex
 from service.output import Stream, TextOutput
 from service.params import SpeculativeConfig, check_draft_model
@@ -228,30 +228,52 @@ class Engine:
         logits = self._constrain(plan.work, self.target.decode(plan.batch))  # (len(plan.batch.outputs), n_vocab)
         n_drafts = n_draft_tokens = n_accepted = 0
         for w in plan.work:
-            s, d = w.slot, drafts.get(w.slot.idx)
-            if w.n_scored:
-                self._score(s, w, logits)
-            if not w.complete:
-                s.n_past += w.n_fed  # a prefill chunk without output
+            if w.slot.stream is None:
+                continue  # released by a failure of its own earlier in this step (its grammar)
+            try:
+                j = self._finish_work(w, drafts.get(w.slot.idx), logits)
+            except Exception as e:  # noqa: BLE001 - one request's failure (grammar, sampling) is its own
+                self._fail_one(w.slot, e)
                 continue
-            if s.n_past + w.n_fed == s.n_prompt and self._prompt_done(s, w, logits):
-                continue  # the request only scored its prompt
-            # target distributions: row i follows d_1..d_i (the penalty sees those drafts too)
-            sp = s.stream.request.sampling
-            p = [logits_to_probs(logits[r], sp, penalty_history(s.tokens, w.drafts[:i], sp))
-                 for i, r in enumerate(w.logit_rows)]
-            q = d.probs[:len(w.drafts)] if d is not None and d.probs is not None else None
-            j, new = verify(w.drafts, p, q, s.rng)  # accept d_1..d_j, then a recovered or bonus token
-            s.n_past += w.n_fed + j  # roll back: target KV cells past n_past are overwritten later
-            if d is not None:
-                self.drafter.accept(s.idx, d, j)  # ... and the draft model's
-            self._learn(s, w, j)
-            if w.drafts:
+            if w.drafts and j is not None:
                 n_drafts, n_draft_tokens, n_accepted = n_drafts + 1, n_draft_tokens + len(w.drafts), n_accepted + j
-                s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
-            self._append(s, new, self._logprobs(s, w, logits, new))
         if self.metrics is not None:
             self.metrics.on_step(n_drafts, n_draft_tokens, n_accepted)
+
+    def _finish_work(self, w: SlotWork, d: Draft | None, logits) -> int | None:
+        """One slot's share of the step after the target pass: score, verify, append; the number of
+        drafts accepted (None when the slot only prefilled or scored)."""
+        s = w.slot
+        if w.n_scored:
+            self._score(s, w, logits)
+        if not w.complete:
+            s.n_past += w.n_fed  # a prefill chunk without output
+            return None
+        if s.n_past + w.n_fed == s.n_prompt and self._prompt_done(s, w, logits):
+            return None  # the request only scored its prompt
+        # target distributions: row i follows d_1..d_i (the penalty sees those drafts too)
+        sp = s.stream.request.sampling
+        p = [logits_to_probs(logits[r], sp, penalty_history(s.tokens, w.drafts[:i], sp))
+             for i, r in enumerate(w.logit_rows)]
+        q = d.probs[:len(w.drafts)] if d is not None and d.probs is not None else None
+        j, new = verify(w.drafts, p, q, s.rng)  # accept d_1..d_j, then a recovered or bonus token
+        s.n_past += w.n_fed + j  # roll back: target KV cells past n_past are overwritten later
+        if d is not None:
+            self.drafter.accept(s.idx, d, j)  # ... and the draft model's
+        self._learn(s, w, j)
+        if w.drafts:
+            s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
+        self._append(s, new, self._logprobs(s, w, logits, new))
+        return j
+
+    def _fail_one(self, s: Slot, e: BaseException) -> None:
+        """End one slot's request with its own error; the other slots of the step go on. A SpecserveError
+        (a grammar past its limits) is the client's; anything else is logged as ours."""
+        if not isinstance(e, SpecserveError):
+            log.error("a request failed in the engine step", exc_info=e)
+        if s.stream is not None:
+            s.stream.cancel()  # its sibling completions (n > 1) are released at the next step
+        self._release(s, None, e)
 
     # ---- generation controls (issue 16) ----
     @staticmethod
@@ -356,11 +378,42 @@ class Engine:
         ws = [w for w in work if w.complete and w.slot.grammar is not None]
         if not ws:
             return logits
-        allowed = self.grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
-        rows = np.concatenate([np.asarray(w.logit_rows) for w in ws])
+        try:
+            allowed = self.grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
+        except Exception:  # noqa: BLE001 - find whose grammar it was: each slot's masks alone
+            return self._constrain_each(ws, logits)
         out = logits.copy()
-        out[rows] = constrain(out[rows], allowed)
+        row = 0
+        for w in ws:
+            n = len(w.drafts) + 1
+            if self._grammar_ok(w.slot):
+                rows = np.asarray(w.logit_rows)
+                out[rows] = constrain(out[rows], allowed[row:row + n])
+            row += n
         return out
+
+    def _constrain_each(self, ws: list[SlotWork], logits: np.ndarray) -> np.ndarray:
+        """_constrain one slot at a time (the batched call raised): a slot whose masks fail is released."""
+        out = logits.copy()
+        for w in ws:
+            try:
+                allowed = self.grammars.masks([(w.slot.grammar, w.drafts)])
+            except Exception as e:  # noqa: BLE001 - this request's grammar, this request's failure
+                self._fail_one(w.slot, e)
+                continue
+            if self._grammar_ok(w.slot):
+                rows = np.asarray(w.logit_rows)
+                out[rows] = constrain(out[rows], allowed)
+        return out
+
+    def _grammar_ok(self, s: Slot) -> bool:
+        """False (and the slot's request ended with GrammarFailed) when its matcher met a limit."""
+        try:
+            s.grammar.check()
+        except GrammarFailed as e:
+            self._fail_one(s, e)
+            return False
+        return True
 
     @staticmethod
     def _learn(s: Slot, w: SlotWork, j: int) -> None:
