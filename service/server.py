@@ -78,6 +78,7 @@ class ServerConfig:
     tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
     load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
     http_port: int = -1  # the OpenAI-compatible HTTP door (service/http) on host:http_port; -1: off; 0: any free port
+    http_body_timeout_s: float = 10.0  # an HTTP request body must arrive within this (service/http/bodies.py)
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -412,6 +413,7 @@ class SpecServer:
         self._http_pool = futures.ThreadPoolExecutor(max_workers=c.max_workers + 4, thread_name_prefix="http")
         door = OpenAIDoor(self.registry, c, self.metrics, self.in_flight, self.serving, self._http_pool,
                           self._tokens)
+        self.http_door = door
         tls = TlsFiles(c.tls_cert, c.tls_key, c.tls_client_ca) if self._credentials is not None else None
         try:
             self.http = HttpServer(door.app, c.host, c.http_port, tls)

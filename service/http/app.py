@@ -40,7 +40,8 @@ from service import convert
 from service.auth import AUTH_HEADER, GENERATE_METHODS, AuthInterceptor, allowed
 from service.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, SpecserveError, Unavailable
 from service.http import schema as s
-from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
+from service.http.bodies import READING_PER_WORKER, BodyReader, client_gone_or
+from service.http.errors import ClientGone, error_body, routing_error, validation_error
 from service.http.generation import Generation
 from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, token_views, usage_of
 from service.http.sse import EventStream
@@ -68,19 +69,22 @@ class OpenAIDoor:
         self.registry, self.config, self.metrics, self.in_flight = registry, config, metrics, in_flight
         self.serving, self.executor = serving, executor
         self.auth = AuthInterceptor(tokens) if tokens else None
-        self.active = 0  # /v1 requests running (at most config.max_workers)
+        self.active = 0  # /v1 requests running (at most config.max_workers), counted once their body is in
+        self.bodies = BodyReader(config.max_message_bytes, config.http_body_timeout_s,
+                                 READING_PER_WORKER * config.max_workers)
         self._lock = threading.Lock()
         self.app = Starlette(routes=[
-            self._route("POST", "/v1/chat/completions", GENERATE_METHOD, self.chat),
-            self._route("POST", "/v1/completions", GENERATE_METHOD, self.completions),
+            self._route("POST", "/v1/chat/completions", GENERATE_METHOD, self.chat, reads_body=True),
+            self._route("POST", "/v1/completions", GENERATE_METHOD, self.completions, reads_body=True),
             self._route("GET", "/v1/models", LIST_METHOD, self.models),
             self._route("GET", "/v1/models/{model}", LIST_METHOD, self.model),
             Route("/health", self.health, methods=["GET"]),
         ], exception_handlers={HTTPException: routing_error})
 
     # ---- what every /v1 request goes through ----
-    def _route(self, method: str, path: str, grpc_method: str, handler) -> Route:
-        """A /v1 route: `handler(request, request_id, headers, finish)` inside the bookkeeping every request gets."""
+    def _route(self, method: str, path: str, grpc_method: str, handler, reads_body: bool = False) -> Route:
+        """A /v1 route: `handler(request, request_id, headers, finish)` inside the bookkeeping every request gets;
+        a handler that reads a body takes its --max-workers place (finish.admit) once the body is in."""
         label = f"{method} {path}"
 
         async def endpoint(request: Request):
@@ -94,9 +98,11 @@ class OpenAIDoor:
                 if header_id:
                     check_request_id(header_id, f"the {REQUEST_ID_HEADER} header")
                 self._check_role(request, grpc_method)
-                finish.admit()
+                if not reads_body:
+                    finish.admit()
                 response = await handler(request, rid, headers, finish)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+                exc = client_gone_or(exc)
                 code = exc.code if isinstance(exc, SpecserveError) else "INTERNAL"
                 if code == "INTERNAL":
                     log.error("unexpected error in %s", label, exc_info=exc, extra={"kv": {"method": label}})
@@ -118,20 +124,10 @@ class OpenAIDoor:
             raise PermissionDenied(f"the {role} role may not call {request.url.path}")
 
     async def _body(self, request: Request, model):
-        """The body, read up to --max-message-size, as `model` (InvalidArgument naming the field)."""
-        limit = self.config.max_message_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the request body is {declared} bytes, this server takes at most {limit} "
-                                  "(--max-message-size)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body is over {limit} bytes (--max-message-size)")
-            chunks.append(chunk)
+        """The body (bodies.py: size, time and in-flight bounds) as `model` (InvalidArgument naming the field)."""
+        raw = await self.bodies.read(request)
         try:
-            return model.model_validate_json(b"".join(chunks))
+            return model.model_validate_json(raw)
         except ValidationError as e:
             raise validation_error(e) from None
 
@@ -158,6 +154,7 @@ class OpenAIDoor:
 
     async def _generate(self, request: Request, rid: str, headers: dict, finish: "_Finish", shape):
         body = await self._body(request, shape.request)
+        finish.admit()  # a --max-workers place only now: a slow body holds none (bodies.py)
         sp = self._pair(body.model)
         c, loop = self.config, asyncio.get_running_loop()
 
