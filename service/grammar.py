@@ -33,8 +33,6 @@ estimate of its bytes as well as by entries. Library messages reach the client o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import re
 import threading
@@ -46,6 +44,7 @@ import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from service.errors import InvalidArgument, ResourceExhausted
+from service.memory import release as release_freed_memory  # a failed grammar's lexer: tens of MB
 from service.requests import ResponseFormat
 
 CACHE_MAX = 64  # compiled grammars kept per pair (least recently used dropped first)
@@ -83,23 +82,6 @@ def library_message(text: str) -> str:
         text = "the grammar library could not handle this grammar (" + text.split(":", 1)[-1].strip() + ")"
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_MAX else text[:MESSAGE_MAX - 3] + "..."
-
-
-def release_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc): a failed grammar's lexer can be ~tens of MB."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc():
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 
 
 def check_size(fmt: ResponseFormat) -> None:

@@ -32,6 +32,7 @@ from compute.select import make_backend
 from service.errors import InvalidArgument, ResourceExhausted, SpecserveError
 from service.factory import PairFactory, PairRequest
 from service.logging_setup import new_request_id, request_id_var
+from service.memory import Trimmer
 from service.metadata import DEFICIT_HEADER, REQUEST_ID_HEADER, check_request_id, trailers, valid_request_id
 from service.metrics import Metrics, start_metrics_server
 from service.params import ContextParams, SpeculativeConfig
@@ -329,6 +330,7 @@ class SpecServer:
         self.http_port = 0
         self.http = None  # service.http.server.HttpServer while --http-port serves
         self._metrics_http = None
+        self._trimmer: Trimmer | None = None
         self._startup_error: BaseException | None = None
         self._startup_done = threading.Event()
         self._stopped = threading.Event()
@@ -386,6 +388,7 @@ class SpecServer:
         if self.port == 0:
             raise SystemExit(f"cannot bind {address}")
         self.server.start()
+        self._trimmer = Trimmer().start()  # freed memory back to the system (service/memory.py)
         if self.config.metrics_port >= 0:
             self._metrics_http, self.metrics_port = start_metrics_server(self.config.metrics_port, self.metrics,
                                                                          addr=self.config.host)
@@ -459,6 +462,8 @@ class SpecServer:
             self.http.stop()
             self._http_pool.shutdown(wait=False, cancel_futures=True)
         self.registry.shutdown(drain_timeout=0)
+        if self._trimmer is not None:
+            self._trimmer.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
