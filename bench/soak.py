@@ -148,6 +148,7 @@ HOSTILE_CASES = (
     ("body_stops_midway", "http", {"CLOSED"}),
     ("stream_cancelled", "grpc", {"CANCELLED"}),
 )
+SETTLE_S = 7.0  # after the load, before the last RSS: the server gives freed pages back every 5 s
 HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
               429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
@@ -278,6 +279,8 @@ def main() -> int:
               f"RSS first {rss_seen[0]:.0f} MiB, last {rss_seen[-1]:.0f} MiB, max {max(rss_seen):.0f} MiB", flush=True)
         if args.hostile:
             print(f"hostile: {dict(sorted(hostile.total.items()))}", flush=True)
+        if args.hostile:
+            time.sleep(SETTLE_S)  # idle now: what the server still holds once freed pages went back
         t_term = time.monotonic()
         rss_end = rss_mib(proc.pid)
         proc.send_signal(signal.SIGTERM)
