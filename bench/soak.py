@@ -213,14 +213,15 @@ def hostile_call(case: str, n: int, address: str, http_port: int, gen) -> str:
         return f"SOCKET_{type(e).__name__}"
 
 
-def hostile_client(address: str, http_port: int, stop: threading.Event, tally: Tally, worker: int) -> None:
+def hostile_client(address: str, http_port: int, stop: threading.Event, tally: Tally, worker: int,
+                   cases: tuple = HOSTILE_CASES) -> None:
     with grpc.insecure_channel(address) as ch:
         gen = pb_grpc.GenerationServiceStub(ch)
         n = worker
         while not stop.is_set():
-            case, _, expected = HOSTILE_CASES[n % len(HOSTILE_CASES)]
+            case, _, expected = cases[n % len(cases)]
             t0 = time.monotonic()
-            code = hostile_call(case, n // len(HOSTILE_CASES), address, http_port, gen)
+            code = hostile_call(case, n // len(cases), address, http_port, gen)
             tally.add(f"{case}:{code}" + ("" if code in expected else ":UNEXPECTED"), time.monotonic() - t0)
             n += 1
 
@@ -237,6 +238,7 @@ def main() -> int:
                     help="MiB allowed from first to last report [100; --hostile: from before the load, 150]")
     ap.add_argument("--hostile", action="store_true", help="add hostile clients over gRPC and HTTP (see above)")
     ap.add_argument("--hostile-clients", type=int, default=2)
+    ap.add_argument("--hostile-cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("serve_flags", nargs="*", help="extra `specserve serve` flags (after --)")
     args = ap.parse_args()
     extra = args.serve_flags or ["--threads", "1", "-np", "4", "-c", "2048"]
@@ -253,8 +255,10 @@ def main() -> int:
         threads = [threading.Thread(target=client, args=(address, stop, tally, i, args.max_tokens, args.deadline),
                                     daemon=True) for i in range(args.concurrency)]
         hostile = Tally()
-        threads += [threading.Thread(target=hostile_client, args=(address, http_port, stop, hostile, i), daemon=True)
-                    for i in range(args.hostile_clients if args.hostile else 0)]
+        wanted = set(filter(None, args.hostile_cases.split(",")))
+        cases = tuple(c for c in HOSTILE_CASES if not wanted or c[0] in wanted)
+        threads += [threading.Thread(target=hostile_client, args=(address, http_port, stop, hostile, i, cases),
+                                     daemon=True) for i in range(args.hostile_clients if args.hostile else 0)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
