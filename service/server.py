@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2
 
 from compute.select import make_backend
 from service.common.errors import SpecserveError
+from service.common.memory import Trimmer
 from service.config.settings import ServerConfig
 from service.edge.calls import InFlight
 from service.edge.metrics import Metrics, start_metrics_server
@@ -75,6 +76,7 @@ class SpecServer:
         self.http_port = 0
         self.http = None  # service.http.server.HttpServer while --http-port serves
         self._metrics_http = None
+        self._trimmer: Trimmer | None = None
         self._startup_error: BaseException | None = None
         self._startup_done = threading.Event()
         self._stopped = threading.Event()
@@ -132,6 +134,7 @@ class SpecServer:
         if self.port == 0:
             raise SystemExit(f"cannot bind {address}")
         self.server.start()
+        self._trimmer = Trimmer().start()  # freed memory back to the system (service/common/memory.py)
         if self.config.metrics_port >= 0:
             self._metrics_http, self.metrics_port = start_metrics_server(self.config.metrics_port, self.metrics,
                                                                          addr=self.config.host)
@@ -159,6 +162,7 @@ class SpecServer:
         self._http_pool = futures.ThreadPoolExecutor(max_workers=c.max_workers + 4, thread_name_prefix="http")
         door = OpenAIDoor(self.registry, c, self.metrics, self.in_flight, self.serving, self._http_pool,
                           self._tokens)
+        self.http_door = door
         tls = TlsFiles(c.tls_cert, c.tls_key, c.tls_client_ca) if self._credentials is not None else None
         try:
             self.http = HttpServer(door.app, c.host, c.http_port, tls)
@@ -204,6 +208,8 @@ class SpecServer:
             self.http.stop()
             self._http_pool.shutdown(wait=False, cancel_futures=True)
         self.registry.shutdown(drain_timeout=0)
+        if self._trimmer is not None:
+            self._trimmer.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

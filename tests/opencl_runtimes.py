@@ -5,13 +5,16 @@ its id (`intel-cpu`, `pocl`, `gpu`, ...). A device whose probe failed (compute/o
 is skipped with the probe's reason, so a runtime that cannot work on this CPU shows up in the
 summary by name; `tests/test_runtime.py` asserts that at least one CPU runtime works.
 SPECSERVE_OPENCL_DEVICE (an index or name substring) limits the tests to that one device
-(bench/nvidia_opencl.sh sets it). Needs no conftest: nvidia_opencl.sh runs with --noconftest.
+(bench/nvidia_opencl.sh sets it); a device it names explicitly is tested when its probe passed even if
+`--backend auto` would not serve on it (Oclgrind: tests/test_oclgrind.py). Needs no conftest:
+nvidia_opencl.sh runs with --noconftest.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -23,7 +26,9 @@ def statuses():
 
     found = sorted(probe_devices(), key=lambda s: s.index)
     wanted = os.environ.get("SPECSERVE_OPENCL_DEVICE")
-    return [s for s in found if not wanted or matches(s, wanted)]
+    if not wanted:
+        return found
+    return [replace(s, ok=True, reason="") if s.probe_ok else s for s in found if matches(s, wanted)]
 
 
 def _id(s) -> str:
@@ -43,5 +48,5 @@ def usable_device() -> int | None:
     ok = [s for s in sorted(statuses(), key=lambda s: s.index) if s.ok]
     from compute.opencl.probe import PREFERENCE
 
-    ok.sort(key=lambda s: PREFERENCE.index(s.runtime))
+    ok.sort(key=lambda s: PREFERENCE.index(s.runtime))  # a simulator last
     return ok[0].index if ok else None

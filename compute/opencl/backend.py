@@ -120,7 +120,8 @@ def select_device(device: str | int | None = None) -> tuple[cl.Platform, cl.Devi
     if not devs:
         raise RuntimeError("no OpenCL device found: run scripts/setup.sh (it installs Intel's CPU runtime and PoCL)")
     if device is None:
-        return min(devs, key=lambda pd: PREFERENCE.index(runtime_of(pd[0].name, bool(pd[1].type & cl.device_type.GPU))))
+        return min(devs, key=lambda pd: PREFERENCE.index(runtime_of(pd[0].name, bool(pd[1].type & cl.device_type.GPU),
+                                                                    pd[1].name)))
     if isinstance(device, (int, np.integer)) or (isinstance(device, str) and device.strip().isdigit()):
         i = int(device)
         if not 0 <= i < len(devs):

@@ -28,7 +28,7 @@ log = logging.getLogger("specserve.cli")
 # ServerConfig fields `serve` computes from several flags (the model decides the folder and the
 # startup pair); every other field is the flag of the same dest, and keepalives have no flag.
 SERVE_COMPUTED = ("models_dir", "startup", "params", "speculative", "default_target")
-SERVE_UNFLAGGED = ("keepalive_time_ms", "keepalive_timeout_ms")
+SERVE_UNFLAGGED = ("keepalive_time_ms", "keepalive_timeout_ms", "http_body_timeout_s")
 
 
 def serve_config(args):

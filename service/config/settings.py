@@ -123,6 +123,10 @@ DEFAULT_LOAD_TIMEOUT = 300.0  # seconds a Fit or Load may take before its client
 MAX_N = 16  # completions of one prompt
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs limit)
 MAX_STOP_STRINGS = 16  # stop strings of one request
+# Messages of one conversation: each costs the chat template and the tokenizer far more than its bytes
+# (100k empty messages, 0.4 MB of text, took 13 s and left ~150 MB behind); the longest served context
+# holds a few thousand turns at most.
+MAX_MESSAGES = 4096
 
 
 @dataclass(frozen=True)
@@ -156,5 +160,6 @@ class ServerConfig:
     tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS); "": none asked
     load_timeout: float = DEFAULT_LOAD_TIMEOUT  # Fit / Load answer DEADLINE_EXCEEDED after this many seconds
     http_port: int = -1  # the OpenAI-compatible HTTP door (service/http) on host:http_port; -1: off; 0: any free port
+    http_body_timeout_s: float = 10.0  # an HTTP request body must arrive within this (service/http/bodies.py)
     log_level: str = "info"  # debug | info | warning | error
     log_format: str = "text"  # text: logfmt lines; json: JSON lines

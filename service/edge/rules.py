@@ -12,7 +12,7 @@ import re
 from dataclasses import replace
 
 from service.common.errors import InvalidArgument
-from service.config.settings import MAX_STOP_STRINGS, SpeculativeConfig
+from service.config.settings import MAX_MESSAGES, MAX_STOP_STRINGS, SpeculativeConfig
 
 DEFAULT_PAIR = "default"
 PAIR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -53,6 +53,8 @@ def prompt_ids_from_messages(messages: list[tuple[str, str]], tokenizer, field: 
     if any); `field` names the messages in errors."""
     if not messages:
         raise InvalidArgument(f"{field} is empty: give at least one message")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"{field}: at most {MAX_MESSAGES} messages (got {len(messages)})")
     for i, (role, _) in enumerate(messages):
         if not role:
             raise InvalidArgument(f"{field}[{i}].role is empty (use system, user or assistant)")

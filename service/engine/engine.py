@@ -27,7 +27,7 @@ import logging
 import threading
 
 from compute.llama import LlamaContext
-from service.common.errors import InvalidArgument, Unavailable
+from service.common.errors import InvalidArgument, SpecserveError, Unavailable
 from service.config.settings import DEFAULT_QUEUE_MAX
 from service.engine import logprobs as lp
 from service.engine.grammar import Grammars, constrain_verify_rows
@@ -36,7 +36,7 @@ from service.engine.request import GenRequest, TokenDelta
 from service.engine.sampling import logits_to_probs, penalty_history, sample
 from service.engine.scheduler import Scheduler, SlotWork
 from service.engine.slot import Slot, unstarted_result
-from service.engine.spec.drafter import DraftRunner
+from service.engine.spec.drafter import Draft, DraftRunner
 from service.engine.spec.ngram_index import NgramIndex
 from service.engine.spec.policy import RowCost
 from service.engine.spec.proposer import Proposer
@@ -63,6 +63,34 @@ def check_request(req: GenRequest, n_ctx_slot: int, n_vocab: int, n_slots: int) 
     if req.n > n_slots:
         raise InvalidArgument(f"n = {req.n} completions need as many slots; this pair has {n_slots} "
                               "(Load it with a larger n_parallel)")
+
+
+def _verify(s: Slot, w: SlotWork, d: Draft | None, logits) -> tuple[int, list[int]]:
+    """Verify a slot's drafts against the target's rows: (j, new), d_1..d_j accepted, then a recovered or
+    bonus token. Row i's distribution follows d_1..d_i (the penalty sees those drafts too)."""
+    sp = s.stream.request.sampling
+    p = [logits_to_probs(logits[r], sp, penalty_history(s.tokens, w.drafts[:i], sp))
+         for i, r in enumerate(w.logit_rows)]
+    q = d.probs[:len(w.drafts)] if d is not None and d.probs is not None else None
+    return verify(w.drafts, p, q, s.rng)
+
+
+def _fork(s: Slot, row, target: LlamaContext, drafter: DraftRunner | None, append) -> None:
+    """Copy completion 0's prompt KV (target, and draft when `drafter` drafts with the model) into the
+    sibling slots; each samples its first token from the same last-prompt row with its own rng and
+    `append`s it (the engine's _append)."""
+    n = s.n_prompt
+    s.siblings = tuple(sib for sib in s.siblings if sib.stream is s.stream)  # none released meanwhile
+    for sib in s.siblings:
+        target.copy_cells(s.idx, sib.idx, n)
+    if drafter is not None:
+        drafter.fork(s, s.siblings, n)
+    for sib in s.siblings:
+        sib.n_past, sib.follows = n, None
+        sp = sib.stream.request.sampling
+        tok = sample(logits_to_probs(row, sp, penalty_history(sib.tokens, (), sp)), sib.rng)
+        append(sib, [tok], lp.of_appended(sib, None, row[None, :], [tok]))
+    s.siblings = ()
 
 
 def _alive(t: threading.Thread | None) -> bool:
@@ -224,33 +252,50 @@ class Engine:
         if step.batch is None:
             return
         logits = self.target.decode(step.batch)  # (len(step.batch.outputs), n_vocab)
-        logits = constrain_verify_rows(self._grammars, step.work, logits)
+        logits = constrain_verify_rows(self._grammars, step.work, logits, self._fail_one)
         n_drafts = n_draft_tokens = n_accepted = 0
         for w in step.work:
-            s, d = w.slot, drafts.get(w.slot.idx)
-            if w.n_scored:
-                s.prompt_logprobs += lp.of_scored_prompt(s, w, logits)
-            if not w.complete:
-                s.n_past += w.n_fed  # a prefill chunk without output
+            if w.slot.stream is None:
+                continue  # released by a failure of its own earlier in this step (its grammar)
+            try:
+                j = self._finish_work(w, drafts.get(w.slot.idx), logits)
+            except Exception as e:  # noqa: BLE001 - one request's failure (grammar, sampling) is its own
+                self._fail_one(w.slot, e)
                 continue
-            if s.n_past + w.n_fed == s.n_prompt and self._prompt_done(s, w, logits):
-                continue  # the request only scored its prompt
-            # target distributions: row i follows d_1..d_i (the penalty sees those drafts too)
-            sp = s.stream.request.sampling
-            p = [logits_to_probs(logits[r], sp, penalty_history(s.tokens, w.drafts[:i], sp))
-                 for i, r in enumerate(w.logit_rows)]
-            q = d.probs[:len(w.drafts)] if d is not None and d.probs is not None else None
-            j, new = verify(w.drafts, p, q, s.rng)  # accept d_1..d_j, then a recovered or bonus token
-            s.n_past += w.n_fed + j  # roll back: target KV cells past n_past are overwritten later
-            if d is not None:
-                self.drafter.accept(s.idx, d, j)  # ... and the draft model's
-            self.proposer.learn(s, w, j)
-            if w.drafts:
+            if w.drafts and j is not None:
                 n_drafts, n_draft_tokens, n_accepted = n_drafts + 1, n_draft_tokens + len(w.drafts), n_accepted + j
-                s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
-            self._append(s, new, lp.of_appended(s, w, logits, new))
         if self.metrics is not None:
             self.metrics.on_step(n_drafts, n_draft_tokens, n_accepted)
+
+    def _finish_work(self, w: SlotWork, d: Draft | None, logits) -> int | None:
+        """One slot's share of the step after the target pass: score, verify, append; the number of
+        drafts accepted (None when the slot only prefilled or scored)."""
+        s = w.slot
+        if w.n_scored:
+            s.prompt_logprobs += lp.of_scored_prompt(s, w, logits)
+        if not w.complete:
+            s.n_past += w.n_fed  # a prefill chunk without output
+            return None
+        if s.n_past + w.n_fed == s.n_prompt and self._prompt_done(s, w, logits):
+            return None  # the request only scored its prompt
+        j, new = _verify(s, w, d, logits)  # accept d_1..d_j, then a recovered or bonus token
+        s.n_past += w.n_fed + j  # roll back: target KV cells past n_past are overwritten later
+        if d is not None:
+            self.drafter.accept(s.idx, d, j)  # ... and the draft model's
+        self.proposer.learn(s, w, j)
+        if w.drafts:
+            s.drafted, s.accepted = s.drafted + len(w.drafts), s.accepted + j
+        self._append(s, new, lp.of_appended(s, w, logits, new))
+        return j
+
+    def _fail_one(self, s: Slot, e: BaseException) -> None:
+        """End one slot's request with its own error; the other slots of the step go on. A SpecserveError
+        (a grammar past its limits) is the client's; anything else is logged as ours."""
+        if not isinstance(e, SpecserveError):
+            log.error("a request failed in the engine step", exc_info=e)
+        if s.stream is not None:
+            s.stream.cancel()  # its sibling completions (n > 1) are released at the next step
+        self._release(s, None, e)
 
     # ---- generation controls: prompt scoring, n completions ----
     def _prompt_done(self, s: Slot, w: SlotWork, logits) -> bool:
@@ -259,28 +304,13 @@ class Engine:
         if s.scoring:
             s.stream._emit(TokenDelta((), "", s.index, prompt_logprobs=tuple(s.prompt_logprobs)))
         if s.siblings:
-            self._fork(s, logits[w.logit_rows[0]])
+            drafter = self.drafter if self.proposer.spec_of(s).type == "draft" else None
+            _fork(s, logits[w.logit_rows[0]], self.target, drafter, self._append)
         if s.stream.request.max_tokens == 0:
             s.n_past += w.n_fed
             self._release(s, "length")
             return True
         return False
-
-    def _fork(self, s: Slot, row) -> None:
-        """Copy completion 0's prompt KV (target, and draft when it drafts with the model) into the
-        sibling slots; each samples its first token from the same last-prompt row with its own rng."""
-        n = s.n_prompt
-        s.siblings = tuple(sib for sib in s.siblings if sib.stream is s.stream)  # none released meanwhile
-        for sib in s.siblings:
-            self.target.copy_cells(s.idx, sib.idx, n)
-        if self.proposer.spec_of(s).type == "draft":
-            self.drafter.fork(s, s.siblings, n)
-        for sib in s.siblings:
-            sib.n_past, sib.follows = n, None
-            sp = sib.stream.request.sampling
-            tok = sample(logits_to_probs(row, sp, penalty_history(sib.tokens, (), sp)), sib.rng)
-            self._append(sib, [tok], lp.of_appended(sib, None, row[None, :], [tok]))
-        s.siblings = ()
 
     # ---- structured output (service/engine/grammar.py) ----
     @property

@@ -19,11 +19,22 @@ touches its state.
 
 EOS: the tokenizer's end-of-generation ids are the grammar's EOS, allowed exactly where the
 grammar accepts; once the grammar is complete (`advance` returns True) the request stops.
+
+Bounds (one client's grammar must never cost the others): a format's text is at most
+MAX_GRAMMAR_BYTES (refused before it is parsed, so refusing a huge grammar is quick); llguidance
+compiles and matches under LIMITS (lexer fuel and states bound the time and memory a lazily
+exploding regex or a recursive rule can take). A grammar that passes the submit-time check and
+fails later (a limit met at a token) leaves its matcher in an error state: `Matcher.check` and
+`advance` raise GrammarFailed (RESOURCE_EXHAUSTED) for that request alone, and `forget` drops its
+compiled template from the cache so what it built is released. The cache is bounded by an
+estimate of its bytes as well as by entries. Library messages reach the client only through
+`library_message` (no panic, no backtrace, no parser state dump).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,10 +43,22 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from service.common.errors import InvalidArgument
+from service.common.errors import InvalidArgument, ResourceExhausted
+from service.common.memory import release as release_freed_memory  # a failed grammar's lexer: tens of MB
 from service.engine.request import ResponseFormat
 
 CACHE_MAX = 64  # compiled grammars kept per pair (least recently used dropped first)
+CACHE_BYTES = 64 << 20  # ... and at most about this many bytes of them (entry_bytes estimates each)
+# A format's text (schema, regex or grammar): 128 KiB compiles in ~0.2 s on one core; llguidance's time
+# grows faster than the text (a 1 MB GBNF of 100k alternatives took 9-18 s to be refused).
+MAX_GRAMMAR_BYTES = 128 << 10
+# llguidance's parser limits. Lexer fuel (~50k/ms) and lexer states (~1-2 kB each) bound what one
+# grammar may build: `^(a{1000}){1000}$` took ~150 MB under the defaults (1M fuel, 250k states) and
+# takes ~15-45 MB under these; every grammar of the tests and the benchmark compiles within them.
+LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=100_000, step_max_items=50_000,
+              max_lexer_states=20_000, max_grammar_size=200_000, verbose_errors=False)
+BYTES_PER_GRAMMAR_BYTE = 128  # entry_bytes: a compiled grammar's size per byte of its llguidance text
+ENTRY_BASE_BYTES = 32 << 10  # ... plus its lexer's start (the token trie is shared, not counted)
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any JSON object
 # JSON is written compactly (`,` and `:` with no whitespace between tokens): a bounded schema then
 # has a bounded output, and a small model cannot spend its tokens on blank lines. A schema may ask
@@ -43,8 +66,35 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's json_object: any JSON obje
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
+class GrammarFailed(ResourceExhausted):
+    """A grammar that compiled but met a limit (or another error) while matching generated tokens."""
+
+
+_CUT = re.compile(r"\n?\s*(<backtrace>|<state>|<non-verbose/>|stack backtrace:)")
+MESSAGE_MAX = 300
+
+
+def library_message(text: str) -> str:
+    """llguidance's message as a client may see it: no Rust panic or backtrace, no parser state, one line."""
+    m = _CUT.search(text)
+    text = (text[:m.start()] if m else text).strip()
+    if text.startswith("panic:") or "panicked at" in text:
+        text = "the grammar library could not handle this grammar (" + text.split(":", 1)[-1].strip() + ")"
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_MAX else text[:MESSAGE_MAX - 3] + "..."
+
+
+def check_size(fmt: ResponseFormat) -> None:
+    """InvalidArgument for a format text over MAX_GRAMMAR_BYTES, before anything parses it."""
+    n = len(fmt.value.encode("utf-8")) if len(fmt.value) <= MAX_GRAMMAR_BYTES else len(fmt.value)
+    if n > MAX_GRAMMAR_BYTES:
+        raise InvalidArgument(f"response_format.{fmt.kind} is {n} bytes, this server takes at most "
+                              f"{MAX_GRAMMAR_BYTES}: send a smaller schema, regex or grammar")
+
+
 def grammar_text(fmt: ResponseFormat) -> str:
-    """llguidance's grammar for a format; InvalidArgument when the text is not even parseable."""
+    """llguidance's grammar for a format; InvalidArgument when the text is not even parseable or too large."""
+    check_size(fmt)
     try:
         if fmt.kind == "json_object":
             return llg.LLMatcher.grammar_from_json_schema(JSON_OBJECT_SCHEMA, defaults=JSON_OPTIONS)
@@ -61,7 +111,7 @@ def grammar_text(fmt: ResponseFormat) -> str:
     except InvalidArgument:
         raise
     except Exception as e:  # json.JSONDecodeError, the GBNF converter's errors, ValueError
-        raise InvalidArgument(f"response_format.{fmt.kind}: {e}") from e
+        raise InvalidArgument(f"response_format.{fmt.kind}: {library_message(str(e))}") from e
 
 
 class _Vocab:
@@ -88,6 +138,20 @@ class Matcher:
 
     m: llg.LLMatcher
     grammars: "Grammars"
+    fmt: ResponseFormat | None = None  # what it was compiled from (forgotten by the cache when it fails)
+
+    def check(self) -> None:
+        """GrammarFailed when the matcher met a limit or an error (it never leaves that state)."""
+        if self.m.is_error():
+            self.fail()
+
+    def fail(self) -> None:
+        """Raise GrammarFailed with the library's reason; the template it was copied from is dropped."""
+        reason = library_message(self.m.get_error()) or "the grammar matcher failed"
+        if self.fmt is not None:
+            self.grammars.forget(self.fmt)
+        raise GrammarFailed(f"response_format.{self.fmt.kind if self.fmt else 'grammar'}: the grammar went past "
+                            f"this server's limits while generating ({reason}); simplify the schema, regex or grammar")
 
     def valid_prefix(self, tokens) -> int:
         """How many of `tokens` the grammar allows in a row from here (state unchanged)."""
@@ -96,7 +160,7 @@ class Matcher:
     def advance(self, token: int) -> bool:
         """Consume a generated token; True when the grammar is complete (nothing but EOS may follow)."""
         if not self.m.consume_token(int(token)):
-            raise RuntimeError(f"grammar matcher refused token {token}: {self.m.get_error()}")
+            self.fail()
         return self.m.is_stopped()
 
     def mask_after(self, prefix) -> np.ndarray | None:
@@ -111,14 +175,16 @@ class Matcher:
 class Grammars:
     """Compiles response formats for one pair's tokenizer (cached, bounded) and masks logits."""
 
-    def __init__(self, tokenizer, n_vocab: int, cache_max: int = CACHE_MAX):
+    def __init__(self, tokenizer, n_vocab: int, cache_max: int = CACHE_MAX, cache_bytes: int = CACHE_BYTES):
         self.n_vocab = n_vocab
         self.eos = frozenset(tokenizer.eog_ids)  # the grammar's EOS: every end-of-generation token
         self.tok = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer)), n_vocab=n_vocab,
                                    eos_token=sorted(self.eos))
         self.n_words = (n_vocab + 31) // 32  # mask: one bit per token, 32 to an int32
-        self._cache: OrderedDict[tuple[str, str], llg.LLMatcher] = OrderedDict()
-        self._cache_max = cache_max
+        self._cache: OrderedDict[tuple[str, str], tuple[llg.LLMatcher, int]] = OrderedDict()  # -> (template, bytes)
+        self._cache_max, self._cache_bytes_max = cache_max, cache_bytes
+        self.cache_bytes = 0  # the estimate of what the cache holds (entry_bytes of each entry)
+        self._limits = llg.LLParserLimits(**LIMITS)
         self._lock = threading.Lock()  # submit threads compile while the engine thread copies
         self._executor = llg.LLExecutor()
 
@@ -129,19 +195,37 @@ class Grammars:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        m = llg.LLMatcher(self.tok, grammar_text(fmt), log_level=0)  # compiles without the GIL
+                return self._cache[key][0]
+        text = grammar_text(fmt)
+        m = llg.LLMatcher(self.tok, text, log_level=0, limits=self._limits)  # compiles without the GIL
         if m.is_error():
-            raise InvalidArgument(f"response_format.{fmt.kind}: {m.get_error()}")
+            error = m.get_error()
+            del m
+            release_freed_memory()
+            raise InvalidArgument(f"response_format.{fmt.kind}: {library_message(error)}")
+        size = entry_bytes(text)
         with self._lock:
-            self._cache[key] = m
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
+            if key not in self._cache:
+                self.cache_bytes += size
+            self._cache[key] = (m, size)
+            while len(self._cache) > self._cache_max or (self.cache_bytes > self._cache_bytes_max
+                                                          and len(self._cache) > 1):
+                self.cache_bytes -= self._cache.popitem(last=False)[1][1]
         return m
+
+    def forget(self, fmt: ResponseFormat) -> None:
+        """Drop `fmt`'s compiled template (a grammar that failed while matching): what it built is freed
+        once the slots holding its copies are released."""
+        with self._lock:
+            entry = self._cache.pop((fmt.kind, fmt.value), None)
+            if entry is not None:
+                self.cache_bytes -= entry[1]
+        del entry
+        release_freed_memory()
 
     def matcher(self, fmt: ResponseFormat) -> Matcher:
         """A fresh matcher of `fmt` for one slot."""
-        return Matcher(self.compile(fmt).deep_copy(), self)
+        return Matcher(self.compile(fmt).deep_copy(), self, fmt)
 
     def masks(self, asks: list[tuple[Matcher, tuple[int, ...]]], fill_end: bool = True) -> np.ndarray:
         """Allowed tokens (n_rows, n_vocab) bool: for each (matcher, drafts d_1..d_k), k + 1 rows, row i
@@ -169,20 +253,62 @@ class Grammars:
         return allowed
 
 
+def entry_bytes(text: str) -> int:
+    """The estimated bytes of one compiled grammar: its llguidance text's size times a measured factor
+    (SmolLM2's vocabulary: 75 B/B for 150 kB GBNFs, 128 B/B for 6 kB JSON Schemas, ~30 kB for a short
+    regex), plus its lexer's start. What the lexer builds lazily while matching is not counted: the
+    LIMITS bound it (max_lexer_states), and a grammar that meets them is forgotten."""
+    return ENTRY_BASE_BYTES + BYTES_PER_GRAMMAR_BYTE * len(text)
+
+
 def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Logits with the tokens the grammar forbids at -inf (a copy); shapes (..., n_vocab)."""
     return np.where(allowed, logits, np.float32(-np.inf)).astype(logits.dtype, copy=False)
 
 
-def constrain_verify_rows(grammars: "Grammars | None", work, logits: np.ndarray) -> np.ndarray:
+def constrain_verify_rows(grammars: "Grammars | None", work, logits: np.ndarray, fail) -> np.ndarray:
     """The target's logits with what each row's grammar forbids at -inf: row i of a slot's verify rows
     follows its drafts d_1..d_i, so its mask is the grammar's state after them. work: the step's SlotWork
-    (service/engine/scheduler.py); grammars: the engine's, None while no request asked for a format."""
+    (service/engine/scheduler.py); grammars: the engine's, None while no request asked for a format;
+    fail(slot, error): ends one slot's request (its grammar failed), the others' rows are still constrained.
+    The masks are computed together; when that raises, one slot at a time, to find whose grammar it was."""
     ws = [w for w in work if w.complete and w.slot.grammar is not None]
     if not ws:
         return logits
-    allowed = grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
-    rows = np.concatenate([np.asarray(w.logit_rows) for w in ws])
-    out = logits.copy()
-    out[rows] = constrain(out[rows], allowed)
+    try:
+        allowed = grammars.masks([(w.slot.grammar, w.drafts) for w in ws])
+    except Exception:  # noqa: BLE001 - find whose grammar it was: each slot's masks alone
+        return _constrain_each(grammars, ws, logits, fail)
+    out, row = logits.copy(), 0
+    for w in ws:
+        n = len(w.drafts) + 1
+        if _grammar_ok(w.slot, fail):
+            rows = np.asarray(w.logit_rows)
+            out[rows] = constrain(out[rows], allowed[row:row + n])
+        row += n
     return out
+
+
+def _constrain_each(grammars: Grammars, ws: list, logits: np.ndarray, fail) -> np.ndarray:
+    """constrain_verify_rows one slot at a time (the batched call raised): a slot whose masks fail is ended."""
+    out = logits.copy()
+    for w in ws:
+        try:
+            allowed = grammars.masks([(w.slot.grammar, w.drafts)])
+        except Exception as e:  # noqa: BLE001 - this request's grammar, this request's failure
+            fail(w.slot, e)
+            continue
+        if _grammar_ok(w.slot, fail):
+            rows = np.asarray(w.logit_rows)
+            out[rows] = constrain(out[rows], allowed)
+    return out
+
+
+def _grammar_ok(slot, fail) -> bool:
+    """False (and the slot's request ended with GrammarFailed) when its matcher met a limit."""
+    try:
+        slot.grammar.check()
+    except GrammarFailed as e:
+        fail(slot, e)
+        return False
+    return True

@@ -11,6 +11,7 @@ from service.common.errors import InvalidArgument
 from service.config.settings import DEFAULT_MAX_TOKENS, MAX_N, MAX_TOP_LOGPROBS, SpeculativeConfig
 
 DEFAULT_TEMPERATURE = 0.8  # as llama.cpp: unset temperature means 0.8; 0 means greedy
+U32 = 1 << 32  # the integer fields are uint32 on the wire (gRPC): every door takes the same range
 FormatKind = Literal["json_object", "json_schema", "regex", "lark", "gbnf"]
 FORMAT_KINDS: tuple[FormatKind, ...] = ("json_object", "json_schema", "regex", "lark", "gbnf")
 
@@ -21,6 +22,11 @@ SAMPLING_RULES = (
     ("top_p", lambda v: 0 < v <= 1, "must be within (0, 1] (1 = off)"),
     ("min_p", lambda v: 0 <= v <= 1, "must be within [0, 1] (0 = off)"),
     ("repeat_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
+)
+# ... and of its integer fields (HTTP could send what gRPC's uint32 cannot express)
+SAMPLING_INT_RULES = (
+    ("top_k", lambda v: 0 <= v < U32, f"must be within [0, {U32 - 1}] (0 = off)"),
+    ("repeat_last_n", lambda v: -1 <= v < U32, f"must be within [-1, {U32 - 1}] (-1 = the whole context)"),
 )
 
 
@@ -44,6 +50,9 @@ class SamplingParams:
                 raise InvalidArgument(f"sampling.{name} must be a finite number")
             if not ok(v):
                 raise InvalidArgument(f"sampling.{name} {v}: {rule}")
+        for name, ok, rule in SAMPLING_INT_RULES:
+            if not ok(getattr(self, name)):
+                raise InvalidArgument(f"sampling.{name} {getattr(self, name)}: {rule}")
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +93,8 @@ class GenRequest:
         """Refuse what no pair could serve (checks that depend on the pair are the engine's)."""
         if self.max_tokens < 0:
             raise InvalidArgument("max_tokens must be >= 0")
+        if self.max_tokens >= U32:
+            raise InvalidArgument(f"max_tokens {self.max_tokens}: must be <= {U32 - 1}")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop: a stop string is empty")
         for name in ("logprobs", "prompt_logprobs"):

@@ -52,7 +52,8 @@ from service.edge.auth import AUTH_HEADER, GENERATE_OPERATIONS, Tokens, allowed
 from service.edge.calls import check_header_id, record_call, request_id_for
 from service.edge.headers import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER
 from service.http import schema as s
-from service.http.errors import ClientGone, PayloadTooLarge, error_body, routing_error, validation_error
+from service.http.bodies import READING_PER_WORKER, BodyReader, client_gone_or
+from service.http.errors import ClientGone, error_body, routing_error, validation_error
 from service.http.generation import Generation
 from service.http.model_server_metrics import ModelServerCollector, metrics_endpoint
 from service.http.shapes import ChatShape, CompletionShape, Reply, completions_of, stats_of, token_views, usage_of
@@ -79,11 +80,13 @@ class OpenAIDoor:
         self.registry, self.config, self.metrics, self.in_flight = registry, config, metrics, in_flight
         self.serving, self.executor = serving, executor
         self.auth = Tokens(tokens) if tokens else None
-        self.active = 0  # /v1 requests running (at most config.max_workers)
+        self.active = 0  # /v1 requests running (at most config.max_workers), counted once their body is in
+        self.bodies = BodyReader(config.max_message_bytes, config.http_body_timeout_s,
+                                 READING_PER_WORKER * config.max_workers)
         self._lock = threading.Lock()
         self.app = Starlette(routes=[
-            self._route("POST", "/v1/chat/completions", GENERATE_OPERATION, self.chat),
-            self._route("POST", "/v1/completions", GENERATE_OPERATION, self.completions),
+            self._route("POST", "/v1/chat/completions", GENERATE_OPERATION, self.chat, reads_body=True),
+            self._route("POST", "/v1/completions", GENERATE_OPERATION, self.completions, reads_body=True),
             self._route("GET", "/v1/models", LIST_OPERATION, self.models),
             self._route("GET", "/v1/models/{model}", LIST_OPERATION, self.model),
             Route("/health", self.health, methods=["GET"]),
@@ -92,8 +95,9 @@ class OpenAIDoor:
         metrics.registry.register(ModelServerCollector(registry))
 
     # ---- what every /v1 request goes through ----
-    def _route(self, method: str, path: str, operation: str, handler) -> Route:
-        """A /v1 route: `handler(request, request_id, headers, finish)` inside the bookkeeping every request gets."""
+    def _route(self, method: str, path: str, operation: str, handler, reads_body: bool = False) -> Route:
+        """A /v1 route: `handler(request, request_id, headers, finish)` inside the bookkeeping every request gets;
+        a handler that reads a body takes its --max-workers place (finish.admit) once the body is in."""
         label = f"{method} {path}"
 
         async def endpoint(request: Request):
@@ -106,9 +110,11 @@ class OpenAIDoor:
             try:
                 check_header_id(header_id)
                 self._check_role(request, operation)
-                finish.admit()
+                if not reads_body:
+                    finish.admit()
                 response = await handler(request, rid, headers, finish)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+                exc = client_gone_or(exc)
                 code = exc.code if isinstance(exc, SpecserveError) else "INTERNAL"
                 if code == "INTERNAL":
                     log.error("unexpected error in %s", label, exc_info=exc, extra={"kv": {"method": label}})
@@ -130,20 +136,10 @@ class OpenAIDoor:
             raise PermissionDenied(f"the {role} role may not call {request.url.path}")
 
     async def _body(self, request: Request, model):
-        """The body, read up to --max-message-size, as `model` (InvalidArgument naming the field)."""
-        limit = self.config.max_message_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the request body is {declared} bytes, this server takes at most {limit} "
-                                  "(--max-message-size)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body is over {limit} bytes (--max-message-size)")
-            chunks.append(chunk)
+        """The body (bodies.py: size, time and in-flight bounds) as `model` (InvalidArgument naming the field)."""
+        raw = await self.bodies.read(request)
         try:
-            return model.model_validate_json(b"".join(chunks))
+            return model.model_validate_json(raw)
         except ValidationError as e:
             raise validation_error(e) from None
 
@@ -170,6 +166,7 @@ class OpenAIDoor:
 
     async def _generate(self, request: Request, rid: str, headers: dict, finish: "_Finish", shape):
         body = await self._body(request, shape.request)
+        finish.admit()  # a --max-workers place only now: a slow body holds none (bodies.py)
         sp = self._pair(body.model)
         c, loop = self.config, asyncio.get_running_loop()
 

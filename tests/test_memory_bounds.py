@@ -1,0 +1,97 @@
+"""Memory stays bounded under hostile traffic: what a failed grammar or a huge request built is given
+back, the grammar cache is bounded by bytes, and a short soak mixing hostile and normal requests over
+both doors ends within +150 MB of where it began (bench/soak.py --hostile; the 10-minute version is
+`bench/soak.py --hostile --seconds 600`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from service.common import memory
+from service.engine.grammar import GrammarFailed
+from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.pb.specserve.v1 import specserve_pb2 as pb
+from tests.conftest import TINY, start_server, stop_server, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+
+def rss() -> int:
+    """This process's resident bytes after giving freed pages back (the server runs in it)."""
+    memory.release()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir):
+    c = start_server(replace(tiny_config(tiny_models_dir, n_parallel=2, n_ctx=1024), http_port=0, max_tokens=8))
+    yield c
+    stop_server(c)
+
+
+def test_a_100k_message_chat_is_refused_at_once_and_leaves_nothing_behind(server):
+    messages = [{"role": "user", "content": "hi"}] * 100_000
+    body = json.dumps({"model": "default", "messages": messages, "max_tokens": 4}).encode()
+    grpc_msgs = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")] * 80_000)  # < 1 MiB on the wire
+    before = rss()
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{server.server.http_port}/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and "at most 4096 messages" in r.json()["error"]["message"]
+        with pytest.raises(grpc.RpcError) as e:
+            server.gen.Generate(pb.GenerateRequest(messages=grpc_msgs, max_tokens=4), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4096 messages" in e.value.details()
+        assert time.monotonic() - t0 < 10  # refused before the chat template and the tokenizer run
+    assert rss() - before < 40 * MiB
+
+
+def test_eight_exploding_regexes_leave_little_behind(tiny_models_dir):
+    from compute.numpy_backend import NumpyBackend
+    from service.common.tokenizer import Tokenizer
+    from service.engine.engine import Engine
+    from service.fit.factory import PairFactory, PairRequest
+    from service.fit.params import ContextParams, SpeculativeConfig
+
+    spec = SpeculativeConfig("none")
+    pair = PairFactory(NumpyBackend(n_threads=1), device_memory_bytes=1 << 32).load(PairRequest(
+        name="mem", target_path=str(tiny_models_dir / TINY), draft_path="",
+        params=ContextParams(n_ctx=2 * 256, n_parallel=2, n_batch=32), speculative=spec))
+    tok = Tokenizer.from_gguf(pair.target.file.reader)
+    eng = Engine(pair, tok, spec).start()
+    try:
+        prompt = tuple(tok.encode("the", add_special=False))
+        eng.submit(GenRequest(prompt, max_tokens=2, response_format=ResponseFormat("regex", "x"))).result(60)
+        before = rss()
+        for letter in "abcdefgh":
+            fmt = ResponseFormat("regex", f"^({letter}{{1000}}){{1000}}$")
+            with pytest.raises(GrammarFailed):
+                eng.submit(GenRequest(prompt, max_tokens=8, sampling=SamplingParams(temperature=0),
+                                      response_format=fmt)).result(60)
+            assert (fmt.kind, fmt.value) not in eng.grammars._cache
+        assert rss() - before < 60 * MiB  # the defaults kept ~150 MB for each of them
+    finally:
+        eng.stop()
+        pair.release()
+
+
+def test_a_short_hostile_soak_over_both_doors_ends_within_150_mb(tiny_models_dir):
+    r = subprocess.run([sys.executable, "bench/soak.py", "--seconds", "20", "--every", "10", "--concurrency", "2",
+                        "--max-tokens", "8", "--hostile", "--", "-m", str(tiny_models_dir / TINY), "--backend", "numpy",
+                        "--threads", "1", "-np", "4", "-c", "1024", "-cram", "16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "UNEXPECTED" not in out and "tracebacks in the server log: 0" in out, out[-3000:]
