@@ -1,11 +1,13 @@
-"""The compute runtime: every OpenCL device is probed before use, `--backend auto` takes the
-best one that works and NumPy (with a warning) when none does, a pair is SERVING only after
-its warm-up ran the path requests take, and `specserve serve` with no flags generates.
+"""The compute runtime: every OpenCL device is probed before use, `--backend auto` takes a working
+OpenCL GPU, else ggml's CPU backend, else the best OpenCL CPU runtime, and NumPy (with a warning)
+when none works; a pair is SERVING only after its warm-up ran the path requests take, and
+`specserve serve` with no flags generates.
 
 A runtime is made to fail the way real ones do on CPUs their compiler does not know, through
 settings the runtimes themselves read (the probes run in child processes, which inherit them):
 `POCL_EXTRA_BUILD_FLAGS=-mcpu=bogus` (PoCL cannot build) and `CL_CONFIG_CPU_TARGET_ARCH=bogus`
-(Intel's CPU runtime offers no device).
+(Intel's CPU runtime offers no device). ggml is made unloadable with a module named `ggml` that
+raises on import, first on the path (`no_ggml`), as a missing or broken build would.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ def broken_cpu_runtimes(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
+@pytest.fixture
+def no_ggml(tmp_path, monkeypatch):
+    """ggml cannot be loaded (in this process and in the servers it starts): PYTHONPATH's first entry."""
+    fake = tmp_path / "no-ggml"
+    (fake / "ggml").mkdir(parents=True)
+    (fake / "ggml" / "__init__.py").write_text('raise ImportError("libggml.so: cannot open shared object file")\n')
+    monkeypatch.setattr("compute.select.ggml_backend", _ggml_unavailable)
+    return str(fake)
+
+
+def _ggml_unavailable(threads: int = 0):
+    raise BackendUnavailable("ggml cannot be loaded (libggml.so: cannot open shared object file)")
+
+
+def _gpu_ok() -> bool:
+    return any(s.ok and s.runtime == "gpu" for s in probe_devices())
+
+
 def test_a_cpu_opencl_runtime_works_on_this_machine():
     """The setup installs two CPU runtimes; on an x86-64 CPU at least one must pass its probe
     (each one's result is printed by name: `pytest -s`)."""
@@ -53,14 +73,26 @@ def test_a_cpu_opencl_runtime_works_on_this_machine():
         assert working, "no CPU OpenCL runtime works here: " + "; ".join(s.line() for s in statuses)
 
 
-def test_auto_takes_the_first_working_device_in_preference_order():
-    best = next((s for s in probe_devices() if s.ok), None)
+def test_auto_takes_a_gpu_then_ggml():
+    gpu = next((s for s in probe_devices() if s.ok and s.runtime == "gpu"), None)
     be = make_backend("auto")
+    if gpu is not None:
+        assert be.name == "opencl" and be.device.name.strip() == gpu.device
+    else:
+        assert be.name == "ggml"
+
+
+def test_without_ggml_auto_takes_the_first_working_opencl_device_in_preference_order(no_ggml, caplog):
+    best = next((s for s in probe_devices() if s.ok), None)
+    with caplog.at_level(logging.WARNING, logger="specserve.backend"):
+        be = make_backend("auto")
     if best is None:
         assert be.name == "numpy"
     else:
         assert be.name == "opencl" and be.device.name.strip() == best.device
         assert be.platform.name.strip() == best.platform
+    if best is None or best.runtime != "gpu":
+        assert "ggml backend skipped: ggml cannot be loaded" in caplog.text
 
 
 def test_a_failing_platform_is_skipped_with_its_first_error(broken_cpu_runtimes):
@@ -71,7 +103,7 @@ def test_a_failing_platform_is_skipped_with_its_first_error(broken_cpu_runtimes)
     assert all("\n" not in s.reason for s in (pocl, intel))
 
 
-def test_no_working_device_means_numpy_with_a_warning_that_says_why(broken_cpu_runtimes, caplog):
+def test_no_working_device_means_numpy_with_a_warning_that_says_why(broken_cpu_runtimes, no_ggml, caplog):
     if any(s.ok for s in probe_devices()):
         pytest.skip("a GPU runtime still works here")
     with caplog.at_level(logging.WARNING, logger="specserve.backend"):
@@ -79,6 +111,7 @@ def test_no_working_device_means_numpy_with_a_warning_that_says_why(broken_cpu_r
     assert be.name == "numpy"
     text = caplog.text
     assert "no working OpenCL device" in text and "using the NumPy backend" in text
+    assert "ggml backend skipped" in text
     assert "Portable Computing Language" in text and "Intel(R) OpenCL" in text
     with pytest.raises(BackendUnavailable, match="no working OpenCL device"):
         make_backend("opencl")
@@ -96,6 +129,8 @@ def test_device_flag_names_an_unusable_device_then_start_fails_with_the_reason(b
 def test_list_devices_shows_each_device_with_ok_or_the_reason():
     lines = device_report()
     statuses = {s.index: s for s in probe_devices()}
+    assert lines[-1].startswith("ggml: ") and lines[-1].endswith(" ok")  # ggml's CPU backend, after its probe
+    lines = lines[:-1]
     assert len(lines) == len(statuses)
     for line in lines:
         s = statuses[int(line.split(":")[0])]
@@ -253,26 +288,30 @@ def test_serve_with_no_flags_generates(tmp_path):
         out = _client("generate", "--address", address, "-n", "16", "Hello")
         assert out.returncode == 0, out.stderr
         assert len(out.stdout.strip()) > 0
-        best = next((s for s in probe_devices() if s.ok), None)
+        gpu = next((s for s in probe_devices() if s.ok and s.runtime == "gpu"), None)
         text = _read(log)
         assert "pair warmed up" in text
-        if best is not None:
-            assert f"OpenCL device chosen: {best.index}: {best.platform}" in text
+        if gpu is not None:
+            assert f"OpenCL device chosen: {gpu.index}: {gpu.platform}" in text
+        else:
+            assert "ggml backend chosen" in text and "backend=ggml" in text
     finally:
         assert _stop(proc, log) == 0
 
 
 @pytest.mark.slow
-def test_serve_with_every_cpu_runtime_broken_serves_on_numpy_with_the_warning(tmp_path):
-    if any(s.ok and s.runtime == "gpu" for s in probe_devices()):
+def test_serve_with_every_cpu_runtime_broken_serves_on_numpy_with_the_warning(tmp_path, no_ggml):
+    if _gpu_ok():
         pytest.skip("a GPU works here")
-    proc, port_file, log = _serve(tmp_path, _env(BROKEN), "-c", "512", "-np", "1")
+    env = dict(_env(BROKEN), PYTHONPATH=f"{no_ggml}:{ROOT}")
+    proc, port_file, log = _serve(tmp_path, env, "-c", "512", "-np", "1")
     try:
         address = _wait_serving_or_exit(proc, port_file, log)
         out = _client("generate", "--address", address, "-n", "4", "Hello")
         assert out.returncode == 0 and out.stdout.strip(), out.stderr
         text = _read(log)
         assert "no working OpenCL device" in text and "using the NumPy backend" in text
+        assert "ggml backend skipped: ggml cannot be loaded" in text
     finally:
         assert _stop(proc, log) == 0
 

@@ -63,12 +63,13 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-// one cell of K or V as float32 (dst: head_dim floats)
+// one cell of K or V as float32 (dst: head_dim floats); _Float16 converts with vcvtph2ps in the
+// clones whose ISA has F16C, and exactly (IEEE half to float) in every clone
 static inline void load_cell(const attention_args *a, const void *base, int64_t cell, int kvh, float *dst) {
     const int64_t off = cell * a->kv_row + (int64_t)kvh * a->head_dim;
     if (a->kv_f16) {
-        const uint16_t *src = (const uint16_t *)base + off;
-        for (int d = 0; d < a->head_dim; d++) dst[d] = half_to_float(src[d]);
+        const _Float16 *src = (const _Float16 *)base + off;
+        for (int d = 0; d < a->head_dim; d++) dst[d] = (float)src[d];
     } else {
         memcpy(dst, (const float *)base + off, sizeof(float) * (size_t)a->head_dim);
     }
@@ -272,6 +273,18 @@ static inline void q4_k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t 
 #include <immintrin.h>
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 
+// byte shuffles: lanes of a 64-value chunk j take sub-block scales 2j (lanes 0-7) and 2j+1 (8-15);
+// a min pairs with the two sums of 16 of its 32 values
+static const uint8_t Q4_SCALE_LANES[4][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
+static const uint8_t Q4_MIN_PAIRS[16] = {8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15};
+// Q6_K: lanes of chunk j take the scales of its four sub-blocks of 16 values, four lanes each
+static const uint8_t Q6_SCALE_LANES[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+
 VNNI_TARGET static inline float hsum16(__m512 v) {  // fixed order: halves, then quarters, ...
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -288,19 +301,23 @@ VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq,
     const __m256i low4 = _mm256_set1_epi8(0xF);
     for (int64_t b = 0; b < nb; b++) {
         const block_q4_k *wb = &w[b];
-        uint8_t sc[8], mn[8];
-        for (int j = 0; j < 8; j++) q4_k_scale_min(j, wb->scales, &sc[j], &mn[j]);
+        // the 8 six-bit scales and 8 mins as 16 bytes (scales 0-7, mins 8-15), with 32-bit masks
+        uint32_t u[4];
+        memcpy(u, wb->scales, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const uint32_t m03 = u[1] & 0x3f3f3f3f;
+        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        u[2] = m03;
+        u[0] &= 0x3f3f3f3f;
+        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
         __m512i wq[4], scv[4];
         for (int j = 0; j < 4; j++) {  // 64 values 64j..64j+63: low nibbles, then high
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * j));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            scv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(sc[2 * j])),
-                                        _mm256_set1_epi32(sc[2 * j + 1]), 1);
+            scv[j] = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_SCALE_LANES[j])));
         }
-        int16_t m16[16];
-        for (int j = 0; j < 16; j++) m16[j] = mn[j / 2];
-        const __m256i mins = _mm256_loadu_si256((const __m256i *)m16);
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_MIN_PAIRS)));
         const float d = _cvtsh_ss(wb->d), dmin = _cvtsh_ss(wb->dmin);
         for (int c = c0; c < c1; c++) {
             const block_q8_k *xb = &xq[c * nb + b];
@@ -341,14 +358,11 @@ VNNI_TARGET static void row_q6_k_vnni(const block_q6_k *w, const block_q8_k *xq,
             g[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
                                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4));
         }
+        const __m128i scb = _mm_loadu_si128((const __m128i *)wb->scales);
         __m512i wq[4], scv[4];
         for (int j = 0; j < 4; j++) {
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g[2 * j]), g[2 * j + 1], 1);
-            scv[j] = _mm512_cvtepi8_epi32(_mm_set_epi8(
-                wb->scales[4 * j + 3], wb->scales[4 * j + 3], wb->scales[4 * j + 3], wb->scales[4 * j + 3],
-                wb->scales[4 * j + 2], wb->scales[4 * j + 2], wb->scales[4 * j + 2], wb->scales[4 * j + 2],
-                wb->scales[4 * j + 1], wb->scales[4 * j + 1], wb->scales[4 * j + 1], wb->scales[4 * j + 1],
-                wb->scales[4 * j], wb->scales[4 * j], wb->scales[4 * j], wb->scales[4 * j]));
+            scv[j] = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scb, _mm_loadu_si128((const __m128i *)Q6_SCALE_LANES[j])));
         }
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
         const float d = _cvtsh_ss(wb->d);
