@@ -334,7 +334,7 @@ class Backend(ABC):
     def kv_from_store(self, cache, slot: int, start: int, store, block: int, offset: int, n: int) -> None:
         """cache[:, slot, start:start + n] = store[block, :, offset:offset + n]: `kv_to_store` back."""
         cache[:, slot, start:start + n] = store[block, :, offset:offset + n]
-    # ---- launch replay (issue 13): a forward pass recorded once per batch shape, then replayed ----
+    # ---- launch replay: a forward pass recorded once per batch shape, then replayed ----
     def record_pass(self) -> contextlib.AbstractContextManager:
         """A context manager around one forward pass (inside `forward`); it yields a PassRecording
         whose `graph`, after the block, replays the pass's device work for another batch of the same
@@ -345,6 +345,18 @@ class Backend(ABC):
         """Enqueue a recorded pass again (inside `forward`) with this batch's host parameters:
         tokens, positions, slots, outputs (int32) and the RoPE tables cos, sin (float32)."""
         raise NotImplementedError(f"{type(self).__name__} records no passes")
+
+
+class HostKvCells:
+    """`kv_copy` and `kv_read` for backends whose KV caches are host numpy arrays
+    (n_layer, n_slots, n_ctx_slot, n_embd_kv): NumPy's and ggml's."""
+
+    def kv_copy(self, k_cache, v_cache, src_slot: int, dst_slot: int, n: int) -> None:
+        for c in (k_cache, v_cache):
+            c[:, dst_slot, :n] = c[:, src_slot, :n]
+
+    def kv_read(self, k_cache, v_cache, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return (k_cache[layer, slot, :n].astype(np.float32), v_cache[layer, slot, :n].astype(np.float32))
 
 
 class PassRecording:

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from compute.backend import DTYPES, Allocation, Backend, BufferSpec, DeviceMemory, Ledger
+from compute.backend import DTYPES, Allocation, Backend, BufferSpec, DeviceMemory, HostKvCells, Ledger
 from compute.quants import dequantize
 
 DEFAULT_ROW_TILE = 1  # batch invariant and the fastest decode; 8 for many streams, see docs/batch-invariance.md
@@ -37,7 +37,7 @@ def _host_memory() -> tuple[int, int]:
     return info.get("MemTotal", 8 << 30), info.get("MemAvailable", info.get("MemFree", 4 << 30))
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(HostKvCells, Backend):
     """Reference backend on the host CPU; the "device" is host memory."""
 
     name = "numpy"
@@ -169,10 +169,3 @@ class NumpyBackend(Backend):
 
     def to_host(self, x, n):
         return np.array(x[:n], dtype=np.float32, copy=True)
-
-    def kv_copy(self, k_cache, v_cache, src_slot, dst_slot, n):
-        for c in (k_cache, v_cache):  # (n_layer, n_slots, n_ctx_slot, n_embd_kv)
-            c[:, dst_slot, :n] = c[:, src_slot, :n]
-
-    def kv_read(self, k_cache, v_cache, layer, slot, n):
-        return (k_cache[layer, slot, :n].astype(np.float32), v_cache[layer, slot, :n].astype(np.float32))

@@ -26,7 +26,17 @@ import threading
 
 import numpy as np
 
-from compute.backend import Allocation, Backend, BufferSpec, DeviceMemory, Ledger, PassRecording, Proj, carve_host
+from compute.backend import (
+    Allocation,
+    Backend,
+    BufferSpec,
+    DeviceMemory,
+    HostKvCells,
+    Ledger,
+    PassRecording,
+    Proj,
+    carve_host,
+)
 from compute.ggml.graph import (
     Placeholder,
     Recorder,
@@ -88,7 +98,7 @@ def reserve(libs, nbytes: int):
     return galloc
 
 
-class GgmlBackend(Backend):
+class GgmlBackend(HostKvCells, Backend):
     """ggml's CPU backend; the "device" is host memory."""
 
     name = "ggml"
@@ -323,14 +333,6 @@ class GgmlBackend(Backend):
 
     def to_host(self, x, n):
         return np.array(x[:n], dtype=np.float32, copy=True)
-
-    # ---- KV cells: planned host arrays, as the NumPy backend's ----
-    def kv_copy(self, k_cache, v_cache, src_slot, dst_slot, n):
-        for c in (k_cache, v_cache):  # (n_layer, n_slots, n_ctx_slot, n_embd_kv)
-            c[:, dst_slot, :n] = c[:, src_slot, :n]
-
-    def kv_read(self, k_cache, v_cache, layer, slot, n):
-        return (k_cache[layer, slot, :n].astype(np.float32), v_cache[layer, slot, :n].astype(np.float32))
 
     def __del__(self):
         tp = getattr(self, "threadpool", None)
