@@ -2,7 +2,8 @@
 
     python bench/bench_step.py [--threads 0] [--tokens 128] [--reps 3] [--device intel]
 
-One slot, greedy, the packaged model on the OpenCL backend. The engine runs real requests
+One slot, greedy, the packaged model (or --model) on the OpenCL backend (or --backend ggml: its
+"device" time is the time inside ggml_graph_compute). The engine runs real requests
 (queue, scheduler, drafting, verification, sampling, detokenising) with speculation off and
 with the n-gram drafter, on a copy-heavy and an open-ended prompt. Each step is timed as a
 whole (`Engine.step`), and every kernel and transfer it enqueues is timed by the device
@@ -51,6 +52,29 @@ PROMPTS = {
                         "on his light, and in forty years it had never once gone dark.",
     "story": "Write a short story about a dragon who is afraid of the dark.",
 }
+
+
+class ComputeClock:
+    """ggml's "device time": the wall time inside ggml_graph_compute (compute/ggml/graph.py Pass.compute),
+    where the threadpool works and the Python host waits; `take()` as DeviceClock's."""
+
+    def __init__(self):
+        from compute.ggml import graph
+
+        self.total, self.by_kind = 0.0, {}
+        orig = graph.Pass.compute
+
+        def timed(p, __orig=orig):
+            t = time.perf_counter()
+            try:
+                return __orig(p)
+            finally:
+                self.total += time.perf_counter() - t
+        graph.Pass.compute = timed
+
+    def take(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
 
 
 class DeviceClock:
@@ -123,6 +147,9 @@ def instrument(eng: Engine, clock: DeviceClock, rows: list):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["opencl", "ggml"], default="opencl",
+                    help="ggml: device time is the time inside ggml_graph_compute")
+    ap.add_argument("--model", default="", help="a GGUF (default: the packaged SmolLM2)")
     ap.add_argument("--device", default="", help="OpenCL device (index or name substring; default: the first usable)")
     ap.add_argument("--threads", type=int, default=0, help="CPU runtime worker threads (0: all cores)")
     ap.add_argument("--tokens", type=int, default=128)
@@ -133,16 +160,23 @@ def main() -> None:
     ap.add_argument("--kernels", type=int, default=0, help="also print the N commands with the most device time")
     args = ap.parse_args()
 
-    clock = DeviceClock()
-    be = profiling_backend(args.device, args.threads)
+    if args.backend == "ggml":
+        from compute.select import ggml_backend
+
+        clock, be = ComputeClock(), ggml_backend(args.threads)
+    else:
+        clock = DeviceClock()
+        be = profiling_backend(args.device, args.threads)
     pair = PairFactory(be, device_memory_bytes=1 << 34).load(PairRequest(
-        target_path=packaged_model_path(), params=ContextParams(n_ctx=1024, n_parallel=1, n_batch=128),
+        target_path=args.model or packaged_model_path(), params=ContextParams(n_ctx=1024, n_parallel=1, n_batch=128),
         speculative=SpeculativeConfig("ngram", n_max=args.n_max)))
     tok = Tokenizer.from_gguf(pair.target.file.reader)
     eng = Engine(pair, tok, SpeculativeConfig("none")).start()
     warm_up(pair, eng, tok)
     print(f"# {machine_line()}")
-    print(f"# {be.platform.name.strip()} / {be.device.name.strip()}; threads={args.threads or 'all'} "
+    where = be.device_memory().name if args.backend == "ggml" else \
+        f"{be.platform.name.strip()} / {be.device.name.strip()}"
+    print(f"# {where}; {os.path.basename(pair.target.file.path)}; threads={args.threads or 'all'} "
           f"tokens={args.tokens} reps={args.reps}; one slot, greedy")
     rows: list = []
     instrument(eng, clock, rows)
@@ -167,7 +201,8 @@ def main() -> None:
                     r = eng.submit(GenRequest(ids, max_tokens=args.tokens, sampling=greedy, speculative=spec,
                                               cache_prompt=False)).result(600)  # drafts from this request only
                 finally:
-                    del ctx.backend.replay_max_rows  # back to the class's
+                    if not replay:
+                        del ctx.backend.replay_max_rows  # back to the class's
                     ctx._passes = saved
                 steps = rows[1:]  # the first step is the prefill
                 res[m].append((steps, r.completion_tokens))
