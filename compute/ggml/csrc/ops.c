@@ -125,11 +125,86 @@ static void attention_task(const attention_args *a, int row, int kvh) {
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX512_TARGET __attribute__((target("avx512f,f16c,fma")))
+
+// The same task on AVX-512 (head_dim a multiple of 16): each cell's K and V rows converted once into
+// registers, every query head of the group dotted with K and accumulated with V 16 lanes at a time.
+AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row, int kvh) {
+    const int g = a->n_head / a->n_head_kv, hd = a->head_dim, nv = hd / 16;
+    const int64_t base = (int64_t)a->slots[row] * a->n_ctx_slot;
+    const int n_cells = a->pos[row] + 1;
+    const float *q = a->q + row * a->q_row + (int64_t)kvh * g * hd;
+    __m512 kc[MAX_HEAD_DIM / 16], vc[MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+    float m[MAX_GROUP], sum[MAX_GROUP];
+    for (int h = 0; h < g; h++) {
+        m[h] = -INFINITY;
+        sum[h] = 0.0f;
+        for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
+    }
+    for (int c = 0; c < n_cells; c++) {
+        const int64_t off = (base + c) * a->kv_row + (int64_t)kvh * hd;
+        for (int i = 0; i < nv; i++) {
+            if (a->kv_f16) {
+                kc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
+                vc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + off + 16 * i)));
+            } else {
+                kc[i] = _mm512_loadu_ps((const float *)a->k + off + 16 * i);
+                vc[i] = _mm512_loadu_ps((const float *)a->v + off + 16 * i);
+            }
+        }
+        for (int h = 0; h < g; h++) {
+            __m512 d = _mm512_setzero_ps();
+            for (int i = 0; i < nv; i++) d = _mm512_fmadd_ps(_mm512_loadu_ps(q + (int64_t)h * hd + 16 * i), kc[i], d);
+            const float s = _mm512_reduce_add_ps(d) * a->scale;
+            float w = 1.0f;
+            if (s > m[h]) {  // new maximum: rescale what was summed so far
+                const float r = expf(m[h] - s);
+                sum[h] *= r;
+                const __m512 rv = _mm512_set1_ps(r);
+                for (int i = 0; i < nv; i++) acc[h][i] = _mm512_mul_ps(acc[h][i], rv);
+                m[h] = s;
+            } else {
+                w = expf(s - m[h]);
+            }
+            sum[h] += w;
+            const __m512 wv = _mm512_set1_ps(w);
+            for (int i = 0; i < nv; i++) acc[h][i] = _mm512_fmadd_ps(wv, vc[i], acc[h][i]);
+        }
+    }
+    float *out = a->out + row * a->q_row + (int64_t)kvh * g * hd;
+    for (int h = 0; h < g; h++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / sum[h]);
+        for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + (int64_t)h * hd + 16 * i, _mm512_mul_ps(acc[h][i], inv));
+    }
+}
+#endif
+
+static int have_avx512(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
 // ggml_custom_op_t: (dst, ith, nth, userdata); tasks (row, KV head) are dealt round-robin to threads
 void specserve_attention(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     const attention_args *a = (const attention_args *)userdata;
     const int n_tasks = a->n_rows * a->n_head_kv;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (a->head_dim % 16 == 0 && have_avx512()) {
+        for (int t = ith; t < n_tasks; t += nth) attention_task_avx512(a, t / a->n_head_kv, t % a->n_head_kv);
+        return;
+    }
+#endif
     for (int t = ith; t < n_tasks; t += nth) attention_task(a, t / a->n_head_kv, t % a->n_head_kv);
 }
 
