@@ -181,18 +181,27 @@ AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row
 }
 #endif
 
-static int have_avx512(void) {
+// What this CPU offers the hand-written paths, read once: CPU_AVX512 (attention), CPU_VNNI (K-quant mat-mul)
+enum { CPU_AVX512 = 1, CPU_VNNI = 2 };
+
+static int cpu_features(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+        const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") &&
+                           __builtin_cpu_supports("fma");
+        const int vnni = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+        cached = (avx512 ? CPU_AVX512 : 0) | (vnni ? CPU_VNNI : 0);
     }
     return cached;
 #else
     return 0;
 #endif
 }
+
+static int have_avx512(void) { return (cpu_features() & CPU_AVX512) != 0; }
 
 // ggml_custom_op_t: (dst, ith, nth, userdata); tasks (row, KV head) are dealt round-robin to threads
 void specserve_attention(void *dst, int ith, int nth, void *userdata) {
@@ -503,19 +512,7 @@ static void row_k_generic(const mul_mat_args *a, int64_t r, int c0, int c1) {
     }
 }
 
-static int have_vnni(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    }
-    return cached;
-#else
-    return 0;
-#endif
-}
+static int have_vnni(void) { return (cpu_features() & CPU_VNNI) != 0; }
 
 // ggml_custom_op_t: weight rows are split into nth equal ranges; each row against every activation row
 void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
