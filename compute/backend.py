@@ -224,6 +224,15 @@ class Backend(ABC):
         """out = x / sqrt(mean(x^2) + eps) * w, per row."""
 
     @abstractmethod
+    def head_rms_norm(self, x, w, n_heads: int, head_dim: int, eps: float, out) -> None:
+        """`rms_norm` of each head of each row: x, out (n, n_heads*head_dim), w (head_dim,) shared by
+        every head (qwen3's and gemma3's QK-norm); out may be x."""
+
+    @abstractmethod
+    def scale(self, x, s: float, out) -> None:
+        """out = x * s (out may be x)."""
+
+    @abstractmethod
     def matmul(self, x, w, out, bias=None, pad=None) -> None:
         """out (n, N) = x (n, K) @ W^T [+ bias] for W the file's (N, K) matrix; a row's result never
         depends on n. `pad` is the context's (pad_in, pad_out) scratch for backends that tile rows."""
@@ -251,14 +260,21 @@ class Backend(ABC):
 
     @abstractmethod
     def attention(self, k_cache, v_cache, layer: int, q, slots: np.ndarray, positions: np.ndarray,
-                  n_head: int, n_head_kv: int, head_dim: int, out) -> None:
-        """Causal GQA attention of each row of q (n, n_head*head_dim) over its slot's cells 0..position.
+                  n_head: int, n_head_kv: int, head_dim: int, out, scale: float | None = None,
+                  window: int = 0) -> None:
+        """Causal GQA attention of each row of q (n, n_head*head_dim) over its slot's cells 0..position,
+        softmax(q.k * scale) (None: 1/sqrt(head_dim)); window > 0: only the cells of the last `window`
+        positions, the row's own included (llama.cpp's standard sliding window: p - p0 < window).
 
         The batch's own k, v rows are already stored, so a row sees earlier rows of its slot."""
 
     @abstractmethod
     def swiglu(self, gate, up, out) -> None:
         """out = silu(gate) * up."""
+
+    @abstractmethod
+    def geglu(self, gate, up, out) -> None:
+        """out = gelu(gate) * up, GELU's tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))."""
 
     @abstractmethod
     def add(self, a, b, out) -> None:
@@ -293,9 +309,10 @@ class Backend(ABC):
 
     def rope_kv_store(self, q, k, v, cos: np.ndarray, sin: np.ndarray, n_head: int, n_head_kv: int,
                       head_dim: int, rope_dim: int, neox: bool, k_cache, v_cache, layer: int,
-                      slots: np.ndarray, positions: np.ndarray) -> None:
+                      slots: np.ndarray, positions: np.ndarray, tables: str = "") -> None:
         """`rope_qk` then `kv_store`: q rotated in place, the rotated k and v written into the caches.
-        Afterwards only q and the caches are defined: a backend may leave k unrotated."""
+        Afterwards only q and the caches are defined: a backend may leave k unrotated. `tables`: the
+        suffix of the names cos, sin are replayed under (ROPE_TABLES: "" or "_swa", the local layers')."""
         self.rope_qk(q, k, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox)
         self.kv_store(k_cache, v_cache, layer, slots, positions, k, v)
 
@@ -345,6 +362,9 @@ class Backend(ABC):
         """Enqueue a recorded pass again (inside `forward`) with this batch's host parameters:
         tokens, positions, slots, outputs (int32) and the RoPE tables cos, sin (float32)."""
         raise NotImplementedError(f"{type(self).__name__} records no passes")
+
+
+ROPE_TABLES = ("", "_swa")  # the RoPE tables a pass may take: cos, sin and (local layers' base) cos_swa, sin_swa
 
 
 class HostKvCells:

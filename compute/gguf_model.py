@@ -23,7 +23,10 @@ import numpy as np
 from compute.gguf_layout import LayoutError, check_layout
 from compute.quants import SUPPORTED_TYPES, tensor_nbytes
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")  # llama.cpp's LLAMA_ROPE_TYPE_NEOX among them
+GEMMA3_SWA_PATTERN = 6  # llama.cpp: every 6th layer of gemma3 is global, the others sliding-window
+GEMMA3_ROPE_BASE_SWA = 10000.0  # llama.cpp's rope_freq_base_train_swa default (the local layers' base)
 
 
 class ModelFileError(ValueError):
@@ -51,10 +54,30 @@ class HParams:
     rope_scale: float  # linear position scaling (positions are divided by it)
     tied_output: bool  # no output.weight: the head reuses token_embd
     qkv_bias: bool  # qwen2: biases on q, k, v
+    head_dim: int = 0  # attention.key_length (0: n_embd / n_head)
+    qk_norm: bool = False  # qwen3, gemma3: per-head RMS norm of q and k (attn_q_norm, attn_k_norm) before RoPE
+    gemma: bool = False  # gemma3: embeddings * sqrt(n_embd), post-norms, GELU(tanh)-gated FFN
+    attn_scale: float = 0.0  # the scale of q.k (0: 1/sqrt(head_dim))
+    n_swa: int = 0  # sliding window (cells a local layer's row sees, itself included); 0: none
+    swa_layers: tuple[bool, ...] = ()  # per layer: True where the layer is local (sliding-window)
+    rope_base_swa: float = GEMMA3_ROPE_BASE_SWA  # the local layers' RoPE base
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not self.attn_scale:
+            object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
+        if not self.swa_layers:
+            object.__setattr__(self, "swa_layers", (False,) * self.n_layer)
+
+    def is_swa(self, layer: int) -> bool:
+        """Whether `layer` attends over a sliding window of n_swa cells."""
+        return self.n_swa > 0 and self.swa_layers[layer]
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def ffn_act(self) -> str:
+        """The gated FFN's activation: "gelu" (tanh approximation) for gemma3, else "silu"."""
+        return "gelu" if self.gemma else "silu"
 
     @property
     def n_embd_kv(self) -> int:
@@ -138,10 +161,7 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
     if not 1 <= n_head_kv <= n_head or n_head % n_head_kv:
         raise ModelFileError(f"{arch}.attention.head_count_kv is {n_head_kv}: it must divide "
                              f"{arch}.attention.head_count ({n_head})")
-    if n_embd % n_head:
-        raise ModelFileError(f"{arch}.embedding_length {n_embd} is not a multiple of "
-                             f"{arch}.attention.head_count {n_head}")
-    head_dim = n_embd // n_head
+    head_dim = _head_dim(fields, arch, n_embd, n_head)
     rope_dim = _int(fields, f"{arch}.rope.dimension_count", head_dim)
     if not 2 <= rope_dim <= head_dim or rope_dim % 2:
         raise ModelFileError(f"{arch}.rope.dimension_count is {rope_dim}: it must be even and within "
@@ -149,6 +169,10 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
     n_vocab = _n_vocab(fields, arch, n_embd, tensor_shapes, token_count)
     scaling_type = _value(fields, f"{arch}.rope.scaling.type") or "none"
     scale = _float(fields, f"{arch}.rope.scaling.factor", 1.0, zero_is_unset=True)
+    gemma = arch == "gemma3"
+    n_swa, swa_layers = _sliding_window(fields, arch, n_layer) if gemma else (0, ())
+    if gemma and _value(fields, f"{arch}.final_logit_softcapping"):
+        raise ModelFileError(f"{arch}.final_logit_softcapping is set: specserve does not cap logits")
     return HParams(
         arch=arch,
         n_vocab=n_vocab,
@@ -161,11 +185,51 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
         rms_eps=_float(fields, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_base=_float(fields, f"{arch}.rope.freq_base", 10000.0),
         rope_dim=rope_dim,
-        rope_neox=arch == "qwen2",
+        rope_neox=arch in NEOX_ARCHS,
         rope_scale=scale if scaling_type == "linear" else 1.0,
         tied_output="output.weight" not in tensor_shapes,
         qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
+        head_dim=head_dim,
+        qk_norm=arch in ("qwen3", "gemma3"),
+        gemma=gemma,
+        # llama.cpp (gemma_pytorch's config): the 27B model (62 layers) scales by its n_embd / n_head
+        attn_scale=1.0 / math.sqrt(n_embd / n_head if gemma and n_layer == 62 else head_dim),
+        n_swa=n_swa,
+        swa_layers=swa_layers,
+        rope_base_swa=_float(fields, f"{arch}.rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA),
     )
+
+
+def _head_dim(fields: Mapping, arch: str, n_embd: int, n_head: int) -> int:
+    """attention.key_length (equal to value_length), else n_embd / n_head."""
+    k = _int(fields, f"{arch}.attention.key_length", 0)
+    if k:
+        v = _int(fields, f"{arch}.attention.value_length", k)
+        if k != v or k < 2 or k % 2:
+            raise ModelFileError(f"{arch}.attention.key_length {k} and value_length {v}: specserve needs them "
+                                 "equal and even")
+        return k
+    if n_embd % n_head:
+        raise ModelFileError(f"{arch}.embedding_length {n_embd} is not a multiple of "
+                             f"{arch}.attention.head_count {n_head}")
+    return n_embd // n_head
+
+
+def _sliding_window(fields: Mapping, arch: str, n_layer: int) -> tuple[int, tuple[bool, ...]]:
+    """(window, which layers are local) as llama.cpp reads them: attention.sliding_window (0 or absent:
+    every layer global); attention.sliding_window_pattern, an array of per-layer flags or a period n
+    (layer i is local unless i % n == n - 1; default GEMMA3_SWA_PATTERN)."""
+    n_swa = _int(fields, f"{arch}.attention.sliding_window", 0)
+    if n_swa <= 0:
+        return 0, ()
+    pattern = _value(fields, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != n_layer:
+            raise ModelFileError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} flags for "
+                                 f"{n_layer} layers")
+        return n_swa, tuple(bool(f) for f in pattern)
+    n = GEMMA3_SWA_PATTERN if pattern is None else _int(fields, f"{arch}.attention.sliding_window_pattern")
+    return n_swa, tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
 
 
 def _n_vocab(fields: Mapping, arch: str, n_embd: int, tensor_shapes: Mapping[str, tuple[int, ...]],
@@ -197,6 +261,10 @@ def expected_tensors(hp: HParams) -> dict[str, tuple[int, ...]]:
                        p + "ffn_gate.weight": (ff, e), p + "ffn_up.weight": (ff, e), p + "ffn_down.weight": (e, ff)})
         if hp.qkv_bias:
             shapes.update({p + "attn_q.bias": (hp.n_embd_q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+        if hp.qk_norm:
+            shapes.update({p + "attn_q_norm.weight": (hp.head_dim,), p + "attn_k_norm.weight": (hp.head_dim,)})
+        if hp.gemma:
+            shapes.update({p + "post_attention_norm.weight": (e,), p + "post_ffw_norm.weight": (e,)})
     return shapes
 
 

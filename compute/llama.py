@@ -134,50 +134,70 @@ class LlamaContext:
         (Backend.record_pass; up to `replay_max_rows` rows: the decode and verify steps), else run op by op."""
         be, hp = self.backend, self.hp
         n, n_out = len(batch), len(batch.outputs)
-        cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)  # (n, rope_dim/2)
+        rope = self._rope_tables(batch.positions)
         graph = self._passes.get((n, n_out))
         if graph is not None:
             be.replay_pass(graph, {"tokens": batch.tokens, "positions": batch.positions, "slots": batch.slots,
-                                   "outputs": batch.outputs, "cos": cos, "sin": sin})
+                                   "outputs": batch.outputs, **rope})
         elif n <= be.replay_max_rows:
             with be.record_pass() as rec:
-                self._graph(batch, cos, sin)
+                self._graph(batch, rope)
             if rec.graph is not None:
                 if len(self._passes) >= REPLAY_MAX_PASSES:  # bounded: drop the oldest recording
                     del self._passes[next(iter(self._passes))]
                 self._passes[(n, n_out)] = rec.graph
         else:
-            self._graph(batch, cos, sin)
+            self._graph(batch, rope)
         if n_out == 0:
             return np.zeros((0, hp.n_vocab), np.float32)
         return be.to_host(self.logits[:n_out], n_out)
 
-    def _graph(self, batch: Batch, cos: np.ndarray, sin: np.ndarray) -> None:
+    def _rope_tables(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """cos, sin (n, rope_dim/2) of the global layers' base and scale; with a sliding window also
+        cos_swa, sin_swa of the local layers' base (unscaled, as llama.cpp's rope_freq_scale_train_swa)."""
+        be, hp = self.backend, self.hp
+        cos, sin = be.rope_tables(positions, hp.rope_dim, hp.rope_base, hp.rope_scale)
+        tables = {"cos": cos, "sin": sin}
+        if hp.n_swa:
+            tables["cos_swa"], tables["sin_swa"] = be.rope_tables(positions, hp.rope_dim, hp.rope_base_swa, 1.0)
+        return tables
+
+    def _graph(self, batch: Batch, rope: dict[str, np.ndarray]) -> None:
         """Enqueue the forward pass op by op; the logits of `batch.outputs` land in self.logits."""
         be, hp, t, s = self.backend, self.hp, self.w.t, self.s
-        n = len(batch)
+        n, eps = len(batch), hp.rms_eps
         x, xn, q, k, v = s["x"][:n], s["xn"][:n], s["q"][:n], s["k"][:n], s["v"][:n]  # (n, n_embd), (n, n_embd_q|kv)
         attn, o, gate, up = s["attn"][:n], s["o"][:n], s["gate"][:n], s["up"][:n]  # (n, n_embd_q|n_embd|n_ff)
         be.embed(t["token_embd.weight"], batch.tokens, x)
-        be.rms_norm(x, t["blk.0.attn_norm.weight"], hp.rms_eps, xn)  # later layers: fused with the residual add
+        if hp.gemma:
+            be.scale(x, float(np.float32(np.sqrt(hp.n_embd))), x)  # gemma: embeddings * sqrt(n_embd)
+        be.rms_norm(x, t["blk.0.attn_norm.weight"], eps, xn)  # later layers: fused with the residual add
         for i in range(hp.n_layer):
-            p = f"blk.{i}."
-            # attention: xn -> q, k, v -> RoPE -> KV cache -> attn -> o; x += o
+            p, swa = f"blk.{i}.", hp.is_swa(i)
+            tab = "_swa" if swa else ""
+            # attention: xn -> q, k, v [-> per-head norms] -> RoPE -> KV cache -> attn -> o [-> norm]; x += o
             be.matmuls(xn, [Proj(t[p + "attn_q.weight"], q, t.get(p + "attn_q.bias")),
                             Proj(t[p + "attn_k.weight"], k, t.get(p + "attn_k.bias")),
                             Proj(t[p + "attn_v.weight"], v, t.get(p + "attn_v.bias"))], pad=self.pad)
-            be.rope_kv_store(q, k, v, cos, sin, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_dim, hp.rope_neox,
-                             self.k, self.v, i, batch.slots, batch.positions)
+            if hp.qk_norm:
+                be.head_rms_norm(q, t[p + "attn_q_norm.weight"], hp.n_head, hp.head_dim, eps, q)
+                be.head_rms_norm(k, t[p + "attn_k_norm.weight"], hp.n_head_kv, hp.head_dim, eps, k)
+            be.rope_kv_store(q, k, v, rope["cos" + tab], rope["sin" + tab], hp.n_head, hp.n_head_kv, hp.head_dim,
+                             hp.rope_dim, hp.rope_neox, self.k, self.v, i, batch.slots, batch.positions, tables=tab)
             be.attention(self.k, self.v, i, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
-                         hp.head_dim, attn)
+                         hp.head_dim, attn, scale=hp.attn_scale, window=hp.n_swa if swa else 0)
             be.matmul(attn, t[p + "attn_output.weight"], o, pad=self.pad)
-            be.add_rms_norm(x, o, x, t[p + "ffn_norm.weight"], hp.rms_eps, xn)
-            # feed-forward: xn -> gate, up -> silu(gate) * up -> o; x += o (and the next layer's norm)
+            if hp.gemma:
+                be.rms_norm(o, t[p + "post_attention_norm.weight"], eps, o)
+            be.add_rms_norm(x, o, x, t[p + "ffn_norm.weight"], eps, xn)
+            # feed-forward: xn -> gate, up -> act(gate) * up -> o [-> norm]; x += o (and the next layer's norm)
             be.matmuls(xn, [Proj(t[p + "ffn_gate.weight"], gate), Proj(t[p + "ffn_up.weight"], up)], pad=self.pad)
-            be.swiglu(gate, up, gate)
+            (be.geglu if hp.ffn_act == "gelu" else be.swiglu)(gate, up, gate)
             be.matmul(gate, t[p + "ffn_down.weight"], o, pad=self.pad)
+            if hp.gemma:
+                be.rms_norm(o, t[p + "post_ffw_norm.weight"], eps, o)
             if i + 1 < hp.n_layer:
-                be.add_rms_norm(x, o, x, t[f"blk.{i + 1}.attn_norm.weight"], hp.rms_eps, xn)
+                be.add_rms_norm(x, o, x, t[f"blk.{i + 1}.attn_norm.weight"], eps, xn)
             else:
                 be.add(x, o, x)
         n_out = len(batch.outputs)
@@ -185,7 +205,7 @@ class LlamaContext:
             return
         sel, seln = s["sel"][:n_out], s["seln"][:n_out]  # (n_out, n_embd)
         be.gather_rows(x, batch.outputs, sel)
-        be.rms_norm(sel, t["output_norm.weight"], hp.rms_eps, seln)
+        be.rms_norm(sel, t["output_norm.weight"], eps, seln)
         be.matmul(seln, self.w.head(), self.logits[:n_out], pad=self.pad)  # (n_out, n_vocab)
 
     def copy_cells(self, src_slot: int, dst_slot: int, n: int) -> None:

@@ -105,6 +105,13 @@ class NumpyBackend(HostKvCells, Backend):
         np.multiply(x, 1.0 / np.sqrt(ms + np.float32(eps)), out=out)
         np.multiply(out, w, out=out)
 
+    def head_rms_norm(self, x, w, n_heads, head_dim, eps, out):
+        n = x.shape[0]
+        self.rms_norm(x.reshape(n * n_heads, head_dim), w, eps, out.reshape(n * n_heads, head_dim))
+
+    def scale(self, x, s, out):
+        np.multiply(x, np.float32(s), out=out)
+
     def matmul(self, x, w, out, bias=None, pad=None):
         n, t = x.shape[0], self.row_tile
         if t == 0:  # not batch invariant: one BLAS call for the whole batch
@@ -143,13 +150,16 @@ class NumpyBackend(HostKvCells, Backend):
         k_cache[layer, slots, positions] = k
         v_cache[layer, slots, positions] = v
 
-    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out):
+    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out,
+                  scale=None, window=0):
         g = n_head // n_head_kv
-        scale = np.float32(1.0 / math.sqrt(head_dim))
+        scale = np.float32(1.0 / math.sqrt(head_dim) if scale is None else scale)
         for i in range(q.shape[0]):  # one row at a time: a row's result cannot depend on the batch
-            L = int(positions[i]) + 1
-            K = k_cache[layer, slots[i], :L].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
-            V = v_cache[layer, slots[i], :L].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            end = int(positions[i]) + 1
+            start = max(0, end - window) if window else 0
+            L = end - start
+            K = k_cache[layer, slots[i], start:end].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            V = v_cache[layer, slots[i], start:end].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
             qh = q[i].reshape(n_head_kv, g, head_dim)
             sc = np.matmul(qh, K.transpose(1, 2, 0)) * scale  # (n_head_kv, g, L)
             sc -= sc.max(axis=-1, keepdims=True)
@@ -160,6 +170,11 @@ class NumpyBackend(HostKvCells, Backend):
     def swiglu(self, gate, up, out):
         # silu(g) = g * sigmoid(g) = g / (1 + exp(-g))
         np.multiply(gate, up / (1.0 + np.exp(-gate)), out=out)
+
+    def geglu(self, gate, up, out):
+        g = gate.astype(np.float32, copy=False)
+        inner = np.float32(math.sqrt(2.0 / math.pi)) * (g + np.float32(0.044715) * g * g * g)
+        np.multiply(np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)), up, out=out)
 
     def add(self, a, b, out):
         np.add(a, b, out=out)

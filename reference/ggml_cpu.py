@@ -270,9 +270,12 @@ class GgmlCpuBackend(NumpyBackend):
         h[..., 0:rope_dim:2] = fma32(a, c, -(b * s))
         h[..., 1:rope_dim:2] = fma32(a, s, b * c)
 
-    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out):
+    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out,
+                  scale=None, window=0):
+        if window:
+            raise NotImplementedError("the ggml numerics emulation has no sliding-window attention")
         g = n_head // n_head_kv
-        scale = 1.0 / math.sqrt(head_dim)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         batched = self._rows >= 2  # llamafile_sgemm declines n < 2: ggml_vec_dot_f16 then
         for i in range(q.shape[0]):
             L = int(positions[i]) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from compute.gguf_model import ModelFile
 from compute.llama import Batch
@@ -15,11 +16,19 @@ from tests.ggml_backend import make_ggml
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_tiny_llama
 
+ARCH_MODELS = {  # name -> write_tiny_llama arguments of a small model of that architecture
+    "llama": dict(arch="llama"),
+    "llama-untied": dict(arch="llama", tied=False),
+    "qwen2": dict(arch="qwen2"),
+    "qwen3": dict(arch="qwen3", head_dim=32),  # n_head * head_dim (128) != n_embd (64), as Qwen3's
+    "gemma3": dict(arch="gemma3", head_dim=32, n_layer=3, sliding_window=3, swa_pattern=3),
+}
 
-@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", True)])
+
+@pytest.mark.parametrize("model", list(ARCH_MODELS))
 @pytest.mark.parametrize("row_tile", [0, 1, 8])
-def test_graph_matches_the_naive_maths(tmp_path, arch, tied, row_tile):
-    path = write_tiny_llama(tmp_path / "m.gguf", arch=arch, tied=tied, n_layer=2, seed=5, scale=2.0)
+def test_graph_matches_the_naive_maths(tmp_path, model, row_tile):
+    path = write_tiny_llama(tmp_path / "m.gguf", **{"n_layer": 2, **ARCH_MODELS[model]}, seed=5, scale=2.0)
     mf = ModelFile(path)
     tokens = [3, 17, 200, 5, 5, 90, 31]
     ref = naive_forward(mf, tokens)
@@ -29,6 +38,42 @@ def test_graph_matches_the_naive_maths(tmp_path, arch, tied, row_tile):
     n = len(tokens)
     got = pair.target.context.decode(Batch.make(tokens, range(n), [0] * n, range(n)))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    pair.release()
+
+
+def _opencl_params() -> list:
+    try:
+        from tests.opencl_runtimes import device_params
+    except ImportError:  # no pyopencl: the OpenCL backend is not installed here
+        return []
+    return [pytest.param(p.values[0], marks=p.marks, id=f"opencl-{p.id}") for p in device_params()]
+
+
+def _make_backend(which):
+    if which == "ggml":
+        return make_ggml()
+    from compute.opencl.backend import OpenCLBackend
+
+    return OpenCLBackend(device=which)
+
+
+@pytest.mark.parametrize("model", list(ARCH_MODELS))
+@pytest.mark.parametrize("which", ["ggml", *_opencl_params()])
+def test_every_backend_matches_the_naive_maths_for_every_architecture(tmp_path, model, which):
+    """float32 weights, so the only differences are each backend's float32 rounding (ggml's GELU: its
+    f16 table) over a prompt longer than the gemma model's window; then one more token on its own."""
+    path = write_tiny_llama(tmp_path / "m.gguf", **{"n_layer": 2, **ARCH_MODELS[model]}, seed=7, scale=2.0,
+                            matrix_type=T.F32)
+    mf = ModelFile(path)
+    tokens = [3, 17, 200, 5, 5, 90, 31, 64, 12]
+    ref = naive_forward(mf, tokens)
+    pair = PairFactory(_make_backend(which), device_memory_bytes=1 << 34).load(
+        PairRequest(target_path=path, params=ContextParams(n_ctx=64, n_batch=16, kv_type="f32")))
+    n = len(tokens) - 1
+    ctx = pair.target.context
+    got = ctx.decode(Batch.make(tokens[:n], range(n), [0] * n, range(n)))
+    last = ctx.decode(Batch.make(tokens[n:], [n], [0], [0]))
+    np.testing.assert_allclose(np.concatenate([got, last]), ref, rtol=2e-3, atol=2e-3)
     pair.release()
 
 

@@ -65,7 +65,7 @@ def param_scratch(be: OpenCLBackend, n_batch: int, n_outputs_max: int, rope_dim:
     from types import SimpleNamespace
 
     from compute.llama import layout_nbytes
-    lay = be.param_layout(SimpleNamespace(rope_dim=rope_dim), n_batch, n_outputs_max)
+    lay = be.param_layout(SimpleNamespace(rope_dim=rope_dim, n_swa=0), n_batch, n_outputs_max)
     return be.allocate("test", BufferSpec("target", "compute", "scratch", "device", layout_nbytes(lay)), lay)
 
 

@@ -56,8 +56,12 @@ def _quantize(w: np.ndarray, qtype: T) -> np.ndarray:
 def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
                      n_layer: int = 2, n_ctx_train: int = 256, seed: int = 0, matrix_type: T = T.Q8_0,
                      tied: bool = True, arch: str = "llama", vocab: tuple | None = None,
-                     extra_tokens: int = 0, scale: float = 0.5) -> str:
-    """Write a random llama (or qwen2 with q/k/v biases) GGUF and return its path."""
+                     extra_tokens: int = 0, scale: float = 0.5, head_dim: int | None = None,
+                     sliding_window: int = 0, swa_pattern: int | None = None) -> str:
+    """Write a random GGUF of `arch` and return its path: llama, qwen2 (q/k/v biases), qwen3 (per-head
+    q/k norms), gemma3 (q/k norms, post-norms; `sliding_window` > 0: local layers with that window,
+    every `swa_pattern`-th layer global, llama.cpp's default 6 when None). `head_dim` (attention.key_length)
+    defaults to n_embd / n_head."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = vocab or tiny_vocab()
     tokens = list(tokens) + [f"<extra_{i}>" for i in range(extra_tokens)]
@@ -73,7 +77,15 @@ def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int 
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    w.add_rope_dimension_count(n_embd // n_head)
+    hd = head_dim or n_embd // n_head
+    w.add_rope_dimension_count(hd)
+    if head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+        if swa_pattern is not None:
+            w.add_uint32(f"{arch}.attention.sliding_window_pattern", swa_pattern)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -91,7 +103,6 @@ def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int 
     def vec(name, n, center=1.0):
         w.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
-    hd = n_embd // n_head
     mat("token_embd.weight", n_vocab, n_embd, T.Q8_0 if matrix_type not in (T.F32, T.F16) else matrix_type)
     vec("output_norm.weight", n_embd)
     if not tied:
@@ -99,14 +110,20 @@ def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int 
     for i in range(n_layer):
         p = f"blk.{i}."
         vec(p + "attn_norm.weight", n_embd)
-        mat(p + "attn_q.weight", n_embd, n_embd)
+        mat(p + "attn_q.weight", n_head * hd, n_embd)
         mat(p + "attn_k.weight", n_head_kv * hd, n_embd)
         mat(p + "attn_v.weight", n_head_kv * hd, n_embd)
-        mat(p + "attn_output.weight", n_embd, n_embd)
+        mat(p + "attn_output.weight", n_embd, n_head * hd)
         if arch == "qwen2":
-            vec(p + "attn_q.bias", n_embd, 0.0)
+            vec(p + "attn_q.bias", n_head * hd, 0.0)
             vec(p + "attn_k.bias", n_head_kv * hd, 0.0)
             vec(p + "attn_v.bias", n_head_kv * hd, 0.0)
+        if arch in ("qwen3", "gemma3"):
+            vec(p + "attn_q_norm.weight", hd)
+            vec(p + "attn_k_norm.weight", hd)
+        if arch == "gemma3":
+            vec(p + "post_attention_norm.weight", n_embd)
+            vec(p + "post_ffw_norm.weight", n_embd)
         vec(p + "ffn_norm.weight", n_embd)
         mat(p + "ffn_gate.weight", n_ff, n_embd)
         mat(p + "ffn_up.weight", n_ff, n_embd)

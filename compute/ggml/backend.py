@@ -251,6 +251,17 @@ class GgmlBackend(HostKvCells, Backend):
         c = r.ctx
         r.set(out, self.g.ggml_mul(c, self.g.ggml_rms_norm(c, r.get(x), eps), r.get(w)))
 
+    def head_rms_norm(self, x, w, n_heads, head_dim, eps, out):
+        r, g = self.r, self.g
+        c = r.ctx
+        heads = g.ggml_reshape_3d(c, r.get(x), head_dim, n_heads, x.n)  # (n, n_heads, head_dim)
+        y = g.ggml_mul(c, g.ggml_rms_norm(c, heads, eps), r.get(w))
+        r.set(out, g.ggml_reshape_2d(c, y, head_dim * n_heads, x.n))
+
+    def scale(self, x, s, out):
+        r = self.r
+        r.set(out, self.g.ggml_scale(r.ctx, r.get(x), s))
+
     def matmul(self, x, w, out, bias=None, pad=None):
         self.matmuls(x, [Proj(w, out, bias)])
 
@@ -292,6 +303,10 @@ class GgmlBackend(HostKvCells, Backend):
         r = self.r
         r.set(out, self.g.ggml_swiglu_split(r.ctx, r.get(gate), r.get(up)))
 
+    def geglu(self, gate, up, out):
+        r = self.r
+        r.set(out, self.g.ggml_geglu_split(r.ctx, r.get(gate), r.get(up)))
+
     def gather_rows(self, x, rows, out):
         r = self.r
         r.set(out, self.g.ggml_get_rows(r.ctx, r.get(x), r.input("outputs", rows)))
@@ -299,10 +314,10 @@ class GgmlBackend(HostKvCells, Backend):
     def rope(self, x, cos, sin, n_heads, head_dim, rope_dim, neox):
         raise NotImplementedError("ggml's RoPE takes the positions: the graph calls rope_kv_store")
 
-    def _rope(self, x: ScratchRef, cos, sin, n_heads: int, head_dim: int, rope_dim: int, neox: bool):
+    def _rope(self, x: ScratchRef, cos, sin, n_heads: int, head_dim: int, rope_dim: int, neox: bool, tables: str):
         r = self.r
         args = RopeArgs(n_rows=x.n, n_heads=n_heads, head_dim=head_dim, rope_dim=rope_dim, neox=int(neox))
-        xt, ct, st = r.get(x), r.input("cos", cos), r.input("sin", sin)
+        xt, ct, st = r.get(x), r.input("cos" + tables, cos), r.input("sin" + tables, sin)
         return r.custom(args, {"x": xt, "cos": ct, "sin": st}, self.libs.rope, [xt, ct, st], (n_heads * head_dim, x.n))
 
     def kv_store(self, k_cache, v_cache, layer, slots, positions, k, v):
@@ -313,13 +328,14 @@ class GgmlBackend(HostKvCells, Backend):
             r.stores[(data_ptr(cache), layer)] = self.g.ggml_set_rows(r.ctx, r.cache_layer(cache, layer), val, cells)
 
     def rope_kv_store(self, q, k, v, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox, k_cache, v_cache,
-                      layer, slots, positions):
+                      layer, slots, positions, tables=""):
         r = self.r
-        r.set(q, self._rope(q, cos, sin, n_head, head_dim, rope_dim, neox))
-        k_rot = self._rope(k, cos, sin, n_head_kv, head_dim, rope_dim, neox)
+        r.set(q, self._rope(q, cos, sin, n_head, head_dim, rope_dim, neox, tables))
+        k_rot = self._rope(k, cos, sin, n_head_kv, head_dim, rope_dim, neox, tables)
         self.kv_store(k_cache, v_cache, layer, slots, positions, k_rot, v)
 
-    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out):
+    def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out,
+                  scale=None, window=0):
         r = self.r
         if head_dim > self.libs.max_head_dim or n_head // n_head_kv > self.libs.max_group:
             raise ValueError(f"attention with head_dim {head_dim}, {n_head // n_head_kv} heads per KV head: "
@@ -327,7 +343,7 @@ class GgmlBackend(HostKvCells, Backend):
         kt, vt = r.stores[(data_ptr(k_cache), layer)], r.stores[(data_ptr(v_cache), layer)]
         qt, sl, pos = r.get(q), r.input("slots", slots), r.input("positions", positions)
         args = attention_args(q.n, n_head, n_head_kv, head_dim, k_cache, r.cache_layer(k_cache, layer).contents.data,
-                              r.cache_layer(v_cache, layer).contents.data, n_head * head_dim)
+                              r.cache_layer(v_cache, layer).contents.data, n_head * head_dim, scale, window)
         r.set(out, r.custom(args, {"q": qt, "slots": sl, "pos": pos}, self.libs.attention, [qt, kt, vt, sl, pos],
                             (n_head * head_dim, q.n)))
 

@@ -265,9 +265,10 @@ class Recorder:
 
 
 def attention_args(n_rows: int, n_head: int, n_head_kv: int, head_dim: int, cache, kp: int, vp: int,
-                   n_embd_q: int) -> AttentionArgs:
+                   n_embd_q: int, scale: float | None = None, window: int = 0) -> AttentionArgs:
     """The sizes of an attention node; its tensor pointers are filled once the graph is placed."""
     n_layer, n_slots, n_ctx_slot, n_embd_kv = cache.shape
     return AttentionArgs(k=kp, v=vp, q_row=n_embd_q, kv_row=n_embd_kv, n_rows=n_rows, n_head=n_head,
                          n_head_kv=n_head_kv, head_dim=head_dim, n_ctx_slot=n_ctx_slot,
-                         kv_f16=int(np.dtype(cache.dtype) == np.float16), scale=1.0 / math.sqrt(head_dim))
+                         kv_f16=int(np.dtype(cache.dtype) == np.float16),
+                         scale=1.0 / math.sqrt(head_dim) if scale is None else scale, window=window)

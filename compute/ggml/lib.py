@@ -31,7 +31,7 @@ class AttentionArgs(ctypes.Structure):
         ("q_row", ctypes.c_int64), ("kv_row", ctypes.c_int64),
         ("n_rows", ctypes.c_int32), ("n_head", ctypes.c_int32), ("n_head_kv", ctypes.c_int32),
         ("head_dim", ctypes.c_int32), ("n_ctx_slot", ctypes.c_int32), ("kv_f16", ctypes.c_int32),
-        ("scale", ctypes.c_float),
+        ("scale", ctypes.c_float), ("window", ctypes.c_int32),
     ]
 
 

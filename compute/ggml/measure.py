@@ -38,8 +38,7 @@ def measure_pass(be, model, n_batch: int, n_outputs_max: int) -> tuple[int, int]
     r = Recorder(be.libs)
     try:
         with be.forward(ctx.s), be.recording(r):
-            cos, sin = be.rope_tables(batch.positions, hp.rope_dim, hp.rope_base, hp.rope_scale)
-            ctx._graph(batch, cos, sin)
+            ctx._graph(batch, ctx._rope_tables(batch.positions))
         gf = r.build()
         galloc = g.ggml_gallocr_new(be.libs.cpu_buffer_type())
         try:

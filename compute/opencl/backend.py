@@ -446,6 +446,17 @@ class OpenCLBackend(Backend):
         self.kernels.enqueue(kl, (kl[1][0] * n,), (a.buf, a.off, b.buf, b.off, x.buf, x.off, w.buf, w.off,
                                             out.buf, out.off, E, float(eps), n))
 
+    def head_rms_norm(self, x: CLArray, w: CLArray, n_heads, head_dim, eps, out: CLArray) -> None:
+        """rms_norm_f32.cl over the rows' heads: (n, n_heads*head_dim) viewed as (n*n_heads, head_dim)."""
+        n = x.shape[0]
+        self.rms_norm(CLArray(x.buf, x.off, (n * n_heads, head_dim), x.dtype), w, eps,
+                      CLArray(out.buf, out.off, (n * n_heads, head_dim), out.dtype))
+
+    def scale(self, x: CLArray, s, out: CLArray) -> None:
+        total = x.size
+        self.kernels.enqueue(self.kernel("scale_f32.cl"), (-(-total // 16),),
+                             (x.buf, x.off, out.buf, out.off, float(s), total))
+
     def matmul(self, x: CLArray, w: CLWeight, out: CLArray, bias=None, pad=None) -> None:
         self.matmuls(x, [Proj(w, out, bias)])
 
@@ -505,17 +516,20 @@ class OpenCLBackend(Backend):
                                          v.buf, v.off, sb, pb, int(layer), n_slots, n_ctx, E, n))
 
     def rope_kv_store(self, q: CLArray, k: CLArray, v: CLArray, cos, sin, n_head, n_head_kv, head_dim, rope_dim,
-                      neox, k_cache: CLArray, v_cache: CLArray, layer, slots, positions) -> None:
-        """rope_qk + kv_store in one launch (rope_kv_store_f32.cl); k is left unrotated."""
+                      neox, k_cache: CLArray, v_cache: CLArray, layer, slots, positions, tables="") -> None:
+        """rope_qk + kv_store in one launch (rope_kv_store_f32.cl); k is left unrotated. The tables
+        are staged under their own keys (cos, sin or cos_swa, sin_swa), so a pass's two sets coexist."""
         n_layer, n_slots, n_ctx, E = k_cache.shape
         n = q.shape[0]
         if (k.shape != (n, E) or v.shape != (n, E) or any(_overlaps(q, t) for t in (k, v))
                 or n_head_kv * head_dim != E):
+            assert not tables, "the local layers' RoPE tables take the fused launch"
             return super().rope_kv_store(q, k, v, cos, sin, n_head, n_head_kv, head_dim, rope_dim, neox,
                                          k_cache, v_cache, layer, slots, positions)
         kl = self.kernel("rope_kv_store_f32.cl", KV_F16=int(k_cache.dtype == np.float16))
         with self._lock:
-            cb, sb = self.staging.stage("cos", cos, np.float32), self.staging.stage("sin", sin, np.float32)
+            cb = self.staging.stage("cos" + tables, cos, np.float32)
+            sb = self.staging.stage("sin" + tables, sin, np.float32)
             slb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
             self.kernels.enqueue(kl, (n * n_head * (rope_dim // 2) + n * E,),
                                  (q.buf, q.off, k.buf, k.off, v.buf, v.off, k_cache.buf, k_cache.off,
@@ -523,21 +537,26 @@ class OpenCLBackend(Backend):
                                   int(bool(neox)), int(layer), n_slots, n_ctx, n))
 
     def attention(self, k_cache: CLArray, v_cache: CLArray, layer, q: CLArray, slots, positions,
-                  n_head, n_head_kv, head_dim, out: CLArray) -> None:
+                  n_head, n_head_kv, head_dim, out: CLArray, scale=None, window=0) -> None:
         n_layer, n_slots, n_ctx, E = k_cache.shape
         n = q.shape[0]
-        scale = float(np.float32(1.0 / math.sqrt(head_dim)))  # as the NumPy reference rounds it
+        scale = float(np.float32(1.0 / math.sqrt(head_dim) if scale is None else scale))  # as NumPy rounds it
         kl = self.kernel("attn_f32.cl", HEAD_DIM=head_dim, KV_F16=int(k_cache.dtype == np.float16))
         with self._lock:
             sb, pb = self.staging.stage("slots", slots, np.int32), self.staging.stage("positions", positions, np.int32)
             self.kernels.enqueue(kl, (n * n_head,), (k_cache.buf, k_cache.off, v_cache.buf, v_cache.off, q.buf, q.off,
                                               out.buf, out.off, sb, pb, int(layer), n_slots, n_ctx, n_head,
-                                              n_head_kv, scale, n))
+                                              n_head_kv, scale, n, int(window)))
 
     def swiglu(self, gate: CLArray, up: CLArray, out: CLArray) -> None:
         total = gate.size
         self.kernels.enqueue(self.kernel("swiglu_f32.cl"), (-(-total // 16),),
                       (gate.buf, gate.off, up.buf, up.off, out.buf, out.off, total))
+
+    def geglu(self, gate: CLArray, up: CLArray, out: CLArray) -> None:
+        total = gate.size
+        self.kernels.enqueue(self.kernel("geglu_f32.cl"), (-(-total // 16),),
+                             (gate.buf, gate.off, up.buf, up.off, out.buf, out.off, total))
 
     def add(self, a: CLArray, b: CLArray, out: CLArray) -> None:
         total = a.size

@@ -92,7 +92,7 @@ def run_probe(index: int) -> float:
     k = rng.standard_normal((n, n_head_kv * hd)).astype(np.float32)
     v = rng.standard_normal((n, n_head_kv * hd)).astype(np.float32)
     w = rng.standard_normal((n_out, n_head * hd)).astype(np.float32)
-    lay = be.param_layout(SimpleNamespace(rope_dim=hd), n, n)
+    lay = be.param_layout(SimpleNamespace(rope_dim=hd, n_swa=0), n, n)
     lay |= {"q": (q.shape, "f32"), "k": (k.shape, "f32"), "v": (v.shape, "f32"),
             "attn": (q.shape, "f32"), "y": ((n, n_out), "f32"), "y1": ((1, n_out), "f32")}
     cache = {"cache": ((1, 1, n_ctx, n_head_kv * hd), "f16")}

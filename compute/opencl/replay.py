@@ -30,7 +30,7 @@ import pyopencl as cl
 
 # staging key (compute/opencl/staging.py PARAMS) -> the graph's name of the host parameter
 PARAM_OF_KEY = {"ids": "tokens", "rows": "outputs", "cos": "cos", "sin": "sin", "slots": "slots",
-                "positions": "positions"}
+                "positions": "positions", "cos_swa": "cos_swa", "sin_swa": "sin_swa"}
 
 
 @dataclass

@@ -18,7 +18,8 @@ import pyopencl as cl
 
 # op key -> the scratch array its per-call host parameter is staged into
 PARAMS = {"ids": "p_ids", "rows": "p_rows", "cos": "p_cos", "sin": "p_sin", "slots": "p_slots",
-          "positions": "p_positions"}
+          "positions": "p_positions", "cos_swa": "p_cos_swa", "sin_swa": "p_sin_swa"}
+SWA_PARAMS = ("p_cos_swa", "p_sin_swa")  # only in the scratch of a model with sliding-window layers
 
 
 class ParamStaging:
@@ -40,6 +41,8 @@ class ParamStaging:
         sizes = {"p_ids": (n_batch, "i32"), "p_slots": (n_batch, "i32"), "p_positions": (n_batch, "i32"),
                  "p_cos": (n_batch * half, "f32"), "p_sin": (n_batch * half, "f32"),
                  "p_rows": (n_outputs_max, "i32")}
+        if hp.n_swa:  # the local layers' RoPE tables (their own base)
+            sizes |= {"p_cos_swa": (n_batch * half, "f32"), "p_sin_swa": (n_batch * half, "f32")}
         per = self.align // 4  # every dtype here has 4-byte elements
         return {name: ((max(per, -(-n // per) * per),), dt) for name, (n, dt) in sizes.items()}
 
@@ -48,7 +51,8 @@ class ParamStaging:
         """One forward pass over the context whose compute scratch is `scratch`: its ops stage
         their host parameters there. Holds the lock for the whole pass (one in-order queue:
         passes are serialised anyway), so no other thread's op writes these arrays meanwhile."""
-        assert all(k in scratch for k in PARAMS.values()), "scratch without the param_layout arrays"
+        assert all(k in scratch for k in PARAMS.values() if k not in SWA_PARAMS), \
+            "scratch without the param_layout arrays"
         with self._lock:
             prev, self._params = self._params, scratch
             try:

@@ -40,8 +40,14 @@ typedef struct {
     int64_t q_row;       // floats per query / output row (n_head * head_dim)
     int64_t kv_row;      // elements per KV cell (n_head_kv * head_dim)
     int32_t n_rows, n_head, n_head_kv, head_dim, n_ctx_slot, kv_f16;
-    float scale;         // 1 / sqrt(head_dim)
+    float scale;         // of q.k: 1 / sqrt(head_dim), or the model's
+    int32_t window;      // > 0: a row sees only its last `window` positions (a sliding-window layer)
 } attention_args;
+
+// The first cell a row attends to: 0, or the oldest cell of its window.
+static inline int first_cell(const attention_args *a, int n_cells) {
+    return a->window > 0 && n_cells > a->window ? n_cells - a->window : 0;
+}
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -100,7 +106,7 @@ static void attention_task(const attention_args *a, int row, int kvh) {
         sum[h] = 0.0f;
         for (int d = 0; d < hd; d++) acc[h][d] = 0.0f;
     }
-    for (int c = 0; c < n_cells; c++) {
+    for (int c = first_cell(a, n_cells); c < n_cells; c++) {
         load_cell(a, a->k, base + c, kvh, kc);
         load_cell(a, a->v, base + c, kvh, vc);
         for (int h = 0; h < g; h++) {
@@ -143,7 +149,7 @@ AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row
         sum[h] = 0.0f;
         for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
     }
-    for (int c = 0; c < n_cells; c++) {
+    for (int c = first_cell(a, n_cells); c < n_cells; c++) {
         const int64_t off = (base + c) * a->kv_row + (int64_t)kvh * hd;
         for (int i = 0; i < nv; i++) {
             if (a->kv_f16) {

@@ -1,5 +1,6 @@
 // Causal GQA attention over the KV cache, one work-item per (row, head):
-//   out[i, h] = softmax(q[i, h] . K[cells 0..positions[i]] * scale) @ V
+//   out[i, h] = softmax(q[i, h] . K[cells first..positions[i]] * scale) @ V
+// (first = 0, or with a sliding window the oldest of the row's last `window` positions)
 // where K, V are the cells of layer `layer`, slot slots[i], kv head h / (n_head / n_head_kv).
 // The batch's own k, v rows are already stored (kv_store), so a row sees the earlier rows
 // of its slot. Online softmax over chunks of 16 cells: nothing proportional to the context
@@ -28,7 +29,8 @@ void attn_f32(__global const KV_T* kc, int kc_off, __global const KV_T* vc, int 
               __global const float* q, int q_off,      // (n, n_head * HEAD_DIM)
               __global float* out, int out_off,        // (n, n_head * HEAD_DIM)
               __global const int* slots, __global const int* positions,   // (n,)
-              int layer, int n_slots, int n_ctx, int n_head, int n_head_kv, float scale, int n)
+              int layer, int n_slots, int n_ctx, int n_head, int n_head_kv, float scale, int n,
+              int window)                              // > 0: a row sees only its last `window` positions
 {
     const int t = get_global_id(0);
     if (t >= n * n_head) return;
@@ -36,6 +38,7 @@ void attn_f32(__global const KV_T* kc, int kc_off, __global const KV_T* vc, int 
     const int kvh = h / (n_head / n_head_kv);
     const int E = n_head_kv * HEAD_DIM;
     const int L = positions[i] + 1;
+    const int first = window > 0 && L > window ? L - window : 0;   // the oldest cell of a sliding window
     const size_t base = ((size_t)layer * n_slots + slots[i]) * n_ctx * E + (size_t)kvh * HEAD_DIM;
     __global const KV_T* kp = kc + kc_off + base;
     __global const KV_T* vp = vc + vc_off + base;
@@ -54,7 +57,7 @@ void attn_f32(__global const KV_T* kc, int kc_off, __global const KV_T* vc, int 
     }
 #endif
     float m = -INFINITY, l = 0.0f;
-    for (int c0 = 0; c0 < L; c0 += 16) {
+    for (int c0 = first; c0 < L; c0 += 16) {
         f16x_t s, p;
         for (int j = 0; j < 16; j++) {
             const int cell = c0 + j;
