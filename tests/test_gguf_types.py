@@ -82,8 +82,22 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelFileError, match="unsupported architecture 'mamba'"):
+    with pytest.raises(ModelFileError, match="unsupported architecture 'mamba'") as e:
         ModelFile(str(tmp_path / "m.gguf"))
+    assert str(e.value).endswith("specserve serves llama, qwen2, qwen3, gemma3 models")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_qwen3_and_gemma3_hparams_follow_llama_cpp(tmp_path, arch):
+    path = write_tiny_llama(tmp_path / "m.gguf", arch=arch, head_dim=32, n_layer=7, sliding_window=8)
+    hp = ModelFile(path).hparams
+    assert (hp.head_dim, hp.n_embd_q, hp.qk_norm, hp.rope_neox, hp.qkv_bias) == (32, 128, True, True, False)
+    assert hp.attn_scale == pytest.approx(32 ** -0.5)
+    if arch == "gemma3":  # every 6th layer global (llama.cpp's default pattern), the rest local
+        assert (hp.gemma, hp.ffn_act, hp.n_swa, hp.rope_base_swa) == (True, "gelu", 8, 10000.0)
+        assert [hp.is_swa(i) for i in range(7)] == [True] * 5 + [False, True]
+    else:  # llama.cpp's qwen3 reads no sliding-window key: every layer global
+        assert (hp.gemma, hp.ffn_act, hp.n_swa, hp.is_swa(0)) == (False, "silu", 0, False)
 
 
 def test_unsupported_tensor_type_is_refused_naming_tensor_and_type(tmp_path, monkeypatch):

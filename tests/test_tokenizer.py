@@ -328,6 +328,24 @@ def test_chat_template_default_is_chatml(tmp_path: pathlib.Path) -> None:
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_chat_template_default_is_gemmas_for_a_vocabulary_with_gemma_turn_tokens(tmp_path: pathlib.Path) -> None:
+    """Gemma 3 GGUFs may carry no template: llama.cpp then formats Gemma's turns (system merged into the
+    first user turn, the assistant called "model"), and so does specserve, leaving BOS to encoding."""
+    tokens, types, scores = spm_vocab()
+    tokens += ["<start_of_turn>", "<end_of_turn>"]
+    types += [CONTROL, CONTROL]
+    scores += [0.0, 0.0]
+    tokenizer = write_gguf(tmp_path / "gemma.gguf", "llama", tokens, types, token_scores=scores,
+                           bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    text = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief. "},
+                                          {"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "Hello"},
+                                          {"role": "user", "content": "Bye"}])
+    assert text == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert tokenizer.eot_id == tokens.index("<end_of_turn>") and tokenizer.eot_id in tokenizer.eog_ids
+
+
 def test_chat_template_variables_and_errors(tmp_path: pathlib.Path) -> None:
     template = (
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"

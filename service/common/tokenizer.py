@@ -108,6 +108,22 @@ _CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# llama.cpp's built-in Gemma format, for a GGUF without a template whose vocabulary has Gemma's turn tokens:
+# the assistant is "model", system messages are merged into the next user turn, BOS comes from encoding.
+_GEMMA_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + (message['content'] | trim) -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{%- if ns.system and role != 'model' -%}{{ ns.system + '\\n\\n' }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ (message['content'] | trim) + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+_GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,6 +503,8 @@ class Tokenizer:
         self._eot_id = _find_eot(vocab)
         self._eog_ids = _find_eog(vocab, self._eot_id)
         self._template_env = _template_environment()
+        self._default_template = (_GEMMA_TEMPLATE if set(_GEMMA_TURN_TOKENS) <= set(vocab.texts)
+                                  else _CHATML_TEMPLATE)
 
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
@@ -546,8 +564,9 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str:
-        """The Jinja chat template source (ChatML when the GGUF has none)."""
-        return self._vocab.chat_template or _CHATML_TEMPLATE
+        """The Jinja chat template source; when the GGUF has none, Gemma's turn format for a vocabulary
+        with Gemma's turn tokens (as llama.cpp), else ChatML."""
+        return self._vocab.chat_template or self._default_template
 
     # -- encode / decode ----------------------------------------------------
 
