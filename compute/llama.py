@@ -29,10 +29,26 @@ def layout_nbytes(layout: Layout) -> int:
     return sum(int(np.prod(shape)) * DTYPES[dt].itemsize for shape, dt in layout.values())
 
 
-def kv_layout(hp: HParams, n_slots: int, n_ctx_slot: int, kv_type: KvType) -> Layout:
-    """One of the K or V caches: (n_layer, n_slots, n_ctx_slot, n_embd_kv)."""
+def swa_cells(hp: HParams, n_ctx_slot: int, n_batch: int) -> int:
+    """Cells per slot of a sliding-window layer: a ring of window + n_batch cells (at most n_ctx_slot).
+
+    A pass writes all its rows' cells before any row attends, and a slot's rows of one pass (at most
+    n_batch, a prefill chunk or a verify batch of k) sit at positions s..s+k-1; cell p % R then holds
+    position p. Row s still needs positions from s - window + 1, which the batch's own writes overwrite
+    only if R < window + k - 1; and after a rejected draft is rolled back to length a >= s, every later
+    row needs positions >= a - window + 1, past the ones the drafts overwrote (s + k - 1 - R)."""
+    return min(n_ctx_slot, hp.n_swa + n_batch) if hp.n_swa else n_ctx_slot
+
+
+def kv_layout(hp: HParams, n_slots: int, n_ctx_slot: int, kv_type: KvType, n_batch: int) -> Layout:
+    """One of the K or V caches: the global layers' "cache" (n_global, n_slots, n_ctx_slot, n_embd_kv) and,
+    for a model with sliding-window layers, their "cache_swa" (n_local, n_slots, swa_cells, n_embd_kv)."""
     assert kv_type in KV_TYPES
-    return {"cache": ((hp.n_layer, n_slots, n_ctx_slot, hp.n_embd_kv), kv_type)}
+    n_local = sum(hp.is_swa(i) for i in range(hp.n_layer))
+    lay: Layout = {"cache": ((hp.n_layer - n_local, n_slots, n_ctx_slot, hp.n_embd_kv), kv_type)}
+    if n_local:
+        lay["cache_swa"] = ((n_local, n_slots, swa_cells(hp, n_ctx_slot, n_batch), hp.n_embd_kv), kv_type)
+    return lay
 
 
 def outputs_layout(hp: HParams, n_outputs_max: int) -> Layout:
@@ -108,12 +124,38 @@ class LlamaContext:
         self.w = weights
         self.hp = weights.hp
         self.k, self.v = k.array["cache"], v.array["cache"]
+        self.k_swa, self.v_swa = k.array.get("cache_swa"), v.array.get("cache_swa")  # None: no local layers
+        self.layers = self._layer_caches()  # per layer: (K cache, V cache, the layer's index in them)
+        # the position each ring cell of a local layer holds, per slot (-1: none yet); the same for every local layer
+        self.ring = None if self.k_swa is None else np.full((n_slots, self.k_swa.shape[2]), -1, np.int64)
         self.logits = outputs.array["logits"]
         self.s = scratch.array
         self.pad = (self.s["pad_in"], self.s["pad_out"]) if "pad_in" in self.s else None
         self.n_slots, self.n_ctx_slot = n_slots, n_ctx_slot
         self.n_batch, self.n_outputs_max = n_batch, n_outputs_max
         self._passes: dict[tuple[int, int], object] = {}  # (rows, outputs) -> the backend's recorded pass
+
+    def _layer_caches(self) -> list[tuple[object, object, int]]:
+        """Layer i's K and V caches and its index there: local layers in cache_swa, the others in cache,
+        each in layer order. A cache's cell for position p is p % its cells per slot (identity for cache)."""
+        out, n_glob, n_loc = [], 0, 0
+        for i in range(self.hp.n_layer):
+            if self.hp.is_swa(i):
+                out.append((self.k_swa, self.v_swa, n_loc))
+                n_loc += 1
+            else:
+                out.append((self.k, self.v, n_glob))
+                n_glob += 1
+        return out
+
+    def window_intact(self, slot: int, n: int) -> bool:
+        """Whether a slot's first n positions can be continued: every local layer's ring still holds the
+        positions a row at position >= n reads (the last window - 1 before n; a later pass writes the rest)."""
+        if self.ring is None or n == 0:
+            return True
+        R = self.ring.shape[1]
+        want = np.arange(max(0, n - self.hp.n_swa + 1), n)
+        return bool(np.all(self.ring[slot, want % R] == want))
 
     def check(self, batch: Batch) -> None:
         """Internal invariants of a batch; the scheduler never builds one that fails these."""
@@ -126,6 +168,8 @@ class LlamaContext:
     def decode(self, batch: Batch) -> np.ndarray:
         """Run the model over the batch; return logits (n_out, n_vocab) of `batch.outputs` rows."""
         self.check(batch)
+        if self.ring is not None:  # the rows' cells are written first thing in the pass
+            self.ring[batch.slots, batch.positions % self.ring.shape[1]] = batch.positions
         with self.backend.forward(self.s):  # the per-call parameters go to this scratch
             return self._decode(batch)
 
@@ -182,9 +226,10 @@ class LlamaContext:
             if hp.qk_norm:
                 be.head_rms_norm(q, t[p + "attn_q_norm.weight"], hp.n_head, hp.head_dim, eps, q)
                 be.head_rms_norm(k, t[p + "attn_k_norm.weight"], hp.n_head_kv, hp.head_dim, eps, k)
+            kc, vc, j = self.layers[i]
             be.rope_kv_store(q, k, v, rope["cos" + tab], rope["sin" + tab], hp.n_head, hp.n_head_kv, hp.head_dim,
-                             hp.rope_dim, hp.rope_neox, self.k, self.v, i, batch.slots, batch.positions, tables=tab)
-            be.attention(self.k, self.v, i, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
+                             hp.rope_dim, hp.rope_neox, kc, vc, j, batch.slots, batch.positions, tables=tab)
+            be.attention(kc, vc, j, q, batch.slots, batch.positions, hp.n_head, hp.n_head_kv,
                          hp.head_dim, attn, scale=hp.attn_scale, window=hp.n_swa if swa else 0)
             be.matmul(attn, t[p + "attn_output.weight"], o, pad=self.pad)
             if hp.gemma:
@@ -209,10 +254,23 @@ class LlamaContext:
         be.matmul(seln, self.w.head(), self.logits[:n_out], pad=self.pad)  # (n_out, n_vocab)
 
     def copy_cells(self, src_slot: int, dst_slot: int, n: int) -> None:
-        """Copy the first n KV cells of one slot into another (every layer, K and V)."""
+        """Copy the KV cells of one slot's first n positions into another (every layer, K and V); a local
+        layer's ring is copied whole, and the source must still hold its window (window_intact)."""
         assert 0 <= src_slot < self.n_slots and 0 <= dst_slot < self.n_slots and 0 <= n <= self.n_ctx_slot
-        self.backend.kv_copy(self.k, self.v, src_slot, dst_slot, n)
+        if self.k.shape[0]:
+            self.backend.kv_copy(self.k, self.v, src_slot, dst_slot, n)
+        if self.ring is not None:
+            assert self.window_intact(src_slot, n), f"slot {src_slot} no longer holds the window before {n}"
+            self.backend.kv_copy(self.k_swa, self.v_swa, src_slot, dst_slot, min(n, self.ring.shape[1]))
+            self.ring[dst_slot] = np.where(self.ring[src_slot] < n, self.ring[src_slot], -1)
 
     def read_kv(self, layer: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """K, V (n, n_embd_kv) float32 of a slot's first n cells."""
-        return self.backend.kv_read(self.k, self.v, layer, slot, n)
+        """K, V float32 of a slot's first n positions: (n, n_embd_kv); for a local layer only the positions
+        its ring holds of those, the last min(n, cells) in position order."""
+        kc, vc, j = self.layers[layer]
+        if kc is self.k:
+            return self.backend.kv_read(kc, vc, j, slot, n)
+        R = kc.shape[2]
+        k, v = self.backend.kv_read(kc, vc, j, slot, min(n, R))
+        order = np.arange(max(0, n - R), n) % R
+        return k[order], v[order]

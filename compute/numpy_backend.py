@@ -147,8 +147,9 @@ class NumpyBackend(HostKvCells, Backend):
             h[..., 1:rope_dim:2] = a * s + b * c
 
     def kv_store(self, k_cache, v_cache, layer, slots, positions, k, v):
-        k_cache[layer, slots, positions] = k
-        v_cache[layer, slots, positions] = v
+        cells = positions % k_cache.shape[2]  # the position itself, or its place in a local layer's ring
+        k_cache[layer, slots, cells] = k
+        v_cache[layer, slots, cells] = v
 
     def attention(self, k_cache, v_cache, layer, q, slots, positions, n_head, n_head_kv, head_dim, out,
                   scale=None, window=0):
@@ -158,8 +159,10 @@ class NumpyBackend(HostKvCells, Backend):
             end = int(positions[i]) + 1
             start = max(0, end - window) if window else 0
             L = end - start
-            K = k_cache[layer, slots[i], start:end].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
-            V = v_cache[layer, slots[i], start:end].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            R = k_cache.shape[2]
+            cells = slice(start, end) if end <= R else np.arange(start, end) % R  # a local layer's ring wrapped
+            K = k_cache[layer, slots[i]][cells].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
+            V = v_cache[layer, slots[i]][cells].astype(np.float32, copy=False).reshape(L, n_head_kv, head_dim)
             qh = q[i].reshape(n_head_kv, g, head_dim)
             sc = np.matmul(qh, K.transpose(1, 2, 0)) * scale  # (n_head_kv, g, L)
             sc -= sc.max(axis=-1, keepdims=True)

@@ -45,6 +45,11 @@ def tiny(tmp_path_factory):
         "target": write_tiny_llama(d / "target.gguf", n_layer=2, seed=1),
         "draft": write_tiny_llama(d / "draft.gguf", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=64, seed=2),
         "other_vocab": write_tiny_llama(d / "other.gguf", n_layer=1, seed=3, extra_tokens=5),
+        # gemma3, window 5: layers 0, 1, 3 local (rings of window + n_batch cells), layer 2 global
+        "windowed": write_tiny_llama(d / "windowed.gguf", arch="gemma3", head_dim=32, n_layer=4, sliding_window=5,
+                                     swa_pattern=3, seed=5),
+        "windowed_draft": write_tiny_llama(d / "windowed_draft.gguf", arch="gemma3", n_layer=2, sliding_window=3,
+                                           swa_pattern=2, seed=6),
         "q4": write_tiny_llama(d / "q4.gguf", n_layer=1, seed=4,
                                matrix_type=__import__("gguf").GGMLQuantizationType.Q4_1, tied=False),
         "dir": str(d),
@@ -70,16 +75,18 @@ spec_st = st.builds(SpeculativeConfig, type=st.sampled_from(["none", "ngram", "d
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(base=params_st, spec=spec_st, with_draft=st.booleans())
-def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_draft):
-    """After Load the ledger holds exactly the plan's buffers, byte for byte; Unload empties it."""
+@given(base=params_st, spec=spec_st, with_draft=st.booleans(), target=st.sampled_from(["target", "windowed"]),
+       draft=st.sampled_from(["draft", "windowed_draft"]))
+def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_draft, target, draft):
+    """After Load the ledger holds exactly the plan's buffers, byte for byte; Unload empties it. With
+    sliding-window models among them: their local layers' KV is planned at window + n_batch cells."""
     if base.n_ctx < base.n_parallel:
         base = replace(base, n_ctx=base.n_parallel)
     if spec.type == "draft" and not with_draft:
         spec = replace(spec, type="ngram")
     be = make_backend(backend_name)
     f = PairFactory(be, device_memory_bytes=1 << 34)
-    req = PairRequest(target_path=tiny["target"], draft_path=tiny["draft"] if with_draft else "", params=base,
+    req = PairRequest(target_path=tiny[target], draft_path=tiny[draft] if with_draft else "", params=base,
                       speculative=spec)
     fit = f.fit(req)
     assert fit.fits and not fit.adjustments
@@ -95,6 +102,8 @@ def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_
     assert [s.nbytes for s in fit.plan.specs() if s.kind == "ngram_cache"] == \
         ([4 * tp.ngram_cache_tokens] if tp.ngram_cache_tokens else [])
     assert sorted_specs(pair.allocated()) == sorted_specs(fit.plan.specs())
+    kv = sum(s.nbytes for s in fit.plan.specs("target") if s.kind == "kv_cache")
+    assert kv == _kv_bytes(pair.target.file.hparams, tp)
     # the contexts are shaped by the plan's params, the draft's included
     p = fit.plan.params
     assert pair.target.context.n_outputs_max == p.target.n_outputs_max
@@ -102,6 +111,13 @@ def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_
         assert pair.draft.context.n_outputs_max == p.draft.n_outputs_max == min(base.n_parallel, p.draft.n_batch)
     pair.release()
     assert be.ledger.entries() == []
+
+
+def _kv_bytes(hp, cp) -> int:
+    """K and V bytes written out: a global layer keeps n_ctx_slot cells per slot, a local one
+    min(n_ctx_slot, window + n_batch)."""
+    cells = [min(cp.n_ctx_slot, hp.n_swa + cp.n_batch) if hp.is_swa(i) else cp.n_ctx_slot for i in range(hp.n_layer)]
+    return 2 * cp.n_parallel * sum(cells) * hp.n_embd_kv * (4 if cp.kv_type == "f32" else 2)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -144,15 +160,16 @@ class Boom(RuntimeError):
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
-def test_fault_at_every_allocation_leaves_nothing_behind(tiny, backend_name):
+@pytest.mark.parametrize("models", [("target", "draft"), ("windowed", "windowed_draft")])
+def test_fault_at_every_allocation_leaves_nothing_behind(tiny, backend_name, models):
     """Fail the k-th allocation of a Load for every k: the ledger returns to its exact previous state
     and a pair loaded before keeps generating the same logits."""
     be = make_backend(backend_name)
     f = PairFactory(be, device_memory_bytes=1 << 34)
-    first = f.load(PairRequest(name="first", target_path=tiny["target"], speculative=SpeculativeConfig("none")))
+    first = f.load(PairRequest(name="first", target_path=tiny[models[0]], speculative=SpeculativeConfig("none")))
     before_logits = _generate_logits(first)
     before = be.ledger.snapshot()
-    req = PairRequest(name="second", target_path=tiny["target"], draft_path=tiny["draft"],
+    req = PairRequest(name="second", target_path=tiny[models[0]], draft_path=tiny[models[1]],
                       speculative=SpeculativeConfig("draft", n_max=4))
     n_allocs = len(f.fit(req).plan.buffers)
     assert n_allocs > 10

@@ -117,3 +117,28 @@ def test_kv_cache_f16_is_close_to_f32(tmp_path):
         out[kv] = pair.target.context.decode(Batch.make([3, 4, 5, 6], range(4), [0] * 4, [3]))
         pair.release()
     np.testing.assert_allclose(out["f16"], out["f32"], atol=5e-3)
+
+
+@pytest.mark.parametrize("which", ["numpy", "ggml", *_opencl_params()])
+def test_a_local_layers_ring_wraps_many_times_and_matches_the_naive_maths(tmp_path, which):
+    """Window 4, n_batch 4: local layers keep 8 cells per slot (window + n_batch), so a 30-token sequence
+    decoded in chunks of 3 wraps their ring several times; a second slot's rows share each batch. Every
+    row's logits equal the float64 maths of the whole sequence, where each local row sees its last 4."""
+    path = write_tiny_llama(tmp_path / "m.gguf", arch="gemma3", head_dim=32, n_layer=3, sliding_window=4,
+                            swa_pattern=3, seed=9, scale=2.0, matrix_type=T.F32)
+    tokens = [int(t) for t in np.random.default_rng(3).integers(3, 250, 30)]
+    ref = naive_forward(ModelFile(path), tokens)
+    be = NumpyBackend(n_threads=1) if which == "numpy" else _make_backend(which)
+    pair = PairFactory(be, device_memory_bytes=1 << 34).load(
+        PairRequest(target_path=path, params=ContextParams(n_ctx=2 * 64, n_parallel=2, n_batch=4, kv_type="f32")))
+    ctx = pair.target.context
+    assert ctx.k_swa.shape[2] == 8 and ctx.k.shape[:3] == (1, 2, 64)  # 2 local layers' rings, 1 global layer
+    rows = []
+    for a in range(0, len(tokens), 3):
+        chunk = tokens[a:a + 3]
+        m = len(chunk)
+        b = Batch.make(chunk + [7], list(range(a, a + m)) + [a // 3], [0] * m + [1], range(m))
+        rows.append(ctx.decode(b))
+    np.testing.assert_allclose(np.concatenate(rows), ref, rtol=2e-3, atol=2e-3)
+    assert ctx.window_intact(0, 30) and not ctx.window_intact(0, 20)  # the ring holds positions 22..29
+    pair.release()

@@ -50,6 +50,20 @@ def models(tmp_path_factory):
     return target, write_truncated_copy(target, d / "d.gguf", n_layer=1)
 
 
+@pytest.fixture(scope="module")
+def windowed_models(tmp_path_factory):
+    """A gemma3 target with a window of 8 (layers 0 and 1 local: rings of 8 + n_batch cells), and its
+    first layer as the draft (a windowed draft too): the prompts below are many windows long."""
+    d = tmp_path_factory.mktemp("pcw")
+    target = write_tiny_llama(d / "t.gguf", arch="gemma3", head_dim=16, n_layer=3, seed=21, n_ctx_train=1024,
+                              scale=3.0, sliding_window=8, swa_pattern=3)
+    return target, write_truncated_copy(target, d / "d.gguf", n_layer=1)
+
+
+def models_of(request, arch):
+    return request.getfixturevalue("models" if arch == "llama" else "windowed_models")
+
+
 def load(models, n_parallel=2, n_ctx_slot=512, n_batch=32, n_max=4, backend="numpy", **params):
     """A pair (target + draft) on a batch-invariant backend (NumPy row_tile 8, or OpenCL), its tokenizer
     and backend."""
@@ -92,11 +106,13 @@ PROMPT = list(range(5, 90))
 FOLLOW = [7, 8, 9, 31, 32]
 
 
+@pytest.mark.parametrize("arch", ["llama", "windowed"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.type)
-def test_a_follow_up_reuses_the_slot_and_is_bit_identical_to_a_cold_run(models, spec):
+def test_a_follow_up_reuses_the_slot_and_is_bit_identical_to_a_cold_run(request, arch, spec):
     """Turn 2 of a conversation keeps turn 1's cells; its tokens, its target and draft KV cells and the
-    logits they give equal those of the same prompt prefilled from nothing in another slot."""
-    pair, tok, _ = load(models)
+    logits they give equal those of the same prompt prefilled from nothing in another slot. Windowed:
+    the prompt is ~10 windows long, so the local layers' rings wrapped many times before the reuse."""
+    pair, tok, _ = load(models_of(request, arch), n_batch=16 if arch == "windowed" else 32)
     eng = Engine(pair, tok, spec).start()
     try:
         first = run(eng, PROMPT, spec)
@@ -141,11 +157,14 @@ def test_seeded_sampling_is_identical_with_a_cache_hit(models, spec):
     assert hit.tokens == cold.tokens and len(hit.tokens) > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "windowed"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_store_serves_a_conversation_its_slot_lost(models, backend):
+def test_the_store_serves_a_conversation_its_slot_lost(request, arch, backend):
     """One slot, two conversations alternating: each evicts the other from the slot, the store keeps
-    both, and every later turn restores its prefix (target and draft cells) bit for bit."""
-    pair, tok, be = load(models, n_parallel=1, n_ctx_slot=1024, backend=backend)
+    both, and every later turn restores its prefix (target and draft cells) bit for bit. Windowed: the
+    store keeps the cells of the local layers' last ring, and a restore puts them back in the ring."""
+    pair, tok, be = load(models_of(request, arch), n_parallel=1, n_ctx_slot=1024, backend=backend,
+                         n_batch=16 if arch == "windowed" else 32)
     spec = SpeculativeConfig("draft", n_max=4, p_min=0.0)
     eng = Engine(pair, tok, spec).start()
     ledger = be.ledger.snapshot()
@@ -162,11 +181,12 @@ def test_the_store_serves_a_conversation_its_slot_lost(models, backend):
         seq = convs["a"] + list(hit.tokens)
         n = eng.scheduler.slots[0].n_past
         got = cells(pair.target.context, 0, n)
-        got_draft = cells(pair.draft.context, 0, eng.drafter.valid[0])
+        nd = eng.drafter.valid[0]
+        got_draft = cells(pair.draft.context, 0, nd)
         run(eng, convs["a"], spec, cache_prompt=False)  # the same again from nothing, in the same slot
         assert eng.scheduler.slots[0].tokens == seq
         assert_same_cells(got, cells(pair.target.context, 0, n))
-        assert_same_cells(got_draft, cells(pair.draft.context, 0, len(got_draft[0][0])))
+        assert_same_cells(got_draft, cells(pair.draft.context, 0, nd))
         stats = eng.prefix.stats()
     finally:
         eng.stop()

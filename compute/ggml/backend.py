@@ -322,7 +322,7 @@ class GgmlBackend(HostKvCells, Backend):
 
     def kv_store(self, k_cache, v_cache, layer, slots, positions, k, v):
         r = self.r
-        cells = r.input("cells", np.asarray(slots) * k_cache.shape[2] + np.asarray(positions))
+        cells = r.cell_input(k_cache, slots, positions)
         for cache, val in ((k_cache, r.get(k) if isinstance(k, ScratchRef) else k),
                            (v_cache, r.get(v) if isinstance(v, ScratchRef) else v)):
             r.stores[(data_ptr(cache), layer)] = self.g.ggml_set_rows(r.ctx, r.cache_layer(cache, layer), val, cells)

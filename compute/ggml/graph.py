@@ -94,15 +94,16 @@ class Pass:
     graph: object
     cplan: object
     inputs: dict[str, np.ndarray]  # name -> numpy view of the input tensor's data
-    n_ctx_slot: int
+    cells: dict[str, int]  # input name -> cells per slot of the cache it addresses (cell = slot * n + pos % n)
     keep: list = field(default_factory=list)  # ctypes objects the graph's custom ops point at
 
     def fill(self, params: dict[str, np.ndarray]) -> None:
         """Write this batch's host parameters into the pass's input tensors."""
         for name, view in self.inputs.items():
-            if name == "cells":
-                np.multiply(params["slots"], self.n_ctx_slot, out=view)
-                view += params["positions"]
+            if name in self.cells:
+                n = self.cells[name]
+                np.multiply(params["slots"], n, out=view)
+                view += params["positions"] % n
             else:
                 view[...] = params[name]
 
@@ -137,7 +138,7 @@ class Recorder:
         self.weights: dict[int, object] = {}  # id(WeightHandle) -> tensor
         self.caches: dict[tuple[int, int], object] = {}  # (cache address, layer) -> 2D view tensor
         self.stores: dict[tuple[int, int], object] = {}  # (cache address, layer) -> its set_rows node
-        self.n_ctx_slot = 0
+        self.cells: dict[str, int] = {}  # KV cell inputs: name -> cells per slot (Pass.cells)
 
     @property
     def ctx(self) -> int:
@@ -209,6 +210,14 @@ class Recorder:
         self.custom_args.append((args, dict(pointers, out=node)))
         return node
 
+    def cell_input(self, cache, slots: np.ndarray, positions: np.ndarray):
+        """The rows' cells in a cache (n_layer, n_slots, n, n_embd_kv): slot * n + position % n (a local
+        layer's ring when n is its window's cells), one input per n."""
+        n = cache.shape[2]
+        name = f"cells_{n}"
+        self.cells[name] = n
+        return self.input(name, np.asarray(slots) * n + np.asarray(positions) % n)
+
     def cache_layer(self, cache, layer: int):
         """Layer `layer` of a KV cache (n_layer, n_slots, n_ctx_slot, n_embd_kv) as a 2D tensor
         (ne0 = n_embd_kv, ne1 = n_slots * n_ctx_slot)."""
@@ -216,7 +225,6 @@ class Recorder:
         t = self.caches.get(key)
         if t is None:
             n_layer, n_slots, n_ctx_slot, n_embd_kv = cache.shape
-            self.n_ctx_slot = n_ctx_slot
             t = self.g.ggml_new_tensor_2d(self.ctx, KV_GGML_TYPE[np.dtype(cache.dtype)], n_embd_kv,
                                           n_slots * n_ctx_slot)
             t.contents.data = data_ptr(cache) + layer * n_slots * n_ctx_slot * n_embd_kv * cache.dtype.itemsize
@@ -252,7 +260,7 @@ class Recorder:
             raise AssertionError(f"the pass needs {cplan.work_size} work bytes, the plan has "
                                  f"{0 if work is None else work.nbytes}")
         cplan.work_data = ctypes.cast(work.ctypes.data, ctypes.POINTER(ctypes.c_uint8))
-        p = Pass(self.libs, self.ctxs, gf, cplan, views, self.n_ctx_slot, keep=[a for a, _ in self.custom_args])
+        p = Pass(self.libs, self.ctxs, gf, cplan, views, self.cells, keep=[a for a, _ in self.custom_args])
         self.ctxs = []  # the pass owns the metadata now
         return p
 

@@ -25,9 +25,11 @@ def measure_pass(be, model, n_batch: int, n_outputs_max: int) -> tuple[int, int]
     hp = model.hparams
     handles = {name: WeightHandle(None, int(t.ggml_type), tuple(reversed(t.shape)))
                for name, t in model.tensors.items()}
-    cache = {"cache": Placeholder((hp.n_layer, 1, 1, hp.n_embd_kv), np.dtype(np.float32))}
-    vcache = {"cache": Placeholder((hp.n_layer, 1, 1, hp.n_embd_kv), np.dtype(np.float32), 2 * FAKE_PTR)}
-    logits = {"logits": Placeholder((n_outputs_max, hp.n_vocab), np.dtype(np.float32), 3 * FAKE_PTR)}
+    f32 = np.dtype(np.float32)
+    # a local layers' cache with other cells per slot than the global one: its own cells input, as in a real pass
+    cache, vcache = ({name: Placeholder((n, 1, 1 + (name == "cache_swa"), hp.n_embd_kv), f32, (i + 1) * FAKE_PTR)
+                      for name, (n, i) in _cache_layers(hp, base).items()} for base in (0, 3))
+    logits = {"logits": Placeholder((n_outputs_max, hp.n_vocab), f32, 7 * FAKE_PTR)}
     held = lambda a: Allocation(None, 0, a)  # noqa: E731 - the context only reads .array
     ctx = LlamaContext(be, LlamaWeights(hp, handles), held(cache), held(vcache), held(logits),
                        held(GgmlScratch(be.libs, 0, None)), n_slots=1, n_ctx_slot=1, n_batch=n_batch,
@@ -50,3 +52,13 @@ def measure_pass(be, model, n_batch: int, n_outputs_max: int) -> tuple[int, int]
         return int(sizes[0]), int(cplan.work_size)
     finally:
         r.close()
+
+
+def _cache_layers(hp, base: int) -> dict[str, tuple[int, int]]:
+    """The K (base 0) or V (base 3) cache arrays of compute/llama.py `kv_layout`: name -> (layers, index
+    of its fake address), every placeholder at its own address."""
+    n_local = sum(hp.is_swa(i) for i in range(hp.n_layer))
+    out = {"cache": (hp.n_layer - n_local, base)}
+    if n_local:
+        out["cache_swa"] = (n_local, base + 1)
+    return out

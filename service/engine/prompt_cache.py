@@ -59,34 +59,82 @@ class _Entry:
     n_draft: int
     blocks: list[int]  # block i holds cells [i * BLOCK_TOKENS, (i + 1) * BLOCK_TOKENS)
     used: int  # LRU clock of its last save or hit
+    swa_lo: tuple[int, int] = (0, 0)  # (target, draft): local layers' cells are saved from this position on
 
 
 @dataclass
 class _Part:
-    """One model's cache and its blocks of the store."""
+    """One model's cache and its blocks of the store (local layers' in k_swa, v_swa: see `_ring_runs`)."""
 
     ctx: LlamaContext
-    k: object  # (n_blocks, n_layer, BLOCK_TOKENS, n_embd_kv) backend array
+    k: object  # (n_blocks, n_global, BLOCK_TOKENS, n_embd_kv) backend array
     v: object
+    k_swa: object = None  # (n_blocks, n_local, BLOCK_TOKENS, n_embd_kv); None: no local layers
+    v_swa: object = None
 
-    def save(self, slot: int, blocks: list[int], n: int) -> None:
+    @staticmethod
+    def of(ctx: LlamaContext, store: Allocation) -> "_Part":
+        a = store.array
+        return _Part(ctx, a["k"], a["v"], a.get("k_swa"), a.get("v_swa"))
+
+    def saved_from(self, slot: int, n: int) -> int:
+        """The first of the positions [lo, n) whose local-layer cells the slot's ring still holds (0: all)."""
+        ring = self.ctx.ring
+        if ring is None:
+            return 0
+        pos = np.arange(n)
+        lost = np.flatnonzero(ring[slot, pos % ring.shape[1]] != pos)
+        return int(lost[-1]) + 1 if len(lost) else 0
+
+    def usable(self, e_lo: int, kept: int, n: int) -> bool:
+        """Whether restoring positions [kept, n) from an entry whose local cells start at e_lo leaves every
+        local layer the window before n (the slot itself holds positions before `kept`)."""
+        return self.ctx.ring is None or max(kept, n - self.ctx.hp.n_swa + 1) >= e_lo or n <= kept
+
+    def save(self, slot: int, blocks: list[int], n: int, swa_lo: int = 0) -> None:
         be = self.ctx.backend
         for i, b in enumerate(blocks):
             m = min(BLOCK_TOKENS, n - i * BLOCK_TOKENS)
             if m <= 0:
                 break
-            be.kv_to_store(self.ctx.k, slot, i * BLOCK_TOKENS, self.k, b, 0, m)
-            be.kv_to_store(self.ctx.v, slot, i * BLOCK_TOKENS, self.v, b, 0, m)
+            if self.k.shape[1]:
+                be.kv_to_store(self.ctx.k, slot, i * BLOCK_TOKENS, self.k, b, 0, m)
+                be.kv_to_store(self.ctx.v, slot, i * BLOCK_TOKENS, self.v, b, 0, m)
+        for cell, b, off, m in self._ring_runs(blocks, swa_lo, n):
+            be.kv_to_store(self.ctx.k_swa, slot, cell, self.k_swa, b, off, m)
+            be.kv_to_store(self.ctx.v_swa, slot, cell, self.v_swa, b, off, m)
 
-    def load(self, slot: int, blocks: list[int], lo: int, hi: int) -> None:
-        """Copy cells [lo, hi) of an entry back into the slot."""
+    def load(self, slot: int, blocks: list[int], lo: int, hi: int, swa_lo: int = 0) -> None:
+        """Copy cells [lo, hi) of an entry back into the slot (local layers: those the ring can hold)."""
         be = self.ctx.backend
         pos = lo
-        while pos < hi:
+        while pos < hi and self.k.shape[1]:
             b, off = blocks[pos // BLOCK_TOKENS], pos % BLOCK_TOKENS
             m = min(BLOCK_TOKENS - off, hi - pos)
             be.kv_from_store(self.ctx.k, slot, pos, self.k, b, off, m)
             be.kv_from_store(self.ctx.v, slot, pos, self.v, b, off, m)
+            pos += m
+        if self.ctx.ring is None:
+            return
+        first = max(lo, swa_lo, hi - self.ctx.ring.shape[1])
+        for cell, b, off, m in self._ring_runs(blocks, first, hi):
+            be.kv_from_store(self.ctx.k_swa, slot, cell, self.k_swa, b, off, m)
+            be.kv_from_store(self.ctx.v_swa, slot, cell, self.v_swa, b, off, m)
+        pos = np.arange(first, hi)
+        self.ctx.ring[slot, pos % self.ctx.ring.shape[1]] = pos
+
+    def _ring_runs(self, blocks: list[int], lo: int, hi: int):
+        """(ring cell, block, offset, count) runs of positions [lo, hi) that are contiguous in both the
+        slot's ring (cell = position % cells) and the store's blocks; none without local layers. Only the
+        last `cells` positions are ever asked for, so no two positions of a call share a cell."""
+        if self.ctx.ring is None:
+            return
+        R = self.ctx.ring.shape[1]
+        pos = max(lo, 0)
+        while pos < hi:
+            off = pos % BLOCK_TOKENS
+            m = min(BLOCK_TOKENS - off, hi - pos, R - pos % R)
+            yield pos % R, blocks[pos // BLOCK_TOKENS], off, m
             pos += m
 
 
@@ -95,8 +143,8 @@ class PromptStore:
 
     def __init__(self, target: LlamaContext, target_store: Allocation, draft: LlamaContext | None = None,
                  draft_store: Allocation | None = None):
-        self.target = _Part(target, target_store.array["k"], target_store.array["v"])
-        self.draft = _Part(draft, draft_store.array["k"], draft_store.array["v"]) if draft_store is not None else None
+        self.target = _Part.of(target, target_store)
+        self.draft = _Part.of(draft, draft_store) if draft_store is not None else None
         self.n_blocks = int(self.target.k.shape[0])
         self.capacity_bytes = target_store.spec.nbytes + (draft_store.spec.nbytes if draft_store else 0)
         self.block_bytes = self.capacity_bytes // self.n_blocks
@@ -146,18 +194,26 @@ class PromptStore:
             evicted += 1
         self.evictions += evicted
         blocks = [self._free.pop() for _ in range(need)]
-        self.target.save(slot, blocks, n)
+        lo_t = self.target.saved_from(slot, n)
+        self.target.save(slot, blocks, n, lo_t)
+        lo_d = self.draft.saved_from(slot, n_draft) if self.draft is not None else 0
         if self.draft is not None and n_draft:
-            self.draft.save(slot, blocks, n_draft)
-        self.entries.append(_Entry(toks, n_draft, blocks, self._tick()))
+            self.draft.save(slot, blocks, n_draft, lo_d)
+        self.entries.append(_Entry(toks, n_draft, blocks, self._tick(), (lo_t, lo_d)))
         return evicted
 
     def restore(self, e: _Entry, slot: int, target: tuple[int, int], draft: tuple[int, int]) -> None:
         """Copy an entry's target cells [lo, hi) and draft cells [lo, hi) into a slot."""
         e.used = self._tick()
-        self.target.load(slot, e.blocks, *target)
+        self.target.load(slot, e.blocks, *target, e.swa_lo[0])
         if self.draft is not None:
-            self.draft.load(slot, e.blocks, *draft)
+            self.draft.load(slot, e.blocks, *draft, e.swa_lo[1])
+
+    def usable(self, e: _Entry, target: tuple[int, int], draft: tuple[int, int]) -> bool:
+        """Whether restoring target cells [kept, n) and draft cells [kept, n) of `e` leaves each model's
+        local layers their window (always, for a model without sliding-window layers)."""
+        ok = self.target.usable(e.swa_lo[0], *target)
+        return ok and (self.draft is None or self.draft.usable(e.swa_lo[1], *draft))
 
     def _drop(self, e: _Entry) -> None:
         self.entries.remove(e)
@@ -191,15 +247,18 @@ class PrefixCache:
 
     store: PromptStore | None = None
     counters: CacheCounters = field(default_factory=CacheCounters)
+    contexts: tuple = ()  # (target, draft or None) LlamaContexts: a kept prefix must hold their windows
 
     @staticmethod
     def for_pair(pair) -> "PrefixCache":
         """Prompt reuse over a loaded pair, with a store over its planned blocks when it has them."""
         t = pair.target.caches.get("prompt_cache")
+        contexts = (pair.target.context, pair.draft.context if pair.draft is not None else None)
         if t is None:
-            return PrefixCache()
+            return PrefixCache(contexts=contexts)
         d = pair.draft.caches.get("prompt_cache") if pair.draft is not None else None
-        return PrefixCache(PromptStore(pair.target.context, t, pair.draft.context if d else None, d))
+        return PrefixCache(PromptStore(pair.target.context, t, pair.draft.context if d else None, d),
+                           contexts=contexts)
 
     def admit(self, slot, draft_valid: int, prompt: Sequence[int], cache_prompt: bool) -> Reuse:
         """The cells `prompt` keeps in `slot` (lock held, worker thread: no decode runs). The slot's
@@ -218,6 +277,10 @@ class PrefixCache:
         cap = len(prompt) - 1  # the last prompt token is fed: its logits give the first token
         keep_t = min(common_prefix(old, prompt), cap) if cache_prompt else 0
         keep_d = min(keep_t, draft_valid)
+        if self.contexts and not self.contexts[0].window_intact(slot.idx, keep_t):
+            keep_t = keep_d = 0  # a local layer's ring moved past the window the kept prefix needs
+        if self.contexts and self.contexts[1] is not None and not self.contexts[1].window_intact(slot.idx, keep_d):
+            keep_d = 0
         e, n = self.store.lookup(prompt) if self.store is not None and cache_prompt else (None, 0)
         n = min(n, cap)
         evicted = 0
@@ -225,6 +288,8 @@ class PrefixCache:
             evicted = self.store.save(slot.idx, old, len(old), min(draft_valid, len(old)),
                                       keep=e if n > keep_t else None)
         source: ReuseSource = "slot" if keep_t else "none"
+        if e is not None and n > keep_t and not self.store.usable(e, (keep_t, n), (keep_d, min(n, e.n_draft))):
+            e, n = None, 0  # the entry's local cells begin after the window its end needs
         if e is not None and n > keep_t:
             d_hi = min(n, e.n_draft)
             self.store.restore(e, slot.idx, (keep_t, n), (keep_d, d_hi) if d_hi > keep_d else (0, 0))

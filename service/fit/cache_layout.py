@@ -26,9 +26,16 @@ def store_blocks(prompt_cache_bytes: int, token_bytes: int) -> int:
 
 
 def store_layout(hp: HParams, n_blocks: int, kv_type: KvType) -> Layout:
-    """One model's part of the store: K and V blocks (n_blocks, n_layer, BLOCK_TOKENS, n_embd_kv)."""
-    shape = (n_blocks, hp.n_layer, BLOCK_TOKENS, hp.n_embd_kv)
-    return {"k": (shape, kv_type), "v": (shape, kv_type)}
+    """One model's part of the store: K and V blocks (n_blocks, n_global, BLOCK_TOKENS, n_embd_kv) of the
+    global layers and, for a model with sliding-window layers, k_swa and v_swa of its local layers (the
+    store keeps every position of a block: it is restored to any slot, whose ring puts them in place)."""
+    n_local = sum(hp.is_swa(i) for i in range(hp.n_layer))
+    shape = (n_blocks, hp.n_layer - n_local, BLOCK_TOKENS, hp.n_embd_kv)
+    lay: Layout = {"k": (shape, kv_type), "v": (shape, kv_type)}
+    if n_local:
+        local = (n_blocks, n_local, BLOCK_TOKENS, hp.n_embd_kv)
+        lay |= {"k_swa": (local, kv_type), "v_swa": (local, kv_type)}
+    return lay
 
 
 def ngram_layout(n_tokens: int) -> Layout:

@@ -70,7 +70,7 @@ def _context_buffers(owner: Owner, mf: ModelFile, cp: ContextParams, backend: Ba
         out.append(PlannedBuffer(BufferSpec(owner, "weights", name, device, nbytes), None))
     kv_dev = "device" if n_dev == hp.n_layer else "host"
     for tag in ("k", "v"):
-        lay = kv_layout(hp, cp.n_parallel, cp.n_ctx_slot, cp.kv_type)
+        lay = kv_layout(hp, cp.n_parallel, cp.n_ctx_slot, cp.kv_type, cp.n_batch)
         out.append(PlannedBuffer(BufferSpec(owner, "kv_cache", tag, kv_dev, layout_nbytes(lay)), tuple(lay.items())))
     lay = outputs_layout(hp, cp.n_outputs_max)
     out.append(PlannedBuffer(BufferSpec(owner, "outputs", "logits", "device", layout_nbytes(lay)), tuple(lay.items())))

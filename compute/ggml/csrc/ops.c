@@ -107,8 +107,8 @@ static void attention_task(const attention_args *a, int row, int kvh) {
         for (int d = 0; d < hd; d++) acc[h][d] = 0.0f;
     }
     for (int c = first_cell(a, n_cells); c < n_cells; c++) {
-        load_cell(a, a->k, base + c, kvh, kc);
-        load_cell(a, a->v, base + c, kvh, vc);
+        load_cell(a, a->k, base + c % a->n_ctx_slot, kvh, kc);  // a local layer's ring: position c's cell
+        load_cell(a, a->v, base + c % a->n_ctx_slot, kvh, vc);
         for (int h = 0; h < g; h++) {
             const float s = dot(q + (int64_t)h * hd, kc, hd) * a->scale;
             float w = 1.0f;
@@ -150,7 +150,7 @@ AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row
         for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
     }
     for (int c = first_cell(a, n_cells); c < n_cells; c++) {
-        const int64_t off = (base + c) * a->kv_row + (int64_t)kvh * hd;
+        const int64_t off = (base + c % a->n_ctx_slot) * a->kv_row + (int64_t)kvh * hd;
         for (int i = 0; i < nv; i++) {
             if (a->kv_f16) {
                 kc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));

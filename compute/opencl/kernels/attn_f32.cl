@@ -62,7 +62,7 @@ void attn_f32(__global const KV_T* kc, int kc_off, __global const KV_T* vc, int 
         for (int j = 0; j < 16; j++) {
             const int cell = c0 + j;
             if (cell < L) {
-                __global const KV_T* kr = kp + (size_t)cell * E;
+                __global const KV_T* kr = kp + (size_t)(cell % n_ctx) * E;   // a local layer's ring
                 float16 d = (float16)0.0f;
                 for (int v = 0; v < HV; v++) d = qv[v] * LOAD_KV16(kr + 16 * v) + d;
                 float dot = hsum16(d);
@@ -83,7 +83,7 @@ void attn_f32(__global const KV_T* kc, int kc_off, __global const KV_T* vc, int 
         for (int e = 0; e < HT; e++) acct[e] *= corr;
 #endif
         for (int j = 0; j < 16 && c0 + j < L; j++) {
-            __global const KV_T* vr = vp + (size_t)(c0 + j) * E;
+            __global const KV_T* vr = vp + (size_t)((c0 + j) % n_ctx) * E;
             for (int v = 0; v < HV; v++) acc[v] = p.a[j] * LOAD_KV16(vr + 16 * v) + acc[v];
 #if HT
             for (int e = 0; e < HT; e++) acct[e] = p.a[j] * LOAD_KV(vr + 16 * HV + e) + acct[e];

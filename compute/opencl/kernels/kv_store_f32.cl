@@ -15,7 +15,7 @@ void kv_store_f32(__global KV_T* kc, int kc_off, __global KV_T* vc, int vc_off,
     const int t = get_global_id(0);
     if (t >= n * E) return;
     const int i = t / E, e = t % E;
-    const size_t cell = ((size_t)layer * n_slots + slots[i]) * n_ctx + positions[i];
+    const size_t cell = ((size_t)layer * n_slots + slots[i]) * n_ctx + positions[i] % n_ctx;  // a ring: pos % n
     const size_t dst = cell * E + e;
     KV_STORE(k[k_off + t], dst, kc + kc_off);
     KV_STORE(v[v_off + t], dst, vc + vc_off);

@@ -49,7 +49,7 @@ void rope_kv_store_f32(__global float* q, int q_off, __global const float* k, in
                                      cos_t[row * half_ + i], sin_t[row * half_ + i]);
         kv = first ? r.x : r.y;
     }
-    const size_t cell = ((size_t)layer * n_slots + slots[row]) * n_ctx + positions[row];
+    const size_t cell = ((size_t)layer * n_slots + slots[row]) * n_ctx + positions[row] % n_ctx;  // a ring: pos % n
     const size_t dst = cell * E + e;
     KV_STORE(kv, dst, kc + kc_off);
     KV_STORE(v[v_off + t], dst, vc + vc_off);
