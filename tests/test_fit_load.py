@@ -16,7 +16,7 @@ from compute.numpy_backend import NumpyBackend
 from service.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from service.fit.cache_layout import BLOCK_TOKENS, kv_token_bytes
 from service.fit.factory import PairFactory, PairRequest
-from service.fit.params import ContextParams, SpeculativeConfig, derive_pair_params
+from service.fit.params import ContextParams, SpeculativeConfig, derive_pair_params, fill_defaults
 from tests.ggml_backend import make_ggml
 from tests.tiny_gguf import tiny_vocab, write_tiny_llama
 
@@ -346,3 +346,40 @@ def test_loaded_pairs_count_against_the_budget(tiny):
     a.release()
     b.release()
     assert f.backend.ledger.entries() == []
+
+
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+GEMMA3_270M_METADATA = {  # the metadata of Gemma 3 270M's GGUF (general.name "Gemma 3 270m")
+    "general.architecture": "gemma3", "gemma3.context_length": 32768, "gemma3.embedding_length": 640,
+    "gemma3.block_count": 18, "gemma3.feed_forward_length": 2048, "gemma3.attention.head_count": 4,
+    "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256, "gemma3.attention.value_length": 256,
+    "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.rope.freq_base": 1e6,
+    "gemma3.attention.sliding_window": 512,
+}
+
+
+def test_a_32k_context_of_gemma3_270m_plans_over_4x_less_kv_than_without_its_window(capsys):
+    """18 layers, 3 global (every 6th): at 32,768 cells and 1 slot the 15 local layers keep 512 + n_batch
+    cells each, the KV plan (Fit's kv_cache buffers, as Load allocates them) against n_ctx cells in all."""
+    from compute.gguf_model import hparams_from_fields
+    from compute.llama import kv_layout, layout_nbytes
+
+    hp = hparams_from_fields({k: _Field(v) for k, v in GEMMA3_270M_METADATA.items()}, {}, 262144)
+    assert sum(hp.is_swa(i) for i in range(18)) == 15 and not hp.is_swa(5) and not hp.is_swa(17)
+    base = fill_defaults(ContextParams(n_ctx=32768, n_parallel=1), hp.n_ctx_train)  # n_batch: the default
+    cp = derive_pair_params(base, SpeculativeConfig("none"), False).target
+    windowed = 2 * layout_nbytes(kv_layout(hp, 1, cp.n_ctx_slot, cp.kv_type, cp.n_batch))
+    full = 2 * layout_nbytes(kv_layout(replace(hp, n_swa=0), 1, cp.n_ctx_slot, cp.kv_type, cp.n_batch))
+    assert windowed == _kv_bytes(hp, cp)
+    with capsys.disabled():
+        print(f"\nGemma 3 270M, n_ctx {cp.n_ctx_slot}, 1 slot, n_batch {cp.n_batch}, KV {cp.kv_type}: "
+              f"{windowed / 2**20:.1f} MiB planned with the window, {full / 2**20:.1f} MiB without "
+              f"({full / windowed:.2f}x less)")
+    assert full >= 4 * windowed
