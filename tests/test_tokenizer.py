@@ -330,7 +330,7 @@ def test_chat_template_default_is_chatml(tmp_path: pathlib.Path) -> None:
 
 def test_chat_template_default_is_gemmas_for_a_vocabulary_with_gemma_turn_tokens(tmp_path: pathlib.Path) -> None:
     """Gemma 3 GGUFs may carry no template: llama.cpp then formats Gemma's turns (system merged into the
-    first user turn, the assistant called "model"), and so does specserve, leaving BOS to encoding."""
+    first user turn, the assistant called "model"), and so does specserve, BOS first as Gemma's own template."""
     tokens, types, scores = spm_vocab()
     tokens += ["<start_of_turn>", "<end_of_turn>"]
     types += [CONTROL, CONTROL]
@@ -341,7 +341,7 @@ def test_chat_template_default_is_gemmas_for_a_vocabulary_with_gemma_turn_tokens
                                           {"role": "user", "content": "Hi"},
                                           {"role": "assistant", "content": "Hello"},
                                           {"role": "user", "content": "Bye"}])
-    assert text == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+    assert text == ("<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
     assert tokenizer.eot_id == tokens.index("<end_of_turn>") and tokenizer.eot_id in tokenizer.eog_ids
 

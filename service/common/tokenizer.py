@@ -109,8 +109,10 @@ _CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # llama.cpp's built-in Gemma format, for a GGUF without a template whose vocabulary has Gemma's turn tokens:
-# the assistant is "model", system messages are merged into the next user turn, BOS comes from encoding.
+# the assistant is "model", system messages are merged into the next user turn; BOS first, as Gemma's own
+# template writes it (a chat prompt is encoded without adding special tokens).
 _GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + (message['content'] | trim) -%}"
