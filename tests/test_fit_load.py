@@ -48,6 +48,7 @@ def tiny(tmp_path_factory):
         # gemma3, window 5: layers 0, 1, 3 local (rings of window + n_batch cells), layer 2 global
         "windowed": write_tiny_llama(d / "windowed.gguf", arch="gemma3", head_dim=32, n_layer=4, sliding_window=5,
                                      swa_pattern=3, seed=5),
+        "qwen3": write_tiny_llama(d / "qwen3.gguf", arch="qwen3", head_dim=32, n_layer=2, seed=7),
         "windowed_draft": write_tiny_llama(d / "windowed_draft.gguf", arch="gemma3", n_layer=2, sliding_window=3,
                                            swa_pattern=2, seed=6),
         "q4": write_tiny_llama(d / "q4.gguf", n_layer=1, seed=4,
@@ -75,7 +76,7 @@ spec_st = st.builds(SpeculativeConfig, type=st.sampled_from(["none", "ngram", "d
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(base=params_st, spec=spec_st, with_draft=st.booleans(), target=st.sampled_from(["target", "windowed"]),
+@given(base=params_st, spec=spec_st, with_draft=st.booleans(), target=st.sampled_from(["target", "qwen3", "windowed"]),
        draft=st.sampled_from(["draft", "windowed_draft"]))
 def test_ledger_equals_plan_on_tiny_models(tiny, backend_name, base, spec, with_draft, target, draft):
     """After Load the ledger holds exactly the plan's buffers, byte for byte; Unload empties it. With
