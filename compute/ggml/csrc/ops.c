@@ -106,9 +106,10 @@ static void attention_task(const attention_args *a, int row, int kvh) {
         sum[h] = 0.0f;
         for (int d = 0; d < hd; d++) acc[h][d] = 0.0f;
     }
-    for (int c = first_cell(a, n_cells); c < n_cells; c++) {
-        load_cell(a, a->k, base + c % a->n_ctx_slot, kvh, kc);  // a local layer's ring: position c's cell
-        load_cell(a, a->v, base + c % a->n_ctx_slot, kvh, vc);
+    const int first = first_cell(a, n_cells);
+    for (int c = first, cell = first % a->n_ctx_slot; c < n_cells; c++, cell = cell + 1 == a->n_ctx_slot ? 0 : cell + 1) {
+        load_cell(a, a->k, base + cell, kvh, kc);  // cell = c % n_ctx_slot: a local layer's ring wraps
+        load_cell(a, a->v, base + cell, kvh, vc);
         for (int h = 0; h < g; h++) {
             const float s = dot(q + (int64_t)h * hd, kc, hd) * a->scale;
             float w = 1.0f;
@@ -149,8 +150,9 @@ AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row
         sum[h] = 0.0f;
         for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
     }
-    for (int c = first_cell(a, n_cells); c < n_cells; c++) {
-        const int64_t off = (base + c % a->n_ctx_slot) * a->kv_row + (int64_t)kvh * hd;
+    const int first = first_cell(a, n_cells);
+    for (int c = first, cell = first % a->n_ctx_slot; c < n_cells; c++, cell = cell + 1 == a->n_ctx_slot ? 0 : cell + 1) {
+        const int64_t off = (base + cell) * a->kv_row + (int64_t)kvh * hd;  // cell = c % n_ctx_slot
         for (int i = 0; i < nv; i++) {
             if (a->kv_f16) {
                 kc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
