@@ -64,7 +64,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --prefe
 need "$PYTHON" "Python >= 3.10 with the venv module"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || { echo "setup: $PYTHON is older than Python 3.10 (set PYTHON=python3.x)" >&2; exit 1; }
-key="$(hash_of pyproject.toml compute/ggml/csrc/ops.c)-smollm2-$SMOLLM2_VERSION"
+key="$(hash_of pyproject.toml compute/ggml/csrc/*.c compute/ggml/csrc/*.h)-smollm2-$SMOLLM2_VERSION"
 ggml_key="ggml-python-$GGML_PYTHON_VERSION $GGML_CMAKE_ARGS"
 if [ ! -x .venv/bin/python ] || ! fresh runtime "$key" || ! fresh ggml "$ggml_key"; then
   if [ ! -x .venv/bin/python ]; then

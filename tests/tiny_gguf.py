@@ -56,8 +56,9 @@ def _quantize(w: np.ndarray, qtype: T) -> np.ndarray:
 def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
                      n_layer: int = 2, n_ctx_train: int = 256, seed: int = 0, matrix_type: T = T.Q8_0,
                      tied: bool = True, arch: str = "llama", vocab: tuple | None = None,
-                     extra_tokens: int = 0, scale: float = 0.5) -> str:
-    """Write a random llama (or qwen2 with q/k/v biases) GGUF and return its path."""
+                     extra_tokens: int = 0, scale: float = 0.5, embd_type: T | None = None) -> str:
+    """Write a random llama (or qwen2 with q/k/v biases) GGUF and return its path. The token embedding is
+    Q8_0 (F32/F16 with such matrices) unless `embd_type`."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = vocab or tiny_vocab()
     tokens = list(tokens) + [f"<extra_{i}>" for i in range(extra_tokens)]
@@ -92,7 +93,9 @@ def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int 
         w.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     hd = n_embd // n_head
-    mat("token_embd.weight", n_vocab, n_embd, T.Q8_0 if matrix_type not in (T.F32, T.F16) else matrix_type)
+    if embd_type is None:
+        embd_type = T.Q8_0 if matrix_type not in (T.F32, T.F16) else matrix_type
+    mat("token_embd.weight", n_vocab, n_embd, embd_type)
     vec("output_norm.weight", n_embd)
     if not tied:
         mat("output.weight", n_vocab, n_embd)

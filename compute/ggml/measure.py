@@ -23,8 +23,10 @@ def measure_pass(be, model, n_batch: int, n_outputs_max: int) -> tuple[int, int]
     from compute.ggml.backend import GgmlScratch
 
     hp = model.hparams
-    handles = {name: WeightHandle(None, int(t.ggml_type), tuple(reversed(t.shape)))
-               for name, t in model.tensors.items()}
+    handles = {}
+    for name, t in model.tensors.items():
+        ne = tuple(reversed(t.shape))
+        handles[name] = WeightHandle(None, int(t.ggml_type), ne, tiled=be.tiled(t.ggml_type, ne))
     cache = {"cache": Placeholder((hp.n_layer, 1, 1, hp.n_embd_kv), np.dtype(np.float32))}
     vcache = {"cache": Placeholder((hp.n_layer, 1, 1, hp.n_embd_kv), np.dtype(np.float32), 2 * FAKE_PTR)}
     logits = {"logits": Placeholder((n_outputs_max, hp.n_vocab), np.dtype(np.float32), 3 * FAKE_PTR)}

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kquants.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPECSERVE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -42,26 +44,6 @@ typedef struct {
     int32_t n_rows, n_head, n_head_kv, head_dim, n_ctx_slot, kv_f16;
     float scale;         // 1 / sqrt(head_dim)
 } attention_args;
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 // one cell of K or V as float32 (dst: head_dim floats); _Float16 converts with vcvtph2ps in the
 // clones whose ISA has F16C, and exactly (IEEE half to float) in every clone
@@ -272,41 +254,12 @@ void specserve_rope(void *dst, int ith, int nth, void *userdata) {
 // The integer sums are exact; float enters once per 256-value block (scale products, one FMA) and in the
 // final sum of the 16 lanes, in a fixed order.
 
-#define QK_K 256
-
-typedef struct {
-    float d;
-    int8_t qs[QK_K];
-    int16_t bsums[QK_K / 16];
-} block_q8_k;
-
-typedef struct {
-    uint16_t d, dmin;  // f16 super-block scales of the scales and of the mins
-    uint8_t scales[12];  // 8 six-bit scales and 8 six-bit mins
-    uint8_t qs[QK_K / 2];
-} block_q4_k;
-
-typedef struct {
-    uint8_t ql[QK_K / 2];
-    uint8_t qh[QK_K / 4];
-    int8_t scales[QK_K / 16];
-    uint16_t d;
-} block_q6_k;
-
 typedef struct {
     const float *x;
     void *out;  // (n_rows, K / 256) block_q8_k
     int64_t k;
     int32_t n_rows;
 } quantize_args;
-
-typedef struct {
-    const void *w;   // (N, K / 256) weight blocks
-    const void *xq;  // (n_rows, K / 256) block_q8_k
-    float *out;      // (n_rows, N)
-    int64_t n, k;
-    int32_t n_rows, type;  // type: 12 (Q4_K) or 14 (Q6_K), ggml's numbering
-} mul_mat_args;
 
 static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
     for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
@@ -329,6 +282,7 @@ static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
             for (int i = 0; i < 16; i++) s += y[b].qs[j * 16 + i];
             y[b].bsums[j] = (int16_t)s;
         }
+        for (int j = 0; j < QK_K / 32; j++) y[b].bsums32[j] = (int16_t)(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
         y[b].d = 1.0f / iscale;
     }
 }
@@ -339,16 +293,6 @@ void specserve_quantize_q8_k(void *dst, int ith, int nth, void *userdata) {
     const int64_t nb = a->k / QK_K;
     for (int r = ith; r < a->n_rows; r += nth)
         quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
-}
-
-static inline void q4_k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
 }
 
 #define MAX_ROWS 64  // activation rows per call (the planner's n_batch may be larger: taken in groups)
@@ -377,6 +321,14 @@ VNNI_TARGET static inline float hsum16(__m512 v) {  // fixed order: halves, then
     return _mm_cvtss_f32(q);
 }
 
+// A 32-bit lane's scale as two 16-bit lanes. Each 64-value chunk is multiplied as pairs (maddubs: unsigned
+// codes times signed activations, two products summed into 16 bits, which cannot saturate: 2 * 63 * 127 < 2^15)
+// and the pairs then by their scale and summed into 32-bit lanes (dpwssd): the same exact integer in each lane
+// as four products summed (dpbusd) times the lane's scale, in two instructions instead of four.
+VNNI_TARGET static inline __m512i scales_16(__m512i s32) {
+    return _mm512_mask_blend_epi16(0xAAAAAAAA, s32, _mm512_slli_epi32(s32, 16));
+}
+
 // one weight row of Q4_K against rows c0..c1 of the activations
 VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq, int64_t nb, int c0, int c1,
                                        float *out, int64_t out_stride) {
@@ -399,18 +351,16 @@ VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq,
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * j));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            scv[j] = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_SCALE_LANES[j])));
+            scv[j] = scales_16(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_SCALE_LANES[j]))));
         }
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_MIN_PAIRS)));
         const float d = _cvtsh_ss(wb->d), dmin = _cvtsh_ss(wb->dmin);
         for (int c = c0; c < c1; c++) {
             const block_q8_k *xb = &xq[c * nb + b];
             __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
-                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
-            }
+            for (int j = 0; j < 4; j++)
+                isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(wq[j], _mm512_loadu_si512((const void *)(xb->qs + 64 * j))),
+                                           scv[j]);
             const __m256i msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mins);
             acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xb->d), acc[c - c0]);
             acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castsi256_si512(msum)),
@@ -446,18 +396,16 @@ VNNI_TARGET static void row_q6_k_vnni(const block_q6_k *w, const block_q8_k *xq,
         __m512i wq[4], scv[4];
         for (int j = 0; j < 4; j++) {
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g[2 * j]), g[2 * j + 1], 1);
-            scv[j] = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scb, _mm_loadu_si128((const __m128i *)Q6_SCALE_LANES[j])));
+            scv[j] = scales_16(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(scb, _mm_loadu_si128((const __m128i *)Q6_SCALE_LANES[j]))));
         }
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
         const float d = _cvtsh_ss(wb->d);
         for (int c = c0; c < c1; c++) {
             const block_q8_k *xb = &xq[c * nb + b];
             __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
-                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
-            }
+            for (int j = 0; j < 4; j++)
+                isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(wq[j], _mm512_loadu_si512((const void *)(xb->qs + 64 * j))),
+                                           scv[j]);
             // the codes are offset by 32: subtract 32 * scale * (sum of each 16 activations)
             const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
             isum = _mm512_sub_epi32(isum, _mm512_castsi256_si512(_mm256_slli_epi32(off, 5)));
@@ -478,7 +426,7 @@ static void row_k_generic(const mul_mat_args *a, int64_t r, int c0, int c1) {
         for (int64_t b = 0; b < nb; b++) {
             int32_t isum = 0, isub = 0;
             float dw, dsub;
-            if (a->type == 12) {
+            if (a->type == GGML_Q4_K) {
                 const block_q4_k *wb = (const block_q4_k *)a->w + r * nb + b;
                 for (int j = 0; j < 8; j++) {
                     uint8_t sc, mn;
@@ -518,6 +466,10 @@ static int have_vnni(void) { return (cpu_features() & CPU_VNNI) != 0; }
 void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     const mul_mat_args *a = (const mul_mat_args *)userdata;
+    if (a->tiled) {
+        mul_mat_tiles(a, ith, nth);
+        return;
+    }
     const int64_t nb = a->k / QK_K, per = (a->n + nth - 1) / nth;
     const int64_t r0 = ith * per, r1 = r0 + per < a->n ? r0 + per : a->n;
     const int vnni = have_vnni();
@@ -527,7 +479,7 @@ void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
 #if defined(__x86_64__) && defined(__GNUC__)
             if (vnni) {
                 const block_q8_k *xq = (const block_q8_k *)a->xq;
-                if (a->type == 12)
+                if (a->type == GGML_Q4_K)
                     row_q4_k_vnni((const block_q4_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
                 else
                     row_q6_k_vnni((const block_q6_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
