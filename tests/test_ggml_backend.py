@@ -165,6 +165,23 @@ def test_graph_matches_the_numpy_reference_on_tiny_models(tmp_path, be):
         np.testing.assert_allclose(got["ggml"], got["numpy"], atol=0.05 * np.abs(got["numpy"]).max())
 
 
+def test_attention_over_many_chunks_matches_numpy_closely(tmp_path, be):
+    """Float32 weights and cache, 70 positions (four 16-cell chunks and a partial one, rows whose maximum
+    moves from chunk to chunk): ggml's attention (vector exp, scores summed as a tree) against NumPy's,
+    to float32 rounding rather than 8-bit activations' error."""
+    path = write_tiny_llama(tmp_path / "f32.gguf", matrix_type=T.F32, n_layer=2, seed=9, scale=3.0)
+    tokens = [int(t) for t in np.random.default_rng(4).integers(3, 260, 70)]
+    n = len(tokens)
+    got = {}
+    for name, backend in (("numpy", NumpyBackend(n_threads=1)), ("ggml", be)):
+        pair = PairFactory(backend, device_memory_bytes=1 << 34).load(
+            PairRequest(target_path=path, params=ContextParams(n_ctx=128, n_batch=80, n_outputs_max=80, kv_type="f32"),
+                        speculative=SpeculativeConfig("none")))
+        got[name] = pair.target.context.decode(Batch.make(tokens, range(n), [0] * n, range(n)))
+        pair.release()
+    np.testing.assert_allclose(got["ggml"], got["numpy"], rtol=0, atol=2e-5 * np.abs(got["numpy"]).max())
+
+
 def test_every_batch_shape_fits_the_planned_compute_buffer(be):
     """Passes of every row count up to n_batch, with up to n_outputs_max outputs, are placed in the compute
     buffer Fit measured (the allocator would grow it otherwise: GgmlScratch.check_size); the ledger stays

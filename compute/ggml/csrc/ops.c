@@ -111,53 +111,127 @@ static void attention_task(const attention_args *a, int row, int kvh) {
 #include <immintrin.h>
 #define AVX512_TARGET __attribute__((target("avx512f,f16c,fma")))
 
-// The same task on AVX-512 (head_dim a multiple of 16): each cell's K and V rows converted once into
-// registers, every query head of the group dotted with K and accumulated with V 16 lanes at a time.
+// exp(x) for 16 lanes, x <= 0 (scores minus their running maximum): x = n ln2 + r, |r| <= ln2 / 2, then
+// 2^n (vscalefps) times a degree-6 polynomial of r (Taylor: relative error under 2e-7 on that range).
+// Lanes below -87 give exp(-87) (~1.6e-38) rather than 0, which no float sum holding an exp(0) can see.
+AVX512_TARGET static inline __m512 exp_le0(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: n * hi is exact
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// The 16 sums of 16 vectors as one vector (lane c: the sum of v[c]'s lanes), by a fixed tree: halves of
+// v[c] and v[c + 8] folded together, then quarters, ...; the last permute puts each sum in its lane.
+AVX512_TARGET static inline __m512 sums_of_16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int c = 0; c < 8; c++)  // 256-bit halves: v[c]'s folded in the low one, v[c + 8]'s in the high
+        w[c] = _mm512_add_ps(_mm512_shuffle_f32x4(v[c], v[c + 8], 0x44), _mm512_shuffle_f32x4(v[c], v[c + 8], 0xEE));
+    for (int c = 0; c < 4; c++)  // 128-bit quarters: v[c], v[c + 8], v[c + 4], v[c + 12]
+        x[c] = _mm512_add_ps(_mm512_shuffle_f32x4(w[c], w[c + 4], 0x88), _mm512_shuffle_f32x4(w[c], w[c + 4], 0xDD));
+    for (int c = 0; c < 2; c++)
+        y[c] = _mm512_add_ps(_mm512_unpacklo_ps(x[c], x[c + 2]), _mm512_unpackhi_ps(x[c], x[c + 2]));
+    const __m512d y0 = _mm512_castps_pd(y[0]), y1 = _mm512_castps_pd(y[1]);
+    const __m512 z = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(y0, y1)), _mm512_castpd_ps(_mm512_unpackhi_pd(y0, y1)));
+    // z holds, quarter by quarter, the sums of v[0 2 1 3], v[8 10 9 11], v[4 6 5 7], v[12 14 13 15]
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0), z);
+}
+
+#define CHUNK 16  // cells scored together: one tree of sums, one vector exp
+#define HEADS 8   // query heads whose V sums stay in registers while a chunk's V rows stream past
+
+// acc[h] (one 16-float slice of each head's V sum) = acc[h] * rescale[h] + the chunk's weights times V
+AVX512_TARGET static inline __attribute__((always_inline)) void v_slice(
+        __m512 (*acc)[MAX_HEAD_DIM / 16], const float (*wts)[CHUNK], const float *rescale,
+        const __m512 (*vb)[MAX_HEAD_DIM / 16], int i, int nc, int h0, const int hn) {
+    __m512 a[HEADS];
+    for (int j = 0; j < hn; j++) a[j] = _mm512_mul_ps(acc[h0 + j][i], _mm512_set1_ps(rescale[h0 + j]));
+    for (int c = 0; c < nc; c++) {
+        const __m512 v = vb[c][i];
+        for (int j = 0; j < hn; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(wts[h0 + j][c]), v, a[j]);
+    }
+    for (int j = 0; j < hn; j++) acc[h0 + j][i] = a[j];
+}
+
+// The same task on AVX-512 (head_dim a multiple of 16), 16 cells at a time: the chunk's K and V rows
+// converted once to float32; for every query head of the group, the 16 cells' scores as one vector,
+// softmax online per chunk (a rescale when the chunk raises the maximum, one vector exp for the 16
+// weights); then V accumulated slice by slice, up to 8 heads' sums held in registers. The order of every
+// sum is fixed by the row alone.
 AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row, int kvh) {
     const int g = a->n_head / a->n_head_kv, hd = a->head_dim, nv = hd / 16;
     const int64_t base = (int64_t)a->slots[row] * a->n_ctx_slot;
     const int n_cells = a->pos[row] + 1;
     const float *q = a->q + row * a->q_row + (int64_t)kvh * g * hd;
-    __m512 kc[MAX_HEAD_DIM / 16], vc[MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
-    float m[MAX_GROUP], sum[MAX_GROUP];
+    __m512 kb[CHUNK][MAX_HEAD_DIM / 16], vb[CHUNK][MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+    __m512 vsum[MAX_GROUP], part[CHUNK];
+    float m[MAX_GROUP], rescale[MAX_GROUP], wts[MAX_GROUP][CHUNK];
     for (int h = 0; h < g; h++) {
         m[h] = -INFINITY;
-        sum[h] = 0.0f;
+        vsum[h] = _mm512_setzero_ps();
         for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
     }
-    for (int c = 0; c < n_cells; c++) {
-        const int64_t off = (base + c) * a->kv_row + (int64_t)kvh * hd;
-        for (int i = 0; i < nv; i++) {
-            if (a->kv_f16) {
-                kc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
-                vc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + off + 16 * i)));
-            } else {
-                kc[i] = _mm512_loadu_ps((const float *)a->k + off + 16 * i);
-                vc[i] = _mm512_loadu_ps((const float *)a->v + off + 16 * i);
+    for (int c0 = 0; c0 < n_cells; c0 += CHUNK) {
+        const int nc = n_cells - c0 < CHUNK ? n_cells - c0 : CHUNK;
+        const __mmask16 valid = (__mmask16)((1u << nc) - 1);
+        for (int c = 0; c < nc; c++) {
+            const int64_t off = (base + c0 + c) * a->kv_row + (int64_t)kvh * hd;
+            for (int i = 0; i < nv; i++) {
+                if (a->kv_f16) {
+                    kb[c][i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
+                    vb[c][i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + off + 16 * i)));
+                } else {
+                    kb[c][i] = _mm512_loadu_ps((const float *)a->k + off + 16 * i);
+                    vb[c][i] = _mm512_loadu_ps((const float *)a->v + off + 16 * i);
+                }
             }
         }
         for (int h = 0; h < g; h++) {
-            __m512 d = _mm512_setzero_ps();
-            for (int i = 0; i < nv; i++) d = _mm512_fmadd_ps(_mm512_loadu_ps(q + (int64_t)h * hd + 16 * i), kc[i], d);
-            const float s = _mm512_reduce_add_ps(d) * a->scale;
-            float w = 1.0f;
-            if (s > m[h]) {  // new maximum: rescale what was summed so far
-                const float r = expf(m[h] - s);
-                sum[h] *= r;
-                const __m512 rv = _mm512_set1_ps(r);
-                for (int i = 0; i < nv; i++) acc[h][i] = _mm512_mul_ps(acc[h][i], rv);
-                m[h] = s;
-            } else {
-                w = expf(s - m[h]);
+            const float *qh = q + (int64_t)h * hd;
+            for (int c = 0; c < CHUNK; c++) {
+                __m512 d = _mm512_setzero_ps();
+                if (c < nc)
+                    for (int i = 0; i < nv; i++) d = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kb[c][i], d);
+                part[c] = d;
             }
-            sum[h] += w;
-            const __m512 wv = _mm512_set1_ps(w);
-            for (int i = 0; i < nv; i++) acc[h][i] = _mm512_fmadd_ps(wv, vc[i], acc[h][i]);
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                                _mm512_mul_ps(sums_of_16(part), _mm512_set1_ps(a->scale)));
+            const float top = _mm512_reduce_max_ps(s);
+            rescale[h] = 1.0f;
+            if (top > m[h]) {  // the chunk raises the maximum: what was summed so far is rescaled
+                rescale[h] = expf(m[h] - top);
+                vsum[h] = _mm512_mul_ps(vsum[h], _mm512_set1_ps(rescale[h]));
+                m[h] = top;
+            }
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp_le0(_mm512_sub_ps(s, _mm512_set1_ps(m[h]))));
+            vsum[h] = _mm512_add_ps(vsum[h], p);
+            _mm512_storeu_ps(wts[h], p);
         }
+        for (int i = 0; i < nv; i++)
+            for (int h0 = 0; h0 < g; h0 += HEADS) {
+                switch (g - h0 < HEADS ? g - h0 : HEADS) {
+                case 1: v_slice(acc, wts, rescale, vb, i, nc, h0, 1); break;
+                case 2: v_slice(acc, wts, rescale, vb, i, nc, h0, 2); break;
+                case 3: v_slice(acc, wts, rescale, vb, i, nc, h0, 3); break;
+                case 4: v_slice(acc, wts, rescale, vb, i, nc, h0, 4); break;
+                case 5: v_slice(acc, wts, rescale, vb, i, nc, h0, 5); break;
+                case 6: v_slice(acc, wts, rescale, vb, i, nc, h0, 6); break;
+                case 7: v_slice(acc, wts, rescale, vb, i, nc, h0, 7); break;
+                default: v_slice(acc, wts, rescale, vb, i, nc, h0, 8); break;
+                }
+            }
     }
     float *out = a->out + row * a->q_row + (int64_t)kvh * g * hd;
     for (int h = 0; h < g; h++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / sum[h]);
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum[h]));
         for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + (int64_t)h * hd + 16 * i, _mm512_mul_ps(acc[h][i], inv));
     }
 }
