@@ -149,6 +149,31 @@ def test_tiled_models_plan_what_they_load_and_match_the_file_layout(tmp_path, be
         np.testing.assert_allclose(got["tiles"], got["rows"], rtol=0, atol=1e-3 * np.abs(got["rows"]).max())
 
 
+def test_activation_quantisation_is_the_plain_c_one_to_the_byte(be):
+    """8-bit activations (q8_K blocks) from the vector path and the plain C one: equal bytes, including blocks
+    of zeros, blocks whose largest magnitude appears twice with both signs (the first one sets the sign), and
+    values that round exactly to .5."""
+    rng = np.random.default_rng(8)
+    k, rows = 1024, 6
+    x = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(1e-3, 1e3, (rows, 1)).astype(np.float32)
+    x[1, :256] = 0.0
+    x[2, 10], x[2, 200] = -5e3, 5e3
+    x[3, 300], x[3, 260] = 7e3, -7e3
+    x[4, 512:768] = np.arange(256, dtype=np.float32) - 127.0  # scale 1: exact integers and ties
+    x[4, 700] = 127.0
+    out = {}
+    ops, nbytes = be.libs.ops, rows * (k // 256) * be.libs.q8_k_block_bytes
+    for name in ("vector", "plain"):
+        out[name] = np.zeros(nbytes, np.uint8)
+        args = QuantizeArgs(x.ctypes.data, out[name].ctypes.data, k, rows)
+        if name == "vector":
+            ops.specserve_quantize_q8_k(None, 0, 1, ctypes.byref(args))
+        else:
+            ops.specserve_quantize_q8_k_plain(ctypes.byref(args))
+    assert out["vector"].any()
+    assert np.array_equal(out["vector"], out["plain"])
+
+
 def test_graph_matches_the_numpy_reference_on_tiny_models(tmp_path, be):
     """The whole graph (tied and untied heads, qkv bias) against NumPy, within 8-bit activations' error."""
     for arch, tied in (("llama", True), ("llama", False), ("qwen2", True)):

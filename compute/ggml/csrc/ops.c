@@ -361,12 +361,59 @@ static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same blocks on AVX-512, bit for bit: the same first value of largest magnitude, the same product
+// rounded to nearest even (vcvtps2dq as lrintf), the same sums.
+AVX512_TARGET static void quantize_row_q8_k_avx512(const float *x, block_q8_k *y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+        __m512 amaxv = _mm512_setzero_ps();
+        for (int i = 0; i < QK_K / 16; i++) amaxv = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)), amaxv);
+        const float amax = _mm512_reduce_max_ps(amaxv);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof(block_q8_k));
+            continue;
+        }
+        float max = 0.0f;
+        for (int i = 0; i < QK_K / 16; i++) {
+            const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            if (at) {
+                max = x[16 * i + __builtin_ctz(at)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        const __m512 iv = _mm512_set1_ps(iscale);
+        for (int i = 0; i < QK_K / 16; i++) {
+            const __m512i v = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(iv, _mm512_loadu_ps(x + 16 * i))),
+                                               _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * i), _mm512_cvtepi32_epi8(v));
+            y[b].bsums[i] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+        for (int j = 0; j < QK_K / 32; j++) y[b].bsums32[j] = (int16_t)(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+        y[b].d = 1.0f / iscale;
+    }
+}
+#endif
+
 void specserve_quantize_q8_k(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     const quantize_args *a = (const quantize_args *)userdata;
     const int64_t nb = a->k / QK_K;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx512()) {
+        for (int r = ith; r < a->n_rows; r += nth)
+            quantize_row_q8_k_avx512(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
+        return;
+    }
+#endif
     for (int r = ith; r < a->n_rows; r += nth)
         quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
+}
+
+// The plain C quantisation on one thread, for the tests (the AVX-512 one must give the same bytes).
+void specserve_quantize_q8_k_plain(const quantize_args *a) {
+    const int64_t nb = a->k / QK_K;
+    for (int r = 0; r < a->n_rows; r++) quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
 }
 
 #define MAX_ROWS 64  // activation rows per call (the planner's n_batch may be larger: taken in groups)
