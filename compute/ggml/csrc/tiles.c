@@ -20,7 +20,7 @@
 #include "kquants.h"
 
 #define TILE 16  // weight rows per tile
-#define ROWS 4   // activation rows that share one unpacking of a tile's codes
+#define ROWS 8   // activation rows that share one unpacking of a tile's codes (3 x 8 registers of sums)
 
 typedef struct {
     uint16_t d[TILE], dmin[TILE];
@@ -324,7 +324,11 @@ VNNI_TARGET static INLINE void tile_q6_k_vnni(const tile_q6_k *tw, int64_t nb, c
     case 1: call(1); break; \
     case 2: call(2); break; \
     case 3: call(3); break; \
-    default: call(4); break; \
+    case 4: call(4); break; \
+    case 5: call(5); break; \
+    case 6: call(6); break; \
+    case 7: call(7); break; \
+    default: call(8); break; \
     }
 
 VNNI_TARGET static void tile_vnni(const mul_mat_args *a, int64_t tile, int c0, int nr) {
