@@ -2,9 +2,12 @@
 
 Each case writes a random model with tests/tiny_gguf.py (gguf.GGUFWriter), evaluates a 64-token prompt
 in one call on every backend of ours and on llama.cpp (llama-cpp-python, which scripts/setup.sh builds),
-and compares the next-token logits rows. ARCHS lists the architectures; adding one is adding its name
-there (and teaching write_tiny_llama its tensors). Random weights reach parts of the graph a real model
-hides: every head, every layer and every weight counts about as much as any other.
+and compares the next-token logits rows. MODELS lists the architectures and variants; adding an
+architecture is adding one entry there (and teaching write_tiny_llama its tensors). `llama3-rope` is a
+llama file with Llama 3's RoPE scaling (a rope_freqs.weight tensor of per-pair frequency factors, made
+with an original context of 32 so that they bite within the 64-token prompt). Random weights reach
+parts of the graph a real model hides: every head, every layer and every weight counts about as much
+as any other.
 
 Two kinds of weights:
 
@@ -31,9 +34,14 @@ from service.fit.params import ContextParams, SpeculativeConfig
 from tests import llama_cpp_ref
 from tests.ggml_backend import make_ggml
 from tests.llama_cpp_ref import MIN_CORR, TOL_MARGIN, margin
-from tests.tiny_gguf import write_tiny_llama
+from tests.tiny_gguf import llama3_rope_factors, write_tiny_llama
 
-ARCHS = ["llama", "qwen2"]  # architectures compared; add one here
+# name -> write_tiny_llama's arguments; add an architecture here
+MODELS = {
+    "llama": {"arch": "llama"},
+    "qwen2": {"arch": "qwen2"},
+    "llama3-rope": {"arch": "llama", "rope_freqs": llama3_rope_factors(32, 10000.0, original_context=32)},
+}
 N_PROMPT = 64
 TOL_F32_REL = 1e-5  # F32 weights: max |diff| / max |logit| (measured max 9.5e-7)
 TOL_Q8_REL = 0.05  # Q8_0 weights: the same ratio (measured max 0.023)
@@ -53,14 +61,14 @@ except ImportError:
 WEIGHTS = {"f32": (T.F32, "f32"), "q8_0": (T.Q8_0, "f16")}  # matrix type, KV cache type (ours and llama.cpp's)
 
 
-@pytest.fixture(scope="module", params=[(a, w) for a in ARCHS for w in WEIGHTS], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(m, w) for m in MODELS for w in WEIGHTS], ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request, tmp_path_factory):
-    """(path, prompt, llama.cpp's logits row) for one architecture and weight type."""
-    arch, weights = request.param
+    """(path, prompt, llama.cpp's logits row) for one model and weight type."""
+    name, weights = request.param
     qtype, kv = WEIGHTS[weights]
-    path = write_tiny_llama(tmp_path_factory.mktemp(arch) / f"{arch}-{weights}.gguf", arch=arch, seed=7,
-                            matrix_type=qtype, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=3,
-                            tied=False, scale=1.0)
+    path = write_tiny_llama(tmp_path_factory.mktemp(name) / f"{name}-{weights}.gguf", seed=7, matrix_type=qtype,
+                            n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=3, tied=False, scale=1.0,
+                            **MODELS[name])
     rng = np.random.default_rng(11)
     prompt = [int(t) for t in rng.integers(3, 264, N_PROMPT)]  # byte and merged tokens of tiny_vocab
     kv_args = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv == "f32" else {}
