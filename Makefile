@@ -40,5 +40,5 @@ clean:  ## remove caches and test outputs (keeps .venv and tools)
 	rm -rf .pytest_cache .hypothesis bench/out
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
 
-distclean: clean  ## also remove .venv, .tools, node_modules, setup stamps and the k8s schemas
-	rm -rf $(VENV) .tools tests/node/node_modules .cache/stamps .cache/k8s-schemas
+distclean: clean  ## also remove .venv, .tools, node_modules, setup stamps, the k8s schemas and the llama-cpp-python wheels
+	rm -rf $(VENV) .tools tests/node/node_modules .cache/stamps .cache/k8s-schemas .cache/wheels

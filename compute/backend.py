@@ -228,13 +228,15 @@ class Backend(ABC):
         """out (n, N) = x (n, K) @ W^T [+ bias] for W the file's (N, K) matrix; a row's result never
         depends on n. `pad` is the context's (pad_in, pad_out) scratch for backends that tile rows."""
 
-    def rope_tables(self, positions: np.ndarray, rope_dim: int, base: float, scale: float
+    def rope_tables(self, positions: np.ndarray, rope_dim: int, base: float, scale: float | Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (n, rope_dim/2) float32 of each row's angles position/scale * base^(-2i/rope_dim);
-        made on the host, the same for every backend (a numerics emulation may override it)."""
+        """cos, sin (n, rope_dim/2) float32 of each row's angles position/scale_i * base^(-2i/rope_dim);
+        `scale` is one number or one per pair (HParams.rope_scale: Llama 3's frequency factors).
+        Made on the host, the same for every backend (a numerics emulation may override it)."""
         i = np.arange(0, rope_dim, 2, dtype=np.float64)
         inv_freq = (base ** (-i / rope_dim)).astype(np.float32)
-        theta = (positions.astype(np.float32) / np.float32(scale))[:, None] * inv_freq[None, :]
+        scaled = positions.astype(np.float32)[:, None] / np.asarray(scale, dtype=np.float32)  # (n, 1 or rope_dim/2)
+        theta = scaled * inv_freq[None, :]
         return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
     @abstractmethod
