@@ -106,11 +106,13 @@ fi
 # (tests/test_reference.py, tests/test_tokenizer.py, tests/test_real_qwen.py, tests/test_llama_cpp_logits.py).
 # Built from the sdist for this CPU (-march=native, less AMX: ggml's AMX mat-mul segfaults on VMs
 # that do not grant the AMX tile state), only libllama and ggml: no mtmd/llava, tools, tests,
-# examples, server (~9 min on 2 busy cores; llama-cpp-python forces llama.cpp's common library on). The wheel is kept per CPU under .cache/wheels/, keyed by
-# the CPU's feature flags: a machine with another CPU builds its own (a native build may SIGILL
-# elsewhere); one whose CPU was seen before installs the kept wheel in seconds.
+# examples, server (~9 min on 2 busy cores; llama-cpp-python forces llama.cpp's common library on).
+# The wheel is kept per CPU in the user's cache (~/.cache/specserve/wheels, as pip keeps its own; a
+# fresh clone on this machine reuses it), keyed by the CPU's feature flags: a machine with another
+# CPU builds its own (a native build may SIGILL elsewhere); one whose CPU was seen before installs
+# the kept wheel in seconds.
 cpu_key=$( { grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; } | sha256sum | cut -c1-12)
-LLAMA_WHEELS=.cache/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$cpu_key
+LLAMA_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/specserve/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$cpu_key
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF"
 if [ "$(uname -m)" = x86_64 ]; then
