@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import pytest
 from compute.backend import BufferSpec
 from compute.numpy_backend import NumpyBackend
 from service.common import memory
+from service.common.errors import InvalidArgument
 from service.engine.grammar import GrammarFailed
 from service.engine.request import GenRequest, ResponseFormat, SamplingParams
+from service.http.bodies import check_objects
 from service.pb.specserve.v1 import specserve_pb2 as pb
 from tests.conftest import TINY, start_server, stop_server, tiny_config
 from tests.ggml_backend import ggml_param
@@ -78,6 +81,20 @@ def test_a_100k_message_chat_is_refused_at_once_and_leaves_nothing_behind(server
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4096 messages" in e.value.details()
         assert time.monotonic() - t0 < 10  # refused before the chat template and the tokenizer run
     assert rss() - before < 40 * MiB
+
+
+def test_a_body_of_too_many_json_objects_is_refused_without_building_them():
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}] * 100_000}).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument, match="at most 4096 messages"):
+            check_objects(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB  # pydantic built ~80 MB of values and models for this body before refusing it
+    braces = json.dumps({"model": "default", "messages": [{"role": "user", "content": "{" * 100_000}]}).encode()
+    check_objects(braces)  # braces inside a string are no objects
 
 
 def test_eight_exploding_regexes_leave_little_behind(tiny_models_dir):
