@@ -1,7 +1,7 @@
 """Memory stays bounded under hostile traffic: what a failed grammar or a huge request built is given
 back, the grammar cache is bounded by bytes, and a short soak mixing hostile and normal requests over
-both doors ends within +150 MB of where it began (bench/soak.py --hostile; the 10-minute version is
-`bench/soak.py --hostile --seconds 600`).
+both doors ends within +150 MB of where it began (bench/soak.py --hostile --seconds 45 on the packaged
+model; the 10-minute version is `bench/soak.py --hostile --seconds 600`).
 """
 
 from __future__ import annotations
@@ -126,10 +126,12 @@ def test_eight_exploding_regexes_leave_little_behind(tiny_models_dir):
         pair.release()
 
 
-def test_a_short_hostile_soak_over_both_doors_ends_within_150_mb(tiny_models_dir):
-    r = subprocess.run([sys.executable, "bench/soak.py", "--seconds", "20", "--every", "10", "--concurrency", "2",
-                        "--max-tokens", "8", "--hostile", "--", "-m", str(tiny_models_dir / TINY), "--backend", "numpy",
-                        "--threads", "1", "-np", "4", "-c", "1024", "-cram", "16"],
+def test_a_short_hostile_soak_over_both_doors_ends_within_150_mb(real_model):
+    # the 10-minute command, shortened: the packaged SmolLM2 on the default backend, as served. A tiny
+    # model's planned buffers are too small to show what this catches: its KV cache and prompt store
+    # filling in while serving read as +157 to +300 MB within 30 s (np.zeros left their pages untouched at Load)
+    r = subprocess.run([sys.executable, "bench/soak.py", "--seconds", "45", "--every", "15", "--hostile",
+                        "--", "-m", real_model, "--threads", "1", "-np", "4", "-c", "2048"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
