@@ -7,6 +7,7 @@ model; the 10-minute version is `bench/soak.py --hostile --seconds 600`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,6 +65,41 @@ def test_a_planned_host_buffer_is_resident_from_load_on(make, kind, layout):
     alloc = be.allocate("mem", spec, layout)
     assert resident() - before >= 60 * MiB
     be.release(alloc)
+
+
+ARENAS_USED = """
+import ctypes, os, sys, tempfile, threading
+from service.common import memory
+memory.cap_arenas()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.fopen.restype, libc.fclose.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+start = threading.Barrier(8)
+def churn():  # threads that malloc at once: glibc gives each a new arena while it may
+    start.wait()
+    for _ in range(2000):
+        for p in [libc.malloc(4096) for _ in range(16)]:
+            libc.free(p)
+threads = [threading.Thread(target=churn) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize("env, arenas", [({}, memory.ARENAS), ({"MALLOC_ARENA_MAX": "3"}, 3)])
+def test_the_server_threads_share_a_few_malloc_arenas_unless_the_operator_says(env, arenas):
+    # glibc's default, 8 per core, left each thread's free chunks in an arena of its own: RSS crept
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env
+    r = subprocess.run([sys.executable, "-c", ARENAS_USED], cwd=ROOT, env=environ, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == arenas
 
 
 def test_a_100k_message_chat_is_refused_at_once_and_leaves_nothing_behind(server):
