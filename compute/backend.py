@@ -112,9 +112,18 @@ class HostArrays(dict):
     what the engine itself reads and writes (the n-gram index), whatever the backend."""
 
 
+def resident_zeros(nbytes: int) -> np.ndarray:
+    """`nbytes` zeroed host bytes whose pages are resident now. np.zeros takes fresh pages from the
+    kernel (calloc over mmap) that become resident only when first written: a planned buffer made
+    that way (KV cache, prompt store) would fill in mid-serving and read as RSS growth for minutes."""
+    raw = np.empty(nbytes, dtype=np.uint8)
+    raw.fill(0)  # every page written once: resident from Load on, as Fit counted it
+    return raw
+
+
 def carve_host(nbytes: int, layout: dict[str, tuple[tuple[int, ...], str]]) -> HostArrays:
-    """Zeroed host arrays of `layout`, carved in order from one buffer of exactly `nbytes`."""
-    raw = np.zeros(nbytes, dtype=np.uint8)
+    """Zeroed host arrays of `layout`, carved in order from one resident buffer of exactly `nbytes`."""
+    raw = resident_zeros(nbytes)
     arrays, off = HostArrays(), 0
     for name, (shape, dt) in layout.items():
         dtype = DTYPES[dt]

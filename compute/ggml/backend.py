@@ -39,6 +39,7 @@ from compute.backend import (
     PassRecording,
     Proj,
     carve_host,
+    resident_zeros,
 )
 from compute.ggml.graph import (
     Placeholder,
@@ -154,9 +155,9 @@ class GgmlBackend(HostKvCells, Backend):
         if spec.kind == "compute":
             (graph_shape, _), (work_shape, _) = layout["graph"], layout["work"]
             assert graph_shape[0] + work_shape[0] == spec.nbytes
-            return GgmlScratch(self.libs, graph_shape[0], np.zeros(work_shape[0], np.uint8))
+            return GgmlScratch(self.libs, graph_shape[0], resident_zeros(work_shape[0]))
         if layout is None:
-            return np.zeros(spec.nbytes, dtype=np.uint8)  # zeros: pages are touched now, not mid-decode
+            return resident_zeros(spec.nbytes)
         return dict(carve_host(spec.nbytes, layout))
 
     def _release(self, array) -> None:
