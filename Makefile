@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 ARGS ?=
 HTTP_PORT ?= 8080  # make serve's OpenAI-compatible HTTP door (HTTP_PORT=-1: off)
 PYTEST_ARGS ?=
-HTTP_PORT ?= 8080  # make serve's OpenAI-compatible HTTP door (HTTP_PORT=-1: off)
 
 .PHONY: help setup serve test lint proto bench-ghz image-test clean distclean
 
@@ -40,5 +39,5 @@ clean:  ## remove caches and test outputs (keeps .venv and tools)
 	rm -rf .pytest_cache .hypothesis bench/out
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
 
-distclean: clean  ## also remove .venv, .tools, node_modules, setup stamps and the k8s schemas
+distclean: clean  ## also remove .venv, .tools, node_modules, setup stamps and the k8s schemas (the llama-cpp-python wheel stays in ~/.cache/specserve)
 	rm -rf $(VENV) .tools tests/node/node_modules .cache/stamps .cache/k8s-schemas

@@ -112,9 +112,18 @@ class HostArrays(dict):
     what the engine itself reads and writes (the n-gram index), whatever the backend."""
 
 
+def resident_zeros(nbytes: int) -> np.ndarray:
+    """`nbytes` zeroed host bytes whose pages are resident now. np.zeros takes fresh pages from the
+    kernel (calloc over mmap) that become resident only when first written: a planned buffer made
+    that way (KV cache, prompt store) would fill in mid-serving and read as RSS growth for minutes."""
+    raw = np.empty(nbytes, dtype=np.uint8)
+    raw.fill(0)  # every page written once: resident from Load on, as Fit counted it
+    return raw
+
+
 def carve_host(nbytes: int, layout: dict[str, tuple[tuple[int, ...], str]]) -> HostArrays:
-    """Zeroed host arrays of `layout`, carved in order from one buffer of exactly `nbytes`."""
-    raw = np.zeros(nbytes, dtype=np.uint8)
+    """Zeroed host arrays of `layout`, carved in order from one resident buffer of exactly `nbytes`."""
+    raw = resident_zeros(nbytes)
     arrays, off = HostArrays(), 0
     for name, (shape, dt) in layout.items():
         dtype = DTYPES[dt]
@@ -237,13 +246,15 @@ class Backend(ABC):
         """out (n, N) = x (n, K) @ W^T [+ bias] for W the file's (N, K) matrix; a row's result never
         depends on n. `pad` is the context's (pad_in, pad_out) scratch for backends that tile rows."""
 
-    def rope_tables(self, positions: np.ndarray, rope_dim: int, base: float, scale: float
+    def rope_tables(self, positions: np.ndarray, rope_dim: int, base: float, scale: float | Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (n, rope_dim/2) float32 of each row's angles position/scale * base^(-2i/rope_dim);
-        made on the host, the same for every backend (a numerics emulation may override it)."""
+        """cos, sin (n, rope_dim/2) float32 of each row's angles position/scale_i * base^(-2i/rope_dim);
+        `scale` is one number or one per pair (HParams.rope_scale: Llama 3's frequency factors).
+        Made on the host, the same for every backend (a numerics emulation may override it)."""
         i = np.arange(0, rope_dim, 2, dtype=np.float64)
         inv_freq = (base ** (-i / rope_dim)).astype(np.float32)
-        theta = (positions.astype(np.float32) / np.float32(scale))[:, None] * inv_freq[None, :]
+        scaled = positions.astype(np.float32)[:, None] / np.asarray(scale, dtype=np.float32)  # (n, 1 or rope_dim/2)
+        theta = scaled * inv_freq[None, :]
         return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
     @abstractmethod

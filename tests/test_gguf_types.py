@@ -129,3 +129,19 @@ def test_missing_tensor_is_named(tmp_path):
     w.close()
     with pytest.raises(ModelFileError, match="tensor output_norm.weight is missing"):
         ModelFile(str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("factors", [np.ones(3, np.float32), np.array([1.0] * 7 + [-2.0], np.float32)],
+                         ids=["wrong-size", "negative"])
+def test_rope_freqs_that_cannot_be_factors_are_refused(tmp_path, factors):
+    """rope_freqs.weight (Llama 3 RoPE scaling) holds one positive factor per rotated pair (head 16: 8 pairs)."""
+    path = write_tiny_llama(tmp_path / "m.gguf", rope_freqs=factors)
+    with pytest.raises(ModelFileError, match=r"rope_freqs\.weight must hold 8 positive numbers"):
+        ModelFile(path)
+
+
+def test_rope_freqs_become_per_pair_position_divisors(tmp_path):
+    factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)
+    hp = ModelFile(write_tiny_llama(tmp_path / "m.gguf", rope_freqs=factors)).hparams
+    assert hp.rope_scale == tuple(float(f) for f in factors)
+    assert ModelFile(write_tiny_llama(tmp_path / "plain.gguf")).hparams.rope_scale == 1.0

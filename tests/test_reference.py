@@ -23,7 +23,8 @@ way (prompt in one call, then one token per call):
    margin is below that can go either way, and two of the three prompts have such a near-tie
    at their first step (see KNOWN_PARTINGS).
 
-Tolerances (TOL_*) are those measurements rounded up. They catch a wrong RoPE pair layout
+Tolerances (TOL_*, in tests/llama_cpp_ref.py, which the other llama.cpp checks share) are those
+measurements rounded up. They catch a wrong RoPE pair layout
 (top-32 difference >= 4.7 at the first step) or a wrong attention scale (>= 4.1); they do
 not catch an rms eps off by 100x (1.43); the exact run 1 catches all three.
 """
@@ -42,6 +43,8 @@ from compute.numpy_backend import NumpyBackend
 from reference.ggml_cpu import GgmlCpuBackend
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
+from tests import llama_cpp_ref
+from tests.llama_cpp_ref import MIN_CORR, NEAR_TIE, TOL_FULL, TOL_MARGIN, TOL_TOP32
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +53,6 @@ CASES = {c["name"]: c for c in REF["cases"]}
 N_MATCH = 16  # greedy tokens that must equal llama.cpp's
 REF_ROUNDING = 5.5e-6  # the file keeps 5 decimals: an exact logit differs from it by at most 5e-6
 N_TEACHER_MIN = 42  # of 48 teacher-forced steps whose argmax must equal llama.cpp's token (measured 44, 45, 48)
-TOL_TOP32 = 2.0  # max |logit difference| over llama.cpp's 32 largest logits (measured max 1.68)
-TOL_FULL = 2.5  # max |logit difference| over the whole vocabulary (measured max 2.32)
-TOL_MARGIN = 0.6  # |our top-1 margin - llama.cpp's| (measured max 0.56)
-MIN_CORR = 0.995  # correlation of the logits rows (measured min 0.9965)
-NEAR_TIE = TOL_MARGIN  # a step whose llama.cpp top-1 margin is below this can flip
 
 # Prompts whose greedy tokens part from llama.cpp's before N_MATCH, with what was measured at
 # the parting step. Both are near-ties (margins far below TOL_MARGIN); the teacher-forced
@@ -239,18 +237,17 @@ def test_first_step_logits_close_to_reference(runs, name):
 
 @pytest.fixture(scope="module")
 def llama(real_model):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=real_model, n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    llama = llama_cpp_ref.load(real_model, n_ctx=256)
+    yield llama
+    llama.close()
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_first_step_logits_close_to_llama_cpp(runs, llama, name):
-    """The whole first-step logits row vs llama.cpp's (Llama.eval + .scores), where it is installed."""
+    """The whole first-step logits row vs llama.cpp's (Llama.eval + .scores)."""
     case, run = CASES[name], runs[name]
     prompt = case["prompt_ids"]
-    llama.reset()
-    llama.eval(prompt)
-    theirs = np.asarray(llama.scores[len(prompt) - 1], dtype=np.float32)
+    theirs = llama.logits(prompt)
     recorded = dict(map(tuple, case["first_step_top"]))
     assert max(abs(theirs[i] - v) for i, v in recorded.items()) < 1e-3, "llama_reference.json is stale: regenerate it"
     diff = float(np.abs(run.first - theirs).max())

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.common.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
-from tests.models import packaged_model_path
+from tests import llama_cpp_ref
+from tests.models import packaged_model_path, pulled_model
 
 DATA = pathlib.Path(__file__).parent / "data"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -225,19 +226,70 @@ MIXED_ALPHABET = [*"abcXYZ0123456789 \t\n\r'.,:!?-_()[]{}<>|/\\\"$%&*+=~`@#", "�
                   "\u00a0", "\u3000", "'s", "'LL", " the", "ing", "١٢٣", "½", "\u0301", "<|im_start|>", "<|im_end|>"]
 
 
-def test_matches_llama_cpp_when_installed(smollm2: Tokenizer, tmp_path: pathlib.Path) -> None:
-    """Differential check against llama.cpp itself, when llama-cpp-python is importable."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+def test_matches_llama_cpp(smollm2: Tokenizer, tmp_path: pathlib.Path) -> None:
+    """Differential check against llama.cpp itself (llama-cpp-python, which scripts/setup.sh installs)."""
     spm = write_spm(tmp_path)
     for path, tokenizer, alphabet in [
         (smollm2_path(), smollm2, MIXED_ALPHABET),
         (tmp_path / "spm.gguf", spm, [*"helowrdantsbc \n", "é", "👋", "<|im_start|>", "<tool>", "<s>"]),
     ]:
-        reference = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        for text in random_texts(0, alphabet, 300):
-            for special in (True, False):
-                expected = reference.tokenize(text.encode(), add_bos=True, special=special)
-                assert tokenizer.encode(text, parse_special=special) == expected, (path.name, text, special)
+        reference = llama_cpp_ref.Llama(path, vocab_only=True)
+        try:
+            for text in random_texts(0, alphabet, 300):
+                for special in (True, False):
+                    expected = reference.tokenize(text, add_bos=True, special=special)
+                    assert tokenizer.encode(text, parse_special=special) == expected, (path.name, text, special)
+        finally:
+            reference.close()
+
+
+# Multilingual text and code for the real vocabularies below (on top of ROUND_TRIP_TEXTS).
+MULTILINGUAL_AND_CODE = [
+    "东京是日本的首都，人口约一千四百万。",  # Chinese, full-width punctuation
+    "日本語のテキスト：カタカナとひらがな、漢字。",  # Japanese
+    "한국어 문장입니다. 안녕하세요!",  # Korean
+    "مرحبا بالعالم، هذا نص عربي ١٢٣٤٥",  # Arabic, Arabic-Indic digits
+    "नमस्ते दुनिया, यह हिंदी पाठ है। १२३",  # Hindi (Devanagari, combining marks)
+    "Привет, мир! Ёлки-палки 2024 г.",  # Cyrillic
+    "Γειά σου Κόσμε — ελληνικά",  # Greek, em dash
+    "emoji 😀🎉👨‍👩‍👧‍👦 🇫🇷 flags ✔️ and ZWJ",  # emoji, ZWJ sequence, regional indicators
+    "mixed: English, 中文, العربية, हिन्दी, and 🙂 in one line",
+    "def fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n\n\treturn fib(n - 1) + fib(n - 2)\n",  # tabs
+    "class Stack:\n    def __init__(self):\n        self.items: list[int] = []\n\n    def push(self, x):\n"
+    "        self.items.append(x)  # O(1)\n",
+    "fn main() {\n    let v: Vec<u32> = (0..10).map(|x| x * x).collect();\n    println!(\"{:?}\", v);\n}\n",
+    "const add = (a, b) => {\n  return a + b;\n};\nconsole.log(`sum=${add(1, 2)}`);\n",
+    "if (x !== null && y >= 0x1F) { z <<= 2; } // ok\r\n",
+    "a" + " " * 33 + "b" + "\t" * 7 + "c" + "\n" * 12 + "d",  # long whitespace runs
+    "   \n\n    \t  \n        \n",  # whitespace only
+    "3.14159265358979 1234567890 007 1,000,000 1e-10 0xDEADBEEF",  # digits
+    "year2024 v1.2.3 x86_64 α=0.5 ½ ² ⅓",
+    "<think>\n</think> <start_of_turn>user <end_of_turn> <|endoftext|> <|im_start|>",  # special-looking
+    "naïve Zürich façade — “quoted” ‘text’ … ©®™ €100 £5 ¥7",
+]
+assert len(MULTILINGUAL_AND_CODE) == 20
+
+REAL_VOCABS = ["qwen2.5-coder-1.5b", "gemma3-270m"]  # scripts/pull_model.py names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL_VOCABS)
+def test_real_vocab_matches_llama_cpp(name: str) -> None:
+    """Qwen2.5's byte-level BPE (pre=qwen2) and Gemma 3's SentencePiece vocabularies give llama.cpp's ids, with
+    and without parsing special tokens, with and without BOS."""
+    path = pulled_model(name)
+    ours = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    reference = llama_cpp_ref.Llama(path, vocab_only=True)
+    bad = []
+    for text in ROUND_TRIP_TEXTS + MULTILINGUAL_AND_CODE:
+        for special in (True, False):
+            for add_special in (True, False):
+                expected = reference.tokenize(text, add_bos=add_special, special=special)
+                got = ours.encode(text, add_special=add_special, parse_special=special)
+                if got != expected:
+                    bad.append((text, special, add_special, got, expected))
+    reference.close()
+    assert not bad, f"{len(bad)} differ; first: (text, parse_special, add_special, ours, llama.cpp) {bad[0]}"
 
 
 def test_invalid_text_is_refused(smollm2: Tokenizer) -> None:

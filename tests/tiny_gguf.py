@@ -53,15 +53,36 @@ def _quantize(w: np.ndarray, qtype: T) -> np.ndarray:
     return gguf.quants.quantize(w.astype(np.float32), qtype)
 
 
+def llama3_rope_factors(rope_dim: int, base: float, original_context: int, factor: float = 8.0,
+                        low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> np.ndarray:
+    """Llama 3's per-pair RoPE frequency factors (rope_freqs.weight), as llama.cpp's convert_hf_to_gguf.py
+    computes them from rope_scaling {"rope_type": "llama3", ...}: 1 for wavelengths shorter than
+    original_context / high_freq_factor, `factor` for those longer than original_context / low_freq_factor,
+    a smooth blend between."""
+    freqs = 1.0 / base ** (np.arange(0, rope_dim, 2) / rope_dim)
+    out = []
+    for wavelen in 2 * np.pi / freqs:
+        if wavelen < original_context / high_freq_factor:
+            out.append(1.0)
+        elif wavelen > original_context / low_freq_factor:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
                      n_layer: int = 2, n_ctx_train: int = 256, seed: int = 0, matrix_type: T = T.Q8_0,
                      tied: bool = True, arch: str = "llama", vocab: tuple | None = None,
                      extra_tokens: int = 0, scale: float = 0.5, head_dim: int | None = None,
-                     sliding_window: int = 0, swa_pattern: int | None = None) -> str:
+                     sliding_window: int = 0, swa_pattern: int | None = None, embd_type: T | None = None,
+                     rope_freqs: np.ndarray | None = None) -> str:
     """Write a random GGUF of `arch` and return its path: llama, qwen2 (q/k/v biases), qwen3 (per-head
     q/k norms), gemma3 (q/k norms, post-norms; `sliding_window` > 0: local layers with that window,
     every `swa_pattern`-th layer global, llama.cpp's default 6 when None). `head_dim` (attention.key_length)
-    defaults to n_embd / n_head."""
+    defaults to n_embd / n_head. The token embedding is Q8_0 (F32/F16 with such matrices) unless
+    `embd_type`. `rope_freqs`: a rope_freqs.weight tensor (Llama 3 RoPE scaling; llama3_rope_factors)."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = vocab or tiny_vocab()
     tokens = list(tokens) + [f"<extra_{i}>" for i in range(extra_tokens)]
@@ -103,8 +124,12 @@ def write_tiny_llama(path, *, n_embd: int = 64, n_head: int = 4, n_head_kv: int 
     def vec(name, n, center=1.0):
         w.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
-    mat("token_embd.weight", n_vocab, n_embd, T.Q8_0 if matrix_type not in (T.F32, T.F16) else matrix_type)
+    if embd_type is None:
+        embd_type = T.Q8_0 if matrix_type not in (T.F32, T.F16) else matrix_type
+    mat("token_embd.weight", n_vocab, n_embd, embd_type)
     vec("output_norm.weight", n_embd)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     if not tied:
         mat("output.weight", n_vocab, n_embd)
     for i in range(n_layer):

@@ -1,19 +1,22 @@
 """The ggml backend: llama.cpp's own CPU kernels (8-bit activations on integer dot products, every
 GGUF quant type, run-time ISA dispatch), planned and allocated like every other backend.
 
-* Weights keep their GGUF bytes, in buffers the plan sized (`weight_nbytes` is the file's size);
-  ggml tensors point at them. KV caches and logits rows are planned host arrays, the same layouts
-  as the NumPy backend's.
+* Weights are read into buffers the plan sized (`weight_nbytes` is the file's size); ggml tensors
+  point at them. Q4_K and Q6_K matrices of whole tiles are repacked on the way in, on CPUs with
+  AVX-512 VNNI, into tiles of 16 rows in the same number of bytes (compute/ggml/csrc/tiles.c: one
+  VNNI instruction then serves 16 weight rows; `tiled`); every other weight keeps the file's layout.
+  KV caches and logits rows are planned host arrays, the same layouts as the NumPy backend's.
 * A forward pass is one ggml graph (compute/ggml/graph.py), recorded once per batch shape and
   computed on a persistent ggml threadpool (`n_threads`; 0 = every core).
 * The graph's activations live in the context's compute buffer, placed by ggml's allocator
   (gallocr). Fit measures that buffer with the same allocator on the worst-case pass (n_batch rows,
   n_outputs_max outputs; `compute_layout`), Load reserves exactly that many bytes, and every later
   pass is placed inside them: the allocator is never allowed to grow it.
-* Batch invariance: ggml's plain CPU matmul computes each (weight row, activation row) dot product
-  with the same function whatever the batch (its repacked GEMM layouts and the llamafile sgemm path,
-  which are not, are never used: weights are plain tensors and ggml is built without llamafile);
-  attention is specserve's custom op, one row at a time (compute/ggml/csrc/ops.c).
+* Batch invariance: the K-quant mat-mul (ours, tiled or not) and ggml's plain CPU matmul compute each
+  (weight row, activation row) dot product with the same instructions whatever the batch (ggml's
+  repacked GEMM layouts and the llamafile sgemm path, which are not, are never used: ggml's weights
+  are plain tensors and ggml is built without llamafile); attention is specserve's custom op, one
+  row at a time (compute/ggml/csrc/ops.c).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from compute.backend import (
     PassRecording,
     Proj,
     carve_host,
+    resident_zeros,
 )
 from compute.ggml.graph import (
     Placeholder,
@@ -46,11 +50,12 @@ from compute.ggml.graph import (
     attention_args,
     data_ptr,
 )
-from compute.ggml.lib import MulMatArgs, QuantizeArgs, RopeArgs, load
+from compute.ggml.lib import GetRowsArgs, MulMatArgs, QuantizeArgs, RopeArgs, load
 from compute.quants import tensor_nbytes
 
 K_QUANTS = (12, 14)  # Q4_K, Q6_K: specserve's multi-row mat-mul (compute/ggml/csrc/ops.c); others: ggml_mul_mat
 QK_K = 256
+TILE_ROWS = 16  # weight rows per tile of a repacked K-quant matrix (compute/ggml/csrc/tiles.c TILE)
 GGML_TYPE_I8 = 24
 SCRATCH_NAMES = ("x", "xn", "q", "k", "v", "attn", "o", "gate", "up", "sel", "seln")  # compute/llama.py's
 
@@ -104,9 +109,10 @@ class GgmlBackend(HostKvCells, Backend):
     name = "ggml"
     replay_max_rows = sys.maxsize  # every pass is a ggml graph, kept per batch shape
 
-    def __init__(self, ledger: Ledger | None = None, n_threads: int = 0):
+    def __init__(self, ledger: Ledger | None = None, n_threads: int = 0, tiles: bool = True):
         super().__init__(ledger)
         self.libs = load()
+        self.tiles = tiles and self.libs.vnni  # False: every weight in the file's layout (benchmarks compare)
         g = self.g = self.libs.ggml
         self.n_threads = n_threads or os.cpu_count() or 1
         params = g.ggml_threadpool_params_default(self.n_threads)
@@ -149,19 +155,34 @@ class GgmlBackend(HostKvCells, Backend):
         if spec.kind == "compute":
             (graph_shape, _), (work_shape, _) = layout["graph"], layout["work"]
             assert graph_shape[0] + work_shape[0] == spec.nbytes
-            return GgmlScratch(self.libs, graph_shape[0], np.zeros(work_shape[0], np.uint8))
+            return GgmlScratch(self.libs, graph_shape[0], resident_zeros(work_shape[0]))
         if layout is None:
-            return np.zeros(spec.nbytes, dtype=np.uint8)  # zeros: pages are touched now, not mid-decode
+            return resident_zeros(spec.nbytes)
         return dict(carve_host(spec.nbytes, layout))
 
     def _release(self, array) -> None:
         if isinstance(array, GgmlScratch):
             array.free()
 
+    def tiled(self, ggml_type, ne) -> bool:
+        """Whether a weight of this type and ggml shape is repacked at load into tiles of 16 rows (the same
+        bytes, arranged for the VNNI mat-mul: compute/ggml/csrc/tiles.c). Plan and load ask this one rule."""
+        return (self.tiles and int(ggml_type) in K_QUANTS and len(ne) == 2
+                and ne[0] % QK_K == 0 and ne[1] % TILE_ROWS == 0)
+
     def load_weight(self, alloc: Allocation, ggml_type, shape, raw):
         dst = alloc.array
-        np.copyto(dst, np.frombuffer(raw, dtype=np.uint8) if raw.dtype != np.uint8 else raw.reshape(-1))
-        return WeightHandle(dst, int(ggml_type), tuple(reversed(tuple(shape))))
+        src = np.frombuffer(raw, dtype=np.uint8) if raw.dtype != np.uint8 else raw.reshape(-1)
+        ne = tuple(reversed(tuple(shape)))
+        if not self.tiled(ggml_type, ne):
+            np.copyto(dst, src)
+            return WeightHandle(dst, int(ggml_type), ne)
+        src = np.ascontiguousarray(src)
+        rc = self.libs.ops.specserve_repack_k(ctypes.c_int(int(ggml_type)), ctypes.c_void_p(src.ctypes.data),
+                                              ctypes.c_void_p(dst.ctypes.data), ctypes.c_int64(ne[1]),
+                                              ctypes.c_int64(ne[0]))
+        assert rc == 0, f"repack of a {ne} K-quant weight refused"
+        return WeightHandle(dst, int(ggml_type), ne, tiled=True)
 
     # ---- passes ----
     @contextlib.contextmanager
@@ -244,7 +265,13 @@ class GgmlBackend(HostKvCells, Backend):
     # ---- ops: each adds nodes to the pass being recorded ----
     def embed(self, table, ids, out):
         r = self.r
-        r.set(out, self.g.ggml_get_rows(r.ctx, r.get(table), r.input("tokens", ids)))
+        ids_t = r.input("tokens", ids)
+        if not table.tiled:
+            r.set(out, self.g.ggml_get_rows(r.ctx, r.get(table), ids_t))
+            return
+        k = table.ne[0]
+        args = GetRowsArgs(w=table.ptr, k=k, n_rows=len(ids), type=table.ggml_type)
+        r.set(out, r.custom(args, {"ids": ids_t}, self.libs.get_rows_tiled, [r.get(table), ids_t], (k, len(ids))))
 
     def rms_norm(self, x, w, eps, out):
         r = self.r
@@ -292,7 +319,7 @@ class GgmlBackend(HostKvCells, Backend):
         r = self.r
         wt = r.get(w)
         k, n = w.ne
-        args = MulMatArgs(w=w.ptr, n=n, k=k, n_rows=n_rows, type=w.ggml_type)
+        args = MulMatArgs(w=w.ptr, n=n, k=k, n_rows=n_rows, type=w.ggml_type, tiled=w.tiled)
         return r.custom(args, {"xq": xq}, self.libs.mul_mat_k, [wt, xq], (n, n_rows))
 
     def add(self, a, b, out):

@@ -68,12 +68,13 @@ def data_ptr(a) -> int:
 
 @dataclass(frozen=True)
 class WeightHandle:
-    """A weight as the file stores it (any ggml type): its bytes (None at plan time), type and ggml shape
-    ne (ne0 = the row length)."""
+    """A weight in host memory (any ggml type): its bytes (None at plan time), type and ggml shape
+    ne (ne0 = the row length); the file's layout unless `tiled`."""
 
     raw: np.ndarray | None
     ggml_type: int
     ne: tuple[int, ...]
+    tiled: bool = False  # raw holds the rows repacked into tiles of 16 (compute/ggml/csrc/tiles.c), not the file's
 
     @property
     def ptr(self) -> int:

@@ -3,7 +3,8 @@
 * `ggml`: ggml itself through its maintained Python binding (ggml-python, ctypes; scripts/setup.sh
   builds it from source with the flags docs/ggml-backend.md gives: no llamafile sgemm, ggml's own
   threadpool).
-* `ops`: specserve's custom ops for ggml graphs (compute/ggml/csrc/ops.c), built at install as the
+* `ops`: specserve's custom ops for ggml graphs (compute/ggml/csrc/: ops.c, and tiles.c for the K-quant
+  weights repacked into tiles of 16 rows), built at install as the
   extension module `compute.ggml._ops` and loaded with ctypes (it is plain C: no Python API).
 
 `load()` raises `GgmlUnavailable` with the reason and the fix when either is missing.
@@ -55,7 +56,14 @@ class MulMatArgs(ctypes.Structure):
     """compute/ggml/csrc/ops.c `mul_mat_args`: a K-quant matrix times q8_K activation rows."""
 
     _fields_ = [("w", ctypes.c_void_p), ("xq", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("n_rows", ctypes.c_int32), ("type", ctypes.c_int32)]
+                ("k", ctypes.c_int64), ("n_rows", ctypes.c_int32), ("type", ctypes.c_int32), ("tiled", ctypes.c_int32)]
+
+
+class GetRowsArgs(ctypes.Structure):
+    """compute/ggml/csrc/tiles.c `get_rows_args`: the embedding lookup of a tiled table."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("ids", ctypes.c_void_p), ("out", ctypes.c_void_p), ("k", ctypes.c_int64),
+                ("n_rows", ctypes.c_int32), ("type", ctypes.c_int32)]
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,11 @@ class Libs:
     rope: object  # ggml.ggml_custom_op_t
     quantize_q8_k: object  # ggml.ggml_custom_op_t
     mul_mat_k: object  # ggml.ggml_custom_op_t
+    get_rows_tiled: object  # ggml.ggml_custom_op_t
     max_head_dim: int
     max_group: int
     q8_k_block_bytes: int
-    vnni: bool  # the K-quant mat-mul runs its AVX-512 VNNI path on this CPU
+    vnni: bool  # the K-quant mat-mul runs its AVX-512 VNNI path on this CPU (and K-quant weights are tiled)
 
     def cpu_buffer_type(self) -> int:
         """ggml_backend_cpu_buffer_type(), called with its real return type (the binding declares a
@@ -99,6 +108,6 @@ def load() -> Libs:
         raise GgmlUnavailable(f"specserve's ggml ops cannot be loaded ({e})") from e
     op = functools.partial(ctypes.cast, typ=ggml.ggml_custom_op_t)
     return Libs(ggml, ops, op(ops.specserve_attention), op(ops.specserve_rope), op(ops.specserve_quantize_q8_k),
-                op(ops.specserve_mul_mat_k), ops.specserve_attention_max_head_dim(),
+                op(ops.specserve_mul_mat_k), op(ops.specserve_get_rows_tiled), ops.specserve_attention_max_head_dim(),
                 ops.specserve_attention_max_group(), ops.specserve_q8_k_block_bytes(),
                 bool(ops.specserve_mul_mat_k_vnni()))

@@ -23,8 +23,10 @@ def measure_pass(be, model, n_batch: int, n_outputs_max: int) -> tuple[int, int]
     from compute.ggml.backend import GgmlScratch
 
     hp = model.hparams
-    handles = {name: WeightHandle(None, int(t.ggml_type), tuple(reversed(t.shape)))
-               for name, t in model.tensors.items()}
+    handles = {}
+    for name, t in model.tensors.items():
+        ne = tuple(reversed(t.shape))
+        handles[name] = WeightHandle(None, int(t.ggml_type), ne, tiled=be.tiled(t.ggml_type, ne))
     f32 = np.dtype(np.float32)
     # a local layers' cache with other cells per slot than the global one: its own cells input, as in a real pass
     cache, vcache = ({name: Placeholder((n, 1, 1 + (name == "cache_swa"), hp.n_embd_kv), f32, (i + 1) * FAKE_PTR)

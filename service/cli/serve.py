@@ -53,8 +53,9 @@ def serve_config(args):
 
 
 def cmd_serve(args) -> int:
-    from service.common import logging_setup
+    from service.common import logging_setup, memory
 
+    memory.cap_arenas()  # before any of the server's threads mallocs (service/common/memory.py)
     logging_setup.configure(args.log_level, args.log_format)
     if args.list_devices:
         return list_devices(args.threads)

@@ -52,7 +52,7 @@ from service.edge.auth import AUTH_HEADER, GENERATE_OPERATIONS, Tokens, allowed
 from service.edge.calls import check_header_id, record_call, request_id_for
 from service.edge.headers import REPLICA_HEADER, REPLICA_ID, REQUEST_ID_HEADER
 from service.http import schema as s
-from service.http.bodies import READING_PER_WORKER, BodyReader, client_gone_or
+from service.http.bodies import READING_PER_WORKER, BodyReader, check_objects, client_gone_or
 from service.http.errors import ClientGone, error_body, routing_error, validation_error
 from service.http.generation import Generation
 from service.http.model_server_metrics import ModelServerCollector, metrics_endpoint
@@ -138,6 +138,7 @@ class OpenAIDoor:
     async def _body(self, request: Request, model):
         """The body (bodies.py: size, time and in-flight bounds) as `model` (InvalidArgument naming the field)."""
         raw = await self.bodies.read(request)
+        check_objects(raw)
         try:
             return model.model_validate_json(raw)
         except ValidationError as e:

@@ -8,19 +8,26 @@ headers and then part of a body holds one of `max_reading` reading places, for a
 seconds in all, and none of the workers. More bodies in flight than `max_reading` are refused at
 once (429), so even a crowd of slow clients cannot keep the requests that send whole bodies from
 the workers. A client that leaves mid-body is ClientGone (CANCELLED, 499), not an error of ours.
+
+`check_objects(raw)` refuses a body of more JSON objects than any request needs before pydantic builds
+them: a 3 MB chat of 100k messages would otherwise become ~80 MB of parsed values and models, only to be
+refused at 4096 messages, and a stream of such bodies left RSS higher after each burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 from starlette.requests import ClientDisconnect, Request
 
-from service.common.errors import DeadlineExceeded, ResourceExhausted
+from service.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from service.config.settings import MAX_MESSAGES
 from service.http.errors import ClientGone, PayloadTooLarge
 
 READING_PER_WORKER = 2  # bodies being read at once, per --max-workers place
+MAX_JSON_OBJECTS = 8 * MAX_MESSAGES  # a chat's messages, their content parts and tool calls, a schema: room to spare
 
 
 class BodyTimeout(DeadlineExceeded):
@@ -68,6 +75,32 @@ class BodyReader:
                 raise PayloadTooLarge(f"the request body is over {self.limit} bytes (--max-message-size)")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
+def check_objects(raw: bytes, limit: int = MAX_JSON_OBJECTS) -> None:
+    """InvalidArgument when the JSON body holds more than `limit` objects; nothing is built to find out
+    (each object is counted and dropped). Bodies with no more braces than `limit` are not parsed at all."""
+    if raw.count(b"{") <= limit:  # an upper bound of the objects (braces inside strings count too)
+        return
+    seen = 0
+
+    def count(_pairs) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > limit:
+            raise _TooManyObjects
+
+    try:
+        json.loads(raw, object_pairs_hook=count)
+    except _TooManyObjects:
+        raise InvalidArgument(f"the request body holds more than {limit} JSON objects; a chat takes at most "
+                              f"{MAX_MESSAGES} messages") from None
+    except (ValueError, RecursionError):
+        return  # not JSON, or nested too deep: the model's validation says what is wrong with it
 
 
 def client_gone_or(exc: BaseException) -> BaseException:

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kquants.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPECSERVE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -47,26 +49,6 @@ typedef struct {
 // The first cell a row attends to: 0, or the oldest cell of its window.
 static inline int first_cell(const attention_args *a, int n_cells) {
     return a->window > 0 && n_cells > a->window ? n_cells - a->window : 0;
-}
-
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 // one cell of K or V as float32 (dst: head_dim floats); _Float16 converts with vcvtph2ps in the
@@ -136,54 +118,127 @@ static void attention_task(const attention_args *a, int row, int kvh) {
 #include <immintrin.h>
 #define AVX512_TARGET __attribute__((target("avx512f,f16c,fma")))
 
-// The same task on AVX-512 (head_dim a multiple of 16): each cell's K and V rows converted once into
-// registers, every query head of the group dotted with K and accumulated with V 16 lanes at a time.
+// exp(x) for 16 lanes, x <= 0 (scores minus their running maximum): x = n ln2 + r, |r| <= ln2 / 2, then
+// 2^n (vscalefps) times a degree-6 polynomial of r (Taylor: relative error under 2e-7 on that range).
+// Lanes below -87 give exp(-87) (~1.6e-38) rather than 0, which no float sum holding an exp(0) can see.
+AVX512_TARGET static inline __m512 exp_le0(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: n * hi is exact
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// The 16 sums of 16 vectors as one vector (lane c: the sum of v[c]'s lanes), by a fixed tree: halves of
+// v[c] and v[c + 8] folded together, then quarters, ...; the last permute puts each sum in its lane.
+AVX512_TARGET static inline __m512 sums_of_16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int c = 0; c < 8; c++)  // 256-bit halves: v[c]'s folded in the low one, v[c + 8]'s in the high
+        w[c] = _mm512_add_ps(_mm512_shuffle_f32x4(v[c], v[c + 8], 0x44), _mm512_shuffle_f32x4(v[c], v[c + 8], 0xEE));
+    for (int c = 0; c < 4; c++)  // 128-bit quarters: v[c], v[c + 8], v[c + 4], v[c + 12]
+        x[c] = _mm512_add_ps(_mm512_shuffle_f32x4(w[c], w[c + 4], 0x88), _mm512_shuffle_f32x4(w[c], w[c + 4], 0xDD));
+    for (int c = 0; c < 2; c++)
+        y[c] = _mm512_add_ps(_mm512_unpacklo_ps(x[c], x[c + 2]), _mm512_unpackhi_ps(x[c], x[c + 2]));
+    const __m512d y0 = _mm512_castps_pd(y[0]), y1 = _mm512_castps_pd(y[1]);
+    const __m512 z = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(y0, y1)), _mm512_castpd_ps(_mm512_unpackhi_pd(y0, y1)));
+    // z holds, quarter by quarter, the sums of v[0 2 1 3], v[8 10 9 11], v[4 6 5 7], v[12 14 13 15]
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0), z);
+}
+
+#define CHUNK 16  // cells scored together: one tree of sums, one vector exp
+#define HEADS 8   // query heads whose V sums stay in registers while a chunk's V rows stream past
+
+// acc[h] (one 16-float slice of each head's V sum) = acc[h] * rescale[h] + the chunk's weights times V
+AVX512_TARGET static inline __attribute__((always_inline)) void v_slice(
+        __m512 (*acc)[MAX_HEAD_DIM / 16], const float (*wts)[CHUNK], const float *rescale,
+        const __m512 (*vb)[MAX_HEAD_DIM / 16], int i, int nc, int h0, const int hn) {
+    __m512 a[HEADS];
+    for (int j = 0; j < hn; j++) a[j] = _mm512_mul_ps(acc[h0 + j][i], _mm512_set1_ps(rescale[h0 + j]));
+    for (int c = 0; c < nc; c++) {
+        const __m512 v = vb[c][i];
+        for (int j = 0; j < hn; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(wts[h0 + j][c]), v, a[j]);
+    }
+    for (int j = 0; j < hn; j++) acc[h0 + j][i] = a[j];
+}
+
+// The same task on AVX-512 (head_dim a multiple of 16), 16 cells at a time: the chunk's K and V rows
+// converted once to float32; for every query head of the group, the 16 cells' scores as one vector,
+// softmax online per chunk (a rescale when the chunk raises the maximum, one vector exp for the 16
+// weights); then V accumulated slice by slice, up to 8 heads' sums held in registers. The order of every
+// sum is fixed by the row alone.
 AVX512_TARGET static void attention_task_avx512(const attention_args *a, int row, int kvh) {
     const int g = a->n_head / a->n_head_kv, hd = a->head_dim, nv = hd / 16;
     const int64_t base = (int64_t)a->slots[row] * a->n_ctx_slot;
     const int n_cells = a->pos[row] + 1;
     const float *q = a->q + row * a->q_row + (int64_t)kvh * g * hd;
-    __m512 kc[MAX_HEAD_DIM / 16], vc[MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
-    float m[MAX_GROUP], sum[MAX_GROUP];
+    __m512 kb[CHUNK][MAX_HEAD_DIM / 16], vb[CHUNK][MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+    __m512 vsum[MAX_GROUP], part[CHUNK];
+    float m[MAX_GROUP], rescale[MAX_GROUP], wts[MAX_GROUP][CHUNK];
     for (int h = 0; h < g; h++) {
         m[h] = -INFINITY;
-        sum[h] = 0.0f;
+        vsum[h] = _mm512_setzero_ps();
         for (int i = 0; i < nv; i++) acc[h][i] = _mm512_setzero_ps();
     }
-    const int first = first_cell(a, n_cells);
-    for (int c = first, cell = first % a->n_ctx_slot; c < n_cells; c++, cell = cell + 1 == a->n_ctx_slot ? 0 : cell + 1) {
-        const int64_t off = (base + cell) * a->kv_row + (int64_t)kvh * hd;  // cell = c % n_ctx_slot
-        for (int i = 0; i < nv; i++) {
-            if (a->kv_f16) {
-                kc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
-                vc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + off + 16 * i)));
-            } else {
-                kc[i] = _mm512_loadu_ps((const float *)a->k + off + 16 * i);
-                vc[i] = _mm512_loadu_ps((const float *)a->v + off + 16 * i);
+    for (int c0 = first_cell(a, n_cells); c0 < n_cells; c0 += CHUNK) {
+        const int nc = n_cells - c0 < CHUNK ? n_cells - c0 : CHUNK;
+        const __mmask16 valid = (__mmask16)((1u << nc) - 1);
+        for (int c = 0; c < nc; c++) {
+            const int64_t off = (base + (c0 + c) % a->n_ctx_slot) * a->kv_row + (int64_t)kvh * hd;  // a ring wraps
+            for (int i = 0; i < nv; i++) {
+                if (a->kv_f16) {
+                    kb[c][i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->k + off + 16 * i)));
+                    vb[c][i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + off + 16 * i)));
+                } else {
+                    kb[c][i] = _mm512_loadu_ps((const float *)a->k + off + 16 * i);
+                    vb[c][i] = _mm512_loadu_ps((const float *)a->v + off + 16 * i);
+                }
             }
         }
         for (int h = 0; h < g; h++) {
-            __m512 d = _mm512_setzero_ps();
-            for (int i = 0; i < nv; i++) d = _mm512_fmadd_ps(_mm512_loadu_ps(q + (int64_t)h * hd + 16 * i), kc[i], d);
-            const float s = _mm512_reduce_add_ps(d) * a->scale;
-            float w = 1.0f;
-            if (s > m[h]) {  // new maximum: rescale what was summed so far
-                const float r = expf(m[h] - s);
-                sum[h] *= r;
-                const __m512 rv = _mm512_set1_ps(r);
-                for (int i = 0; i < nv; i++) acc[h][i] = _mm512_mul_ps(acc[h][i], rv);
-                m[h] = s;
-            } else {
-                w = expf(s - m[h]);
+            const float *qh = q + (int64_t)h * hd;
+            for (int c = 0; c < CHUNK; c++) {
+                __m512 d = _mm512_setzero_ps();
+                if (c < nc)
+                    for (int i = 0; i < nv; i++) d = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kb[c][i], d);
+                part[c] = d;
             }
-            sum[h] += w;
-            const __m512 wv = _mm512_set1_ps(w);
-            for (int i = 0; i < nv; i++) acc[h][i] = _mm512_fmadd_ps(wv, vc[i], acc[h][i]);
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                                _mm512_mul_ps(sums_of_16(part), _mm512_set1_ps(a->scale)));
+            const float top = _mm512_reduce_max_ps(s);
+            rescale[h] = 1.0f;
+            if (top > m[h]) {  // the chunk raises the maximum: what was summed so far is rescaled
+                rescale[h] = expf(m[h] - top);
+                vsum[h] = _mm512_mul_ps(vsum[h], _mm512_set1_ps(rescale[h]));
+                m[h] = top;
+            }
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp_le0(_mm512_sub_ps(s, _mm512_set1_ps(m[h]))));
+            vsum[h] = _mm512_add_ps(vsum[h], p);
+            _mm512_storeu_ps(wts[h], p);
         }
+        for (int i = 0; i < nv; i++)
+            for (int h0 = 0; h0 < g; h0 += HEADS) {
+                switch (g - h0 < HEADS ? g - h0 : HEADS) {
+                case 1: v_slice(acc, wts, rescale, vb, i, nc, h0, 1); break;
+                case 2: v_slice(acc, wts, rescale, vb, i, nc, h0, 2); break;
+                case 3: v_slice(acc, wts, rescale, vb, i, nc, h0, 3); break;
+                case 4: v_slice(acc, wts, rescale, vb, i, nc, h0, 4); break;
+                case 5: v_slice(acc, wts, rescale, vb, i, nc, h0, 5); break;
+                case 6: v_slice(acc, wts, rescale, vb, i, nc, h0, 6); break;
+                case 7: v_slice(acc, wts, rescale, vb, i, nc, h0, 7); break;
+                default: v_slice(acc, wts, rescale, vb, i, nc, h0, 8); break;
+                }
+            }
     }
     float *out = a->out + row * a->q_row + (int64_t)kvh * g * hd;
     for (int h = 0; h < g; h++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / sum[h]);
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum[h]));
         for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + (int64_t)h * hd + 16 * i, _mm512_mul_ps(acc[h][i], inv));
     }
 }
@@ -280,41 +335,12 @@ void specserve_rope(void *dst, int ith, int nth, void *userdata) {
 // The integer sums are exact; float enters once per 256-value block (scale products, one FMA) and in the
 // final sum of the 16 lanes, in a fixed order.
 
-#define QK_K 256
-
-typedef struct {
-    float d;
-    int8_t qs[QK_K];
-    int16_t bsums[QK_K / 16];
-} block_q8_k;
-
-typedef struct {
-    uint16_t d, dmin;  // f16 super-block scales of the scales and of the mins
-    uint8_t scales[12];  // 8 six-bit scales and 8 six-bit mins
-    uint8_t qs[QK_K / 2];
-} block_q4_k;
-
-typedef struct {
-    uint8_t ql[QK_K / 2];
-    uint8_t qh[QK_K / 4];
-    int8_t scales[QK_K / 16];
-    uint16_t d;
-} block_q6_k;
-
 typedef struct {
     const float *x;
     void *out;  // (n_rows, K / 256) block_q8_k
     int64_t k;
     int32_t n_rows;
 } quantize_args;
-
-typedef struct {
-    const void *w;   // (N, K / 256) weight blocks
-    const void *xq;  // (n_rows, K / 256) block_q8_k
-    float *out;      // (n_rows, N)
-    int64_t n, k;
-    int32_t n_rows, type;  // type: 12 (Q4_K) or 14 (Q6_K), ggml's numbering
-} mul_mat_args;
 
 static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
     for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
@@ -337,26 +363,64 @@ static void quantize_row_q8_k(const float *x, block_q8_k *y, int64_t k) {
             for (int i = 0; i < 16; i++) s += y[b].qs[j * 16 + i];
             y[b].bsums[j] = (int16_t)s;
         }
+        for (int j = 0; j < QK_K / 32; j++) y[b].bsums32[j] = (int16_t)(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
         y[b].d = 1.0f / iscale;
     }
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same blocks on AVX-512, bit for bit: the same first value of largest magnitude, the same product
+// rounded to nearest even (vcvtps2dq as lrintf), the same sums.
+AVX512_TARGET static void quantize_row_q8_k_avx512(const float *x, block_q8_k *y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_K; b++, x += QK_K) {
+        __m512 amaxv = _mm512_setzero_ps();
+        for (int i = 0; i < QK_K / 16; i++) amaxv = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)), amaxv);
+        const float amax = _mm512_reduce_max_ps(amaxv);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof(block_q8_k));
+            continue;
+        }
+        float max = 0.0f;
+        for (int i = 0; i < QK_K / 16; i++) {
+            const __mmask16 at = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            if (at) {
+                max = x[16 * i + __builtin_ctz(at)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        const __m512 iv = _mm512_set1_ps(iscale);
+        for (int i = 0; i < QK_K / 16; i++) {
+            const __m512i v = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(iv, _mm512_loadu_ps(x + 16 * i))),
+                                               _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i *)(y[b].qs + 16 * i), _mm512_cvtepi32_epi8(v));
+            y[b].bsums[i] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+        for (int j = 0; j < QK_K / 32; j++) y[b].bsums32[j] = (int16_t)(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+        y[b].d = 1.0f / iscale;
+    }
+}
+#endif
 
 void specserve_quantize_q8_k(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     const quantize_args *a = (const quantize_args *)userdata;
     const int64_t nb = a->k / QK_K;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx512()) {
+        for (int r = ith; r < a->n_rows; r += nth)
+            quantize_row_q8_k_avx512(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
+        return;
+    }
+#endif
     for (int r = ith; r < a->n_rows; r += nth)
         quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
 }
 
-static inline void q4_k_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
+// The plain C quantisation on one thread, for the tests (the AVX-512 one must give the same bytes).
+void specserve_quantize_q8_k_plain(const quantize_args *a) {
+    const int64_t nb = a->k / QK_K;
+    for (int r = 0; r < a->n_rows; r++) quantize_row_q8_k(a->x + r * a->k, (block_q8_k *)a->out + r * nb, a->k);
 }
 
 #define MAX_ROWS 64  // activation rows per call (the planner's n_batch may be larger: taken in groups)
@@ -385,6 +449,14 @@ VNNI_TARGET static inline float hsum16(__m512 v) {  // fixed order: halves, then
     return _mm_cvtss_f32(q);
 }
 
+// A 32-bit lane's scale as two 16-bit lanes. Each 64-value chunk is multiplied as pairs (maddubs: unsigned
+// codes times signed activations, two products summed into 16 bits, which cannot saturate: 2 * 63 * 127 < 2^15)
+// and the pairs then by their scale and summed into 32-bit lanes (dpwssd): the same exact integer in each lane
+// as four products summed (dpbusd) times the lane's scale, in two instructions instead of four.
+VNNI_TARGET static inline __m512i scales_16(__m512i s32) {
+    return _mm512_mask_blend_epi16(0xAAAAAAAA, s32, _mm512_slli_epi32(s32, 16));
+}
+
 // one weight row of Q4_K against rows c0..c1 of the activations
 VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq, int64_t nb, int c0, int c1,
                                        float *out, int64_t out_stride) {
@@ -407,18 +479,16 @@ VNNI_TARGET static void row_q4_k_vnni(const block_q4_k *w, const block_q8_k *xq,
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wb->qs + 32 * j));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            scv[j] = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_SCALE_LANES[j])));
+            scv[j] = scales_16(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_SCALE_LANES[j]))));
         }
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_loadu_si128((const __m128i *)Q4_MIN_PAIRS)));
         const float d = _cvtsh_ss(wb->d), dmin = _cvtsh_ss(wb->dmin);
         for (int c = c0; c < c1; c++) {
             const block_q8_k *xb = &xq[c * nb + b];
             __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
-                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
-            }
+            for (int j = 0; j < 4; j++)
+                isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(wq[j], _mm512_loadu_si512((const void *)(xb->qs + 64 * j))),
+                                           scv[j]);
             const __m256i msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), mins);
             acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xb->d), acc[c - c0]);
             acc[c - c0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castsi256_si512(msum)),
@@ -454,18 +524,16 @@ VNNI_TARGET static void row_q6_k_vnni(const block_q6_k *w, const block_q8_k *xq,
         __m512i wq[4], scv[4];
         for (int j = 0; j < 4; j++) {
             wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g[2 * j]), g[2 * j + 1], 1);
-            scv[j] = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scb, _mm_loadu_si128((const __m128i *)Q6_SCALE_LANES[j])));
+            scv[j] = scales_16(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(scb, _mm_loadu_si128((const __m128i *)Q6_SCALE_LANES[j]))));
         }
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
         const float d = _cvtsh_ss(wb->d);
         for (int c = c0; c < c1; c++) {
             const block_q8_k *xb = &xq[c * nb + b];
             __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j],
-                                                      _mm512_loadu_si512((const void *)(xb->qs + 64 * j)));
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, scv[j]));
-            }
+            for (int j = 0; j < 4; j++)
+                isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(wq[j], _mm512_loadu_si512((const void *)(xb->qs + 64 * j))),
+                                           scv[j]);
             // the codes are offset by 32: subtract 32 * scale * (sum of each 16 activations)
             const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)xb->bsums), sc16);
             isum = _mm512_sub_epi32(isum, _mm512_castsi256_si512(_mm256_slli_epi32(off, 5)));
@@ -486,7 +554,7 @@ static void row_k_generic(const mul_mat_args *a, int64_t r, int c0, int c1) {
         for (int64_t b = 0; b < nb; b++) {
             int32_t isum = 0, isub = 0;
             float dw, dsub;
-            if (a->type == 12) {
+            if (a->type == GGML_Q4_K) {
                 const block_q4_k *wb = (const block_q4_k *)a->w + r * nb + b;
                 for (int j = 0; j < 8; j++) {
                     uint8_t sc, mn;
@@ -526,6 +594,10 @@ static int have_vnni(void) { return (cpu_features() & CPU_VNNI) != 0; }
 void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     const mul_mat_args *a = (const mul_mat_args *)userdata;
+    if (a->tiled) {
+        mul_mat_tiles(a, ith, nth);
+        return;
+    }
     const int64_t nb = a->k / QK_K, per = (a->n + nth - 1) / nth;
     const int64_t r0 = ith * per, r1 = r0 + per < a->n ? r0 + per : a->n;
     const int vnni = have_vnni();
@@ -535,7 +607,7 @@ void specserve_mul_mat_k(void *dst, int ith, int nth, void *userdata) {
 #if defined(__x86_64__) && defined(__GNUC__)
             if (vnni) {
                 const block_q8_k *xq = (const block_q8_k *)a->xq;
-                if (a->type == 12)
+                if (a->type == GGML_Q4_K)
                     row_q4_k_vnni((const block_q4_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
                 else
                     row_q6_k_vnni((const block_q6_k *)a->w + r * nb, xq, nb, c0, c1, a->out + c0 * a->n + r, a->n);
