@@ -23,7 +23,7 @@ def naive_forward(mf: ModelFile, tokens: list[int]) -> np.ndarray:
         x = x.reshape(n, n_heads, hd).copy()
         half = hp.rope_dim // 2
         inv = base ** (-np.arange(0, hp.rope_dim, 2) / hp.rope_dim)
-        ang = (np.arange(n) / scale)[:, None] * inv[None, :]
+        ang = np.arange(n)[:, None] / np.asarray(scale, dtype=np.float64) * inv[None, :]  # scale: one, or per pair
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         if hp.rope_neox:
             a, b = x[..., :half].copy(), x[..., half:hp.rope_dim].copy()
