@@ -41,9 +41,15 @@ MODELS = {
     "llama": {"arch": "llama"},
     "qwen2": {"arch": "qwen2"},
     "llama3-rope": {"arch": "llama", "rope_freqs": llama3_rope_factors(32, 10000.0, original_context=32)},
+    "qwen3": {"arch": "qwen3", "head_dim": 64},  # n_head * head_dim (256) != n_embd (128)
+    # window 8 over the 64-token prompt, layers 0 and 1 local (their own RoPE base), layer 2 global
+    "gemma3": {"arch": "gemma3", "head_dim": 64, "sliding_window": 8, "swa_pattern": 3},
 }
 N_PROMPT = 64
 TOL_F32_REL = 1e-5  # F32 weights: max |diff| / max |logit| (measured max 9.5e-7)
+# gemma3's GELU: llama.cpp's CPU GELU reads a table indexed by the f16-rounded input (GGML_GELU_FP16), ours
+# computes tanh (NumPy, OpenCL: measured 2.2e-4; ggml's own GELU, in another summation order: 1.8e-5)
+TOL_F32_REL_GELU = 5e-4
 TOL_Q8_REL = 0.05  # Q8_0 weights: the same ratio (measured max 0.023)
 GGML_TYPE_F32 = 0  # llama.cpp's type_k / type_v for an f32 KV cache
 
@@ -75,12 +81,13 @@ def case(request, tmp_path_factory):
     llama = llama_cpp_ref.load(path, n_ctx=128, **kv_args)
     theirs = llama.logits(prompt)
     llama.close()
-    return weights, kv, path, prompt, theirs
+    tol = TOL_F32_REL_GELU if MODELS[name]["arch"] == "gemma3" else TOL_F32_REL
+    return weights, kv, path, prompt, theirs, tol
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_next_token_logits_match_llama_cpp(case, backend):
-    weights, kv, path, prompt, theirs = case
+    weights, kv, path, prompt, theirs, tol_f32 = case
     pair = PairFactory(BACKENDS[backend]()).load(PairRequest(
         name="vs-llama-cpp", target_path=path, params=ContextParams(n_ctx=128, n_batch=N_PROMPT, kv_type=kv),
         speculative=SpeculativeConfig(type="none")))
@@ -98,7 +105,7 @@ def test_next_token_logits_match_llama_cpp(case, backend):
     print(msg)
     assert np.isfinite(ours).all(), msg
     if weights == "f32":
-        assert diff <= TOL_F32_REL * scale, msg
+        assert diff <= tol_f32 * scale, msg
     else:
         assert diff <= TOL_Q8_REL * scale, msg
         assert corr >= MIN_CORR, msg
