@@ -103,7 +103,7 @@ if ! fresh dev "$key"; then
 fi
 
 # 3. llama-cpp-python: llama.cpp itself, the reference the tests compare logits and tokens with
-# (tests/test_reference.py, tests/test_tokenizer.py, tests/test_real_qwen.py, tests/test_llama_cpp_logits.py).
+# (tests/test_reference.py, tests/test_tokenizer.py, tests/test_real_models.py, tests/test_llama_cpp_logits.py).
 # Built from the sdist for this CPU (-march=native, less AMX: ggml's AMX mat-mul segfaults on VMs
 # that do not grant the AMX tile state), only libllama and ggml: no mtmd/llava, tools, tests,
 # examples, server (~9 min on 2 busy cores; llama-cpp-python forces llama.cpp's common library on).
