@@ -16,7 +16,7 @@ from service.engine.engine import Engine
 from service.engine.request import GenRequest, SamplingParams
 from service.engine.sampling import logits_to_probs
 from service.engine.spec.policy import DraftStats, acceptance, best_k, learn
-from service.engine.spec.verify import ngram_propose, verify
+from service.engine.spec.verify import ngram_match, ngram_propose, verify
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import make_ggml
@@ -42,6 +42,26 @@ def test_ngram_prefers_the_longest_match_and_honours_ngram_min():
 def test_ngram_no_match_and_suffix_itself_excluded():
     assert ngram_propose([1, 2, 3, 4], 4, 1, 3) == []
     assert ngram_propose([7, 7], 3, 1, 1) == [7]
+
+
+def _ngram_by_windows(toks, n_max, lo, hi):
+    """The definition, spelt out: for n from hi down to lo, the last earlier n-token window equal to the suffix."""
+    for n in range(min(hi, len(toks) - 1), lo - 1, -1):
+        starts = [s for s in range(len(toks) - n) if toks[s:s + n] == toks[len(toks) - n:]]
+        if starts:
+            return n, toks[starts[-1] + n:starts[-1] + n + n_max]
+    return 0, []
+
+
+def test_ngram_match_equals_its_definition_on_random_sequences():
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        toks = rng.integers(0, int(rng.integers(2, 6)), size=int(rng.integers(0, 40))).tolist()
+        lo = int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 5))
+        k = int(rng.integers(0, 6))
+        want = _ngram_by_windows(toks, k, lo, hi) if k > 0 else (0, [])
+        assert ngram_match(toks, k, lo, hi) == want, (toks, k, lo, hi)
 
 
 # ---- verification ----

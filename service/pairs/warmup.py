@@ -51,16 +51,18 @@ def _batch(ctx: LlamaContext, n: int) -> Batch:
 
 
 def measure_row_cost(ctx: LlamaContext, max_rows: int, reps: int = ROW_COST_REPS) -> MeasuredRowCost:
-    """The fastest of `reps` timed decode calls of 1..max_rows rows each (kernels already built)."""
-    limit = min(max_rows, ctx.n_batch, ctx.n_ctx_slot, ctx.n_outputs_max)
-    seconds = []
-    for n in range(1, max(limit, 1) + 1):
-        times = []
-        for _ in range(reps):
+    """The fastest of `reps` timed decode calls of 1..max_rows rows each (kernels already built). The
+    reps go round the row counts (1, 2, ..., max_rows, then again), so a disturbance that lasts a moment
+    (another thread starting, the CPU's clock settling after the warm-up's big batch) lands on a few
+    calls of different sizes, never on every call of one size. The one-row time matters most: every cost
+    is relative to it, and a high one makes drafting look cheaper than it is."""
+    limit = max(min(max_rows, ctx.n_batch, ctx.n_ctx_slot, ctx.n_outputs_max), 1)
+    seconds = [float("inf")] * limit
+    for _ in range(reps):
+        for n in range(1, limit + 1):
             t0 = time.perf_counter()
             ctx.decode(_batch(ctx, n))
-            times.append(time.perf_counter() - t0)
-        seconds.append(min(times))
+            seconds[n - 1] = min(seconds[n - 1], time.perf_counter() - t0)
     return MeasuredRowCost(tuple(seconds))
 
 

@@ -28,20 +28,32 @@ def ngram_propose(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: 
 
 
 def ngram_match(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: int) -> tuple[int, list[int]]:
-    """`ngram_propose` and the length n of the suffix it matched (0: no match)."""
-    if n_max <= 0:
+    """`ngram_propose` and the length n of the suffix it matched (0: no match).
+
+    One pass, run every decoding step: the earlier places where the last token occurs (each with a token
+    after it) are the candidates, and each one's match grows backwards, all candidates at once, while
+    it agrees with the suffix (up to ngram_max tokens). The longest match wins, the most recent among equals."""
+    if n_max <= 0 or len(tokens) < 2:
         return 0, []
     arr = np.asarray(tokens, dtype=np.int64)
     L = len(arr)
-    for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
-        suffix = arr[L - n:]
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)  # starts 0..L-1-n
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        hits = hits[hits + n < L]  # something must follow, and not the suffix itself
-        if len(hits):
-            start = int(hits[-1]) + n
-            return n, arr[start:start + n_max].tolist()
-    return 0, []
+    ends = np.flatnonzero(arr[:L - 1] == arr[L - 1])  # where an earlier occurrence of the suffix would end
+    if len(ends) == 0:
+        return 0, []
+    length = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for j in range(1, min(ngram_max, L - 1)):
+        prev = ends - j
+        alive &= prev >= 0
+        alive[alive] &= arr[prev[alive]] == arr[L - 1 - j]
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    if best < ngram_min:
+        return 0, []
+    start = int(ends[length == best].max()) + 1
+    return best, arr[start:start + n_max].tolist()
 
 
 def verify(drafts: Sequence[int], target_probs: Sequence[np.ndarray], draft_probs: Sequence[np.ndarray] | None,
