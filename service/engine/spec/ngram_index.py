@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from service.engine.spec.verify import match_lengths
+
 RECORD_PROMPT_TAIL = 32  # prompt tokens recorded before an output
 MATCH_MAX = 32  # longest suffix compared: more tells a real repeat from a chance n-gram
 SEP = -1  # between records (and in never written cells): no match runs across it
@@ -60,13 +62,7 @@ class NgramIndex:
         cand = cand[ring[(cand + 1) % N] != SEP]  # something follows
         if len(cand) == 0:
             return 0, []
-        length = np.ones(len(cand), dtype=np.int64)
-        alive = np.ones(len(cand), dtype=bool)
-        for j in range(1, len(tail)):
-            alive &= ring[(cand - j) % N] == tail[-1 - j]
-            if not alive.any():
-                break
-            length += alive
+        length = match_lengths(ring, cand, tail, ring=True)
         best = int(length.max())
         if best < ngram_min:
             return 0, []

@@ -40,20 +40,31 @@ def ngram_match(tokens: Sequence[int], n_max: int, ngram_min: int, ngram_max: in
     ends = np.flatnonzero(arr[:L - 1] == arr[L - 1])  # where an earlier occurrence of the suffix would end
     if len(ends) == 0:
         return 0, []
-    length = np.ones(len(ends), dtype=np.int64)
-    alive = np.ones(len(ends), dtype=bool)
-    for j in range(1, min(ngram_max, L - 1)):
-        prev = ends - j
-        alive &= prev >= 0
-        alive[alive] &= arr[prev[alive]] == arr[L - 1 - j]
-        if not alive.any():
-            break
-        length += alive
+    length = match_lengths(arr, ends, arr[L - min(ngram_max, L - 1):], ring=False)
     best = int(length.max())
     if best < ngram_min:
         return 0, []
     start = int(ends[length == best].max()) + 1
     return best, arr[start:start + n_max].tolist()
+
+
+def match_lengths(seq: np.ndarray, ends: np.ndarray, suffix: np.ndarray, ring: bool) -> np.ndarray:
+    """For each place e in `ends` (seq[e] == suffix[-1]), how many of `suffix`'s last tokens end at e in
+    `seq` (1..len(suffix)), grown backwards for all places at once. ring: `seq` wraps around (its indices
+    are taken modulo its length); else a match stops at its start."""
+    length = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for j in range(1, len(suffix)):
+        prev = ends - j
+        if ring:
+            prev %= len(seq)
+        else:
+            alive &= prev >= 0
+        alive[alive] &= seq[prev[alive]] == suffix[-1 - j]
+        if not alive.any():
+            break
+        length += alive
+    return length
 
 
 def verify(drafts: Sequence[int], target_probs: Sequence[np.ndarray], draft_probs: Sequence[np.ndarray] | None,
