@@ -56,6 +56,17 @@ static inline int q6_code(const block_q6_k *b, int j) {
     return (grp < 2 ? ql & 0xF : ql >> 4) | (((qh >> (2 * grp)) & 3) << 4);
 }
 
+// Row i's 256 low 4-bit codes into a tile's nibble array ([sub-block of 32][group of 8][row * 4 + b]):
+// each byte holds values b and b + 4 of its group, in its low and high nibble.
+static void pack_low_nibbles(uint8_t dst[8][4][4 * TILE], int i, const uint8_t low[QK_K]) {
+    for (int s = 0; s < 8; s++)
+        for (int g = 0; g < 4; g++)
+            for (int bb = 0; bb < 4; bb++) {
+                const int j = 32 * s + 8 * g + bb;
+                dst[s][g][4 * i + bb] = (uint8_t)(low[j] | low[j + 4] << 4);
+            }
+}
+
 static void repack_q4_k(const block_q4_k *src, tile_q4_k *dst, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         tile_q4_k *t = &dst[b];
@@ -64,12 +75,9 @@ static void repack_q4_k(const block_q4_k *src, tile_q4_k *dst, int64_t nb) {
             t->d[i] = w->d;
             t->dmin[i] = w->dmin;
             for (int k = 0; k < 3; k++) memcpy(&t->u[k][i], w->scales + 4 * k, 4);
-            for (int s = 0; s < 8; s++)
-                for (int g = 0; g < 4; g++)
-                    for (int bb = 0; bb < 4; bb++) {
-                        const int j = 32 * s + 8 * g + bb;
-                        t->qs[s][g][4 * i + bb] = (uint8_t)(q4_code(w, j) | q4_code(w, j + 4) << 4);
-                    }
+            uint8_t low[QK_K];
+            for (int j = 0; j < QK_K; j++) low[j] = (uint8_t)q4_code(w, j);
+            pack_low_nibbles(t->qs, i, low);
         }
     }
 }
@@ -81,12 +89,10 @@ static void repack_q6_k(const block_q6_k *src, tile_q6_k *dst, int64_t nb) {
             const block_q6_k *w = &src[i * nb + b];
             t->d[i] = w->d;
             for (int u = 0; u < 16; u++) t->sc[u / 4][4 * i + SC_POS[u % 4]] = w->scales[u];
+            uint8_t low[QK_K];
+            for (int j = 0; j < QK_K; j++) low[j] = (uint8_t)(q6_code(w, j) & 0xF);
+            pack_low_nibbles(t->ql, i, low);
             for (int s = 0; s < 8; s++) {
-                for (int g = 0; g < 4; g++)
-                    for (int bb = 0; bb < 4; bb++) {
-                        const int j = 32 * s + 8 * g + bb;
-                        t->ql[s][g][4 * i + bb] = (uint8_t)((q6_code(w, j) & 0xF) | (q6_code(w, j + 4) & 0xF) << 4);
-                    }
                 for (int h = 0; h < 2; h++)
                     for (int bb = 0; bb < 4; bb++) {
                         const int j = 32 * s + 16 * h + bb;
