@@ -7,15 +7,13 @@ import pytest
 
 from compute.numpy_backend import NumpyBackend
 from service.common.tokenizer import Tokenizer
-from service.engine.engine import Engine
-from service.engine.request import GenRequest, SamplingParams
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
 from tests.ggml_backend import make_ggml
+from tests.greedy import greedy_results
 from tests.models import packaged_model_path
 from tests.tiny_gguf import write_truncated_copy
 
-GREEDY = SamplingParams(temperature=0.0)
 N_TOKENS = 24
 MESSAGES = [
     "Repeat this sentence twice: the cat sat on the mat.",
@@ -48,13 +46,7 @@ def setup(tmp_path_factory, request):
 
 
 def run(pair, tok, prompts, spec):
-    eng = Engine(pair, tok, SpeculativeConfig("none")).start()
-    try:
-        streams = [eng.submit(GenRequest(tuple(p), max_tokens=N_TOKENS, sampling=GREEDY, speculative=spec))
-                   for p in prompts]
-        return [s.result(timeout=600) for s in streams]
-    finally:
-        eng.stop()
+    return greedy_results(pair, tok, prompts, spec, N_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,16 @@ import pytest
 
 from compute.llama import Batch
 from service.common.tokenizer import Tokenizer
-from service.engine.engine import Engine
-from service.engine.request import GenRequest, SamplingParams
 from service.fit.factory import PairFactory, PairRequest
 from service.fit.params import ContextParams, SpeculativeConfig
 from tests import llama_cpp_ref
 from tests.ggml_backend import make_ggml
+from tests.greedy import greedy_results
 from tests.llama_cpp_ref import MIN_CORR, NEAR_TIE, TOL_FULL, TOL_MARGIN, TOL_TOP32, margin
 from tests.models import pulled_model
 
 pytestmark = pytest.mark.slow
 
-GREEDY = SamplingParams(temperature=0.0)
 N_AGREE = 16  # greedy tokens compared with llama.cpp, per prompt
 N_ANSWER = 40  # tokens of the greedy answers
 CODE_REQUEST = "Write a Python function is_prime(n). Reply with the code only: no docstring, no explanation."
@@ -97,13 +95,7 @@ def chat_prompt(tok: Tokenizer, text: str) -> list[int]:
 
 
 def generate(loaded: Loaded, prompts: list[list[int]], spec: SpeculativeConfig, n: int):
-    engine = Engine(loaded.pair, loaded.tok, SpeculativeConfig("none")).start()
-    try:
-        streams = [engine.submit(GenRequest(tuple(p), max_tokens=n, sampling=GREEDY, speculative=spec))
-                   for p in prompts]
-        return [s.result(timeout=600) for s in streams]
-    finally:
-        engine.stop()
+    return greedy_results(loaded.pair, loaded.tok, prompts, spec, n)
 
 
 def test_fit_equals_load_to_the_byte(model):
